@@ -1,0 +1,62 @@
+//! Timestamps as Python writes them: `datetime.isoformat()` of aware UTC datetimes (`+00:00`, microseconds
+//! only when non-zero), and a parser for the ISO forms Celery clients send (with or without offset).
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+
+/// `datetime.isoformat()` of an aware UTC datetime: `2026-11-21T04:17:15.930178+00:00`, or
+/// `2030-01-02T03:04:05+00:00` when the microseconds are zero.
+pub fn isoformat(t: DateTime<Utc>) -> String {
+    let micros = t.timestamp_subsec_micros();
+    let base = t.format("%Y-%m-%dT%H:%M:%S");
+    if micros == 0 {
+        format!("{base}+00:00")
+    } else {
+        format!("{base}.{micros:06}+00:00")
+    }
+}
+
+/// Parses an ISO-8601 timestamp as sent in `eta`/`expires`. A value without an offset is taken as UTC
+/// (Celery's `enable_utc=True` default, and protocol v1's `utc: true`).
+pub fn parse_iso(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"] {
+        if let Ok(n) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(n.and_utc());
+        }
+    }
+    // Offsets without a colon ("+0000") as some non-Python clients write them.
+    DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z").ok().map(|t| t.with_timezone(&Utc))
+}
+
+/// RFC 3339 with microseconds, for our own records (dead-letter entries).
+pub fn rfc3339_micros(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn isoformat_matches_python() {
+        let t = Utc.with_ymd_and_hms(2030, 1, 2, 3, 4, 5).unwrap();
+        assert_eq!(isoformat(t), "2030-01-02T03:04:05+00:00");
+        let t = DateTime::from_timestamp(1795234635, 930_178_000).unwrap();
+        assert_eq!(isoformat(t), "2026-11-21T04:17:15.930178+00:00");
+        let t = DateTime::from_timestamp(1795234635, 5_000).unwrap();
+        assert_eq!(isoformat(t), "2026-11-21T04:17:15.000005+00:00");
+    }
+
+    #[test]
+    fn parses_client_forms() {
+        let want = DateTime::from_timestamp(1795234635, 605_364_000).unwrap();
+        assert_eq!(parse_iso("2026-11-21T04:17:15.605364+00:00"), Some(want));
+        assert_eq!(parse_iso("2026-11-21T05:17:15.605364+01:00"), Some(want));
+        assert_eq!(parse_iso("2026-11-21T04:17:15.605364"), Some(want));
+        assert_eq!(parse_iso("2026-11-21T04:17:15.605364Z"), Some(want));
+        assert_eq!(parse_iso("yesterday"), None);
+    }
+}
