@@ -1,1 +1,113 @@
-//! placeholder
+//! Celery result backends: the [`ResultBackend`] trait and the Redis backend that Python's
+//! `AsyncResult.get()` reads (`celery-task-meta-<id>`, written with SETEX + PUBLISH on the same name).
+//!
+//! # Layout
+//! - [`redis`]: the Redis backend (store with dedupe, get, wait through Pub/Sub).
+
+pub mod redis;
+
+use async_trait::async_trait;
+use celeriac_protocol::ResultMeta;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Why a backend operation failed.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    /// The URL is not one we can use.
+    #[error("invalid result backend URL {url:?}: {reason}")]
+    Url {
+        /// The URL (password masked).
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// A stored meta is not JSON.
+    #[error("stored result for {task_id} is not valid JSON: {source}")]
+    Corrupt {
+        /// Task id.
+        task_id: String,
+        /// Parser error.
+        source: serde_json::Error,
+    },
+}
+
+/// Result alias.
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// Options of a result backend.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// `result_expires`: how long results are kept (`None` = forever).
+    pub result_expires: Option<Duration>,
+    /// `result_backend_transport_options.global_keyprefix`.
+    pub global_keyprefix: String,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        Self {
+            result_expires: Some(Duration::from_secs(86_400)),
+            global_keyprefix: String::new(),
+        }
+    }
+}
+
+/// Where task results go.
+#[async_trait]
+pub trait ResultBackend: Send + Sync + 'static {
+    /// Stores metas (one round trip for the batch). A task whose stored state is already SUCCESS is not
+    /// overwritten (a redelivered task that ran twice does not change its result). Returns how many were
+    /// written.
+    async fn store(&self, metas: &[ResultMeta]) -> Result<usize>;
+
+    /// The stored meta of a task, if any.
+    async fn get(&self, task_id: &str) -> Result<Option<Value>>;
+
+    /// Waits until the task is in a ready state (or `timeout` passes) and returns the last meta seen.
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<Value>>;
+}
+
+/// A backend that stores nothing (`result_backend` unset or `disabled`).
+#[derive(Debug, Default)]
+pub struct DisabledBackend;
+
+#[async_trait]
+impl ResultBackend for DisabledBackend {
+    async fn store(&self, _metas: &[ResultMeta]) -> Result<usize> {
+        Ok(0)
+    }
+    async fn get(&self, _task_id: &str) -> Result<Option<Value>> {
+        Ok(None)
+    }
+    async fn wait(&self, _task_id: &str, _timeout: Duration) -> Result<Option<Value>> {
+        Ok(None)
+    }
+}
+
+/// Connects to the backend named by `url` (`redis://`, `rediss://`, `redis+socket://`; `disabled` or an
+/// empty string for none).
+pub async fn connect(url: &str, options: BackendOptions) -> Result<Arc<dyn ResultBackend>> {
+    if url.is_empty() || url == "disabled" {
+        return Ok(Arc::new(DisabledBackend));
+    }
+    let scheme = url.split("://").next().unwrap_or("");
+    match scheme {
+        "redis" | "rediss" | "redis+socket" | "socket" | "unix" | "redis+unix" => {
+            let target = celeriac_broker::url::parse_redis(url).map_err(|reason| BackendError::Url {
+                url: celeriac_broker::url::redact(url),
+                reason,
+            })?;
+            Ok(Arc::new(redis::RedisBackend::connect(target, options).await?))
+        }
+        other => Err(BackendError::Url {
+            url: celeriac_broker::url::redact(url),
+            reason: format!("unsupported result backend scheme {other:?}; expected redis://, rediss:// or disabled"),
+        }),
+    }
+}

@@ -1,1 +1,124 @@
-//! placeholder
+//! Celery brokers: the [`Broker`] trait the worker and publishers use, and its kombu-compatible Redis
+//! transport. A broker is chosen once from the URL scheme ([`connect`]) and held as `Arc<dyn Broker>`.
+//!
+//! # Layout
+//! - [`url`]: broker URLs (`redis://`, `rediss://`, `redis+socket://`) and their kombu spellings.
+//! - [`redis`]: the Redis transport (keys, Lua scripts, consume/ack/restore, publish).
+//! - [`error`]: [`BrokerError`].
+
+pub mod error;
+pub mod redis;
+pub mod url;
+
+use async_trait::async_trait;
+use celeriac_protocol::{ProtocolError, TaskMessage};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::BrokerError;
+
+/// Result alias for broker operations.
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// One message taken from a queue and held unacknowledged until [`Broker::ack`] (or given back).
+#[derive(Debug)]
+pub struct Delivery {
+    /// Transport delivery tag (kombu's `properties.delivery_tag`).
+    pub tag: String,
+    /// The queue it was taken from.
+    pub queue: String,
+    /// The message exactly as received (for dead-lettering and requeueing).
+    pub raw: Vec<u8>,
+    /// `delivery_info.exchange`.
+    pub exchange: String,
+    /// `delivery_info.routing_key`.
+    pub routing_key: String,
+    /// Whether the transport has delivered this message before.
+    pub redelivered: bool,
+    /// The decoded task, or why it could not be decoded (the worker dead-letters those).
+    pub message: std::result::Result<TaskMessage, ProtocolError>,
+}
+
+/// How a consumer chooses between several queues.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum QueueOrder {
+    /// Strictly in the order given: a later queue is served only when the earlier ones are empty
+    /// (`realtime` before `bulk`).
+    #[default]
+    Priority,
+    /// Each fetch takes at most a share of the batch from each queue, proportional to its weight, then fills
+    /// the rest in order; a weight of 0 gives only leftovers.
+    Weighted(Vec<u32>),
+}
+
+/// Options shared by all transports.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// Messages unacked for longer than this are given back to their queue (kombu `visibility_timeout`).
+    pub visibility_timeout: Duration,
+    /// Prefix for every key (kombu `global_keyprefix`).
+    pub global_keyprefix: String,
+    /// Queue selection order when consuming several queues.
+    pub queue_order: QueueOrder,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: Duration::from_secs(3600),
+            global_keyprefix: String::new(),
+            queue_order: QueueOrder::Priority,
+        }
+    }
+}
+
+/// A Celery broker as the worker and publishers see it.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Declares queues so that Celery tools and publishers find them (kombu binding tables).
+    async fn declare(&self, queues: &[String]) -> Result<()>;
+
+    /// Takes up to `max` messages from `queues`, recording each as unacked before returning it. When all
+    /// queues are empty, waits up to `wait` for one. Returns an empty list on timeout.
+    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>>;
+
+    /// Acknowledges deliveries: they are gone for good.
+    async fn ack(&self, tags: &[String]) -> Result<()>;
+
+    /// Gives deliveries back to their queues with the redelivered flag: `front` puts them next in line
+    /// (kombu's restore), otherwise at the back (kombu's `reject(requeue=True)`).
+    async fn requeue(&self, deliveries: &[&Delivery], front: bool) -> Result<usize>;
+
+    /// Moves a delivery that cannot be processed to the dead-letter list of its queue, with the reason, and
+    /// acknowledges it, atomically.
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()>;
+
+    /// Extends the visibility lease of deliveries still being worked on, so no other worker restores them.
+    async fn renew(&self, tags: &[String]) -> Result<()>;
+
+    /// Gives back every unacked message whose lease expired (a crashed consumer's). Returns how many.
+    async fn restore_visible(&self) -> Result<usize>;
+
+    /// Publishes a task to a queue (Celery's anonymous-exchange routing: routing key = queue name).
+    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()>;
+
+    /// Number of messages waiting in a queue (all priorities).
+    async fn queue_length(&self, queue: &str) -> Result<u64>;
+
+    /// Deletes every waiting message of a queue; returns how many there were.
+    async fn purge(&self, queue: &str) -> Result<u64>;
+
+    /// Round trip to the broker.
+    async fn ping(&self) -> Result<()>;
+
+    /// The URL scheme family, for logs.
+    fn transport(&self) -> &'static str;
+}
+
+/// Connects to the broker named by `url`.
+pub async fn connect(url: &str, options: BrokerOptions) -> Result<Arc<dyn Broker>> {
+    let parsed = url::BrokerUrl::parse(url)?;
+    match parsed {
+        url::BrokerUrl::Redis(info) => Ok(Arc::new(redis::RedisBroker::connect(info, options).await?)),
+    }
+}

@@ -1,0 +1,399 @@
+//! The kombu-compatible Redis transport. Python Celery workers and celeriac workers share its queues:
+//! LPUSH to publish, pop from the right, `unacked`/`unacked_index` for ack emulation, RPUSH to restore,
+//! LPUSH to requeue, binding tables for tools. Unlike kombu it fetches a batch per round trip while a queue
+//! is non-empty, blocks (BRPOP) only when idle, and renews the lease of messages it is still working on.
+//!
+//! # Layout
+//! - [`keys`]: key names.
+//! - [`scripts`]: the Lua scripts (fetch, restore, mutex release).
+
+pub mod keys;
+pub mod scripts;
+
+use crate::url::RedisTarget;
+use crate::{Broker, BrokerError, BrokerOptions, Delivery, QueueOrder, Result};
+use async_trait::async_trait;
+use celeriac_protocol::envelope::{self, Envelope};
+use celeriac_protocol::{TaskMessage, json, time};
+use keys::Keys;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Client, Value};
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Connects Redis clients with the timeouts a broker needs; `response` bounds every command.
+pub async fn connection(target: &RedisTarget, response: Option<Duration>) -> Result<ConnectionManager> {
+    let client = Client::open(target.info.clone())?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(response)
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_secs(2));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
+/// A Redis broker.
+pub struct RedisBroker {
+    conn: ConnectionManager,
+    blocking: tokio::sync::Mutex<ConnectionManager>,
+    keys: Keys,
+    options: BrokerOptions,
+    declared: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker").field("prefix", &self.keys.prefix()).finish()
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+impl RedisBroker {
+    /// Connects (two connections: one for pipelined commands, one for blocking pops).
+    pub async fn connect(target: RedisTarget, options: BrokerOptions) -> Result<Self> {
+        let conn = connection(&target, Some(Duration::from_secs(30))).await?;
+        let blocking = connection(&target, None).await?;
+        Ok(Self {
+            conn,
+            blocking: tokio::sync::Mutex::new(blocking),
+            keys: Keys::new(options.global_keyprefix.clone()),
+            options,
+            declared: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Key names used by this broker.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    async fn run_fetch(
+        &self,
+        queues: &[String],
+        max: usize,
+        pre_popped: Option<(usize, Vec<u8>)>,
+    ) -> Result<(i64, Vec<Delivery>)> {
+        let script = &*scripts::FETCH;
+        let mut inv = script.prepare_invoke();
+        inv.key(self.keys.unacked()).key(self.keys.unacked_index());
+        for q in queues {
+            for k in self.keys.queue_lists(q) {
+                inv.key(k);
+            }
+        }
+        let (caps, passes) = caps(&self.options.queue_order, queues.len(), max);
+        let (pre_raw, pre_idx) = match pre_popped {
+            Some((i, raw)) => (raw, i + 1),
+            None => (Vec::new(), 0),
+        };
+        inv.arg(format!("{:.6}", now_secs()))
+            .arg(max)
+            .arg(self.keys.deadletter_prefix())
+            .arg(time::rfc3339_micros(chrono::Utc::now()))
+            .arg(pre_raw)
+            .arg(pre_idx)
+            .arg(passes);
+        for (q, cap) in queues.iter().zip(caps) {
+            inv.arg(q).arg(cap);
+        }
+        let mut conn = self.conn.clone();
+        let (dead, flat): (i64, Vec<Vec<u8>>) = inv.invoke_async(&mut conn).await?;
+        let mut out = Vec::with_capacity(flat.len() / 3);
+        let mut it = flat.into_iter();
+        while let (Some(queue), Some(tag), Some(raw)) = (it.next(), it.next(), it.next()) {
+            out.push(decode_delivery(
+                String::from_utf8_lossy(&queue).into_owned(),
+                String::from_utf8_lossy(&tag).into_owned(),
+                raw,
+            ));
+        }
+        Ok((dead, out))
+    }
+
+    async fn restore_raw(&self, tag: &str, raw: &[u8], exchange: &str, routing_key: &str, front: bool) -> Result<bool> {
+        let _ = exchange; // Celery routes tasks through the anonymous exchange: the routing key is the queue.
+        let marked = envelope::mark_redelivered(raw).unwrap_or_else(|_| raw.to_vec());
+        let priority = Envelope::parse(&marked).map(|e| e.priority()).unwrap_or(0);
+        let target = self.keys.queue_for_priority(routing_key, priority);
+        let mut conn = self.conn.clone();
+        let restored: i64 = scripts::RESTORE_ONE
+            .key(self.keys.unacked())
+            .key(self.keys.unacked_index())
+            .key(target)
+            .arg(tag)
+            .arg(marked)
+            .arg(if front { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(restored == 1)
+    }
+}
+
+/// Per-queue caps for the first fetch pass, and how many passes to run.
+fn caps(order: &QueueOrder, queues: usize, max: usize) -> (Vec<usize>, u8) {
+    match order {
+        QueueOrder::Priority => (vec![max; queues], 1),
+        QueueOrder::Weighted(weights) => {
+            let w: Vec<u64> = (0..queues).map(|i| u64::from(weights.get(i).copied().unwrap_or(1))).collect();
+            let total: u64 = w.iter().sum::<u64>().max(1);
+            let caps = w.iter().map(|wi| ((max as u64 * wi).div_ceil(total)) as usize).collect();
+            (caps, 2)
+        }
+    }
+}
+
+fn decode_delivery(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
+    let (exchange, routing_key, redelivered, message) = match Envelope::parse(&raw) {
+        Ok(env) => {
+            let (ex, rk) = env.route();
+            let (ex, rk) = (ex.to_string(), if rk.is_empty() { queue.clone() } else { rk.to_string() });
+            let redelivered = env.redelivered();
+            (ex, rk, redelivered, env.into_task())
+        }
+        Err(e) => (String::new(), queue.clone(), false, Err(e)),
+    };
+    Delivery {
+        tag,
+        queue,
+        raw,
+        exchange,
+        routing_key,
+        redelivered,
+        message,
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn declare(&self, queues: &[String]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for q in queues {
+            let member = Keys::binding_member(q, q);
+            pipe.sadd(self.keys.binding(keys::DEFAULT_EXCHANGE), &member).ignore();
+            pipe.sadd(self.keys.binding_permanent(keys::DEFAULT_EXCHANGE), &member).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        self.declared.lock().expect("declared set").extend(queues.iter().cloned());
+        Ok(())
+    }
+
+    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if queues.is_empty() || max == 0 {
+            tokio::time::sleep(wait).await;
+            return Ok(Vec::new());
+        }
+        let (dead, got) = self.run_fetch(queues, max, None).await?;
+        if !got.is_empty() || dead > 0 {
+            if dead > 0 {
+                tracing::warn!(count = dead, "moved undecodable envelopes to the dead-letter list");
+            }
+            return Ok(got);
+        }
+        // Idle: block until something arrives, then record it (and whatever followed it) in one script.
+        let mut keys = Vec::with_capacity(queues.len() * 4);
+        for q in queues {
+            keys.extend(self.keys.queue_lists(q));
+        }
+        let popped: Option<(String, Vec<u8>)> = {
+            let mut blocking = self.blocking.lock().await;
+            blocking.brpop(&keys, wait.as_secs_f64()).await?
+        };
+        let Some((key, raw)) = popped else {
+            return Ok(Vec::new());
+        };
+        let idx = keys.iter().position(|k| *k == key).map(|i| i / 4).unwrap_or(0);
+        let (dead, got) = self.run_fetch(queues, max, Some((idx, raw))).await?;
+        if dead > 0 {
+            tracing::warn!(count = dead, "moved undecodable envelopes to the dead-letter list");
+        }
+        Ok(got)
+    }
+
+    async fn ack(&self, tags: &[String]) -> Result<()> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .zrem(self.keys.unacked_index(), tags)
+            .ignore()
+            .hdel(self.keys.unacked(), tags)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn requeue(&self, deliveries: &[&Delivery], front: bool) -> Result<usize> {
+        let mut n = 0;
+        for d in deliveries {
+            if self.restore_raw(&d.tag, &d.raw, &d.exchange, &d.routing_key, front).await? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        let (raw, encoding) = match std::str::from_utf8(&delivery.raw) {
+            Ok(s) => (s.to_string(), None),
+            Err(_) => {
+                use base64::Engine;
+                (base64::engine::general_purpose::STANDARD.encode(&delivery.raw), Some("base64"))
+            }
+        };
+        let mut entry = serde_json::Map::new();
+        entry.insert("reason".into(), reason.into());
+        entry.insert("raw".into(), raw.into());
+        if let Some(e) = encoding {
+            entry.insert("raw_encoding".into(), e.into());
+        }
+        entry.insert("queue".into(), delivery.queue.clone().into());
+        entry.insert("at".into(), time::rfc3339_micros(chrono::Utc::now()).into());
+        entry.insert("delivery_tag".into(), delivery.tag.clone().into());
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .lpush(self.keys.deadletter(&delivery.queue), json::to_vec(&entry))
+            .ignore()
+            .zrem(self.keys.unacked_index(), &delivery.tag)
+            .ignore()
+            .hdel(self.keys.unacked(), &delivery.tag)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn renew(&self, tags: &[String]) -> Result<()> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let now = now_secs();
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(self.keys.unacked_index()).arg("XX");
+        for t in tags {
+            cmd.arg(now).arg(t);
+        }
+        let mut conn = self.conn.clone();
+        cmd.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn restore_visible(&self) -> Result<usize> {
+        let mut conn = self.conn.clone();
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let got: Option<String> = redis::cmd("SET")
+            .arg(self.keys.unacked_mutex())
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(300_000)
+            .query_async(&mut conn)
+            .await?;
+        if got.is_none() {
+            return Ok(0); // another consumer is sweeping
+        }
+        let ceil = now_secs() - self.options.visibility_timeout.as_secs_f64();
+        let result = async {
+            let tags: Vec<String> = conn.zrangebyscore(self.keys.unacked_index(), "-inf", ceil).await?;
+            let mut restored = 0;
+            for tag in tags {
+                let stored: Option<Vec<u8>> = conn.hget(self.keys.unacked(), &tag).await?;
+                let Some(stored) = stored else {
+                    let _: () = conn.zrem(self.keys.unacked_index(), &tag).await?;
+                    continue;
+                };
+                match serde_json::from_slice::<(serde_json::Value, String, String)>(&stored) {
+                    Ok((env, exchange, routing_key)) => {
+                        let raw = json::to_vec(&env);
+                        if self.restore_raw(&tag, &raw, &exchange, &routing_key, true).await? {
+                            restored += 1;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(%tag, error = %e, "unacked entry is not [envelope, exchange, routing_key]; leaving it");
+                    }
+                }
+            }
+            Ok::<_, BrokerError>(restored)
+        }
+        .await;
+        let _: i64 = scripts::RELEASE_MUTEX
+            .key(self.keys.unacked_mutex())
+            .arg(&token)
+            .invoke_async(&mut conn)
+            .await?;
+        let restored = result?;
+        if restored > 0 {
+            tracing::warn!(restored, "restored unacknowledged messages whose visibility timeout passed");
+        }
+        Ok(restored)
+    }
+
+    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
+        let tag = uuid::Uuid::new_v4().to_string();
+        let body = envelope::encode_task(message, "", queue, &tag);
+        let key = self.keys.queue_for_priority(queue, message.properties.priority);
+        let first = !self.declared.lock().expect("declared set").contains(queue);
+        if first {
+            self.declare(&[queue.to_string()]).await?;
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.lpush(key, body).await?;
+        Ok(())
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64> {
+        let mut pipe = redis::pipe();
+        for k in self.keys.queue_lists(queue) {
+            pipe.llen(k);
+        }
+        let mut conn = self.conn.clone();
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lens.iter().sum())
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64> {
+        let lists = self.keys.queue_lists(queue);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for k in &lists {
+            pipe.llen(k);
+        }
+        for k in &lists {
+            pipe.del(k).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lens.iter().sum())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    fn transport(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_caps_split_the_batch() {
+        assert_eq!(caps(&QueueOrder::Priority, 2, 16), (vec![16, 16], 1));
+        assert_eq!(caps(&QueueOrder::Weighted(vec![3, 1]), 2, 16), (vec![12, 4], 2));
+        assert_eq!(caps(&QueueOrder::Weighted(vec![1, 0]), 2, 5), (vec![5, 0], 2));
+    }
+}

@@ -1,0 +1,104 @@
+//! Lua scripts that make the multi-step Redis operations atomic. kombu pops with BRPOP and records the
+//! message in `unacked` in a second round trip (a crash in between loses it); our fetch pops a whole batch and
+//! records it in one step, and restores only what it actually removed from `unacked`.
+
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Pops up to `max` messages from the queues' priority lists, in the order given (pass 1 honours per-queue
+/// caps, pass 2 fills what is left), and records each as unacked. Envelopes that are not JSON are moved to
+/// the queue's dead-letter list instead. A message already popped by BRPOP can be passed in to be recorded.
+///
+/// KEYS: `unacked`, `unacked_index`, then 4 priority lists per queue.
+/// ARGV: now, max, dead-letter prefix, timestamp, pre-popped raw (or ""), its queue index (or 0),
+/// two-pass flag, then per queue: name, cap.
+/// Returns `{dead_lettered, {queue, tag, raw, ...}}`.
+pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+local dead = 0
+local n = 0
+local max = tonumber(ARGV[2])
+local nq = (#ARGV - 7) / 2
+
+local function record(qi, raw)
+  local qname = ARGV[7 + 2 * qi - 1]
+  local tag = string.match(raw, '.*"delivery_tag": "([^"]+)"')
+  local ex, rk = string.match(raw, '"delivery_info": {"exchange": "([^"]*)", "routing_key": "([^"]*)"')
+  if not tag then
+    local ok, env = pcall(cjson.decode, raw)
+    if not ok or type(env) ~= 'table' then
+      redis.call('LPUSH', ARGV[3] .. qname, cjson.encode({
+        reason = 'envelope is not valid JSON (not a Celery/kombu message)', raw = raw, queue = qname, at = ARGV[4]}))
+      dead = dead + 1
+      return
+    end
+    local props = type(env.properties) == 'table' and env.properties or {}
+    tag = props.delivery_tag
+    if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(raw .. ARGV[1] .. n) end
+    local di = type(props.delivery_info) == 'table' and props.delivery_info or {}
+    ex = type(di.exchange) == 'string' and di.exchange or ''
+    rk = type(di.routing_key) == 'string' and di.routing_key or qname
+  end
+  ex = ex or ''
+  rk = rk or qname
+  redis.call('HSET', KEYS[1], tag, '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+  redis.call('ZADD', KEYS[2], ARGV[1], tag)
+  n = n + 1
+  out[#out + 1] = qname
+  out[#out + 1] = tag
+  out[#out + 1] = raw
+end
+
+if ARGV[5] ~= '' then record(tonumber(ARGV[6]), ARGV[5]) end
+local passes = tonumber(ARGV[7])
+for pass = 1, passes do
+  for qi = 1, nq do
+    local cap = max
+    if pass == 1 then cap = tonumber(ARGV[7 + 2 * qi]) end
+    local taken = 0
+    for k = 1, 4 do
+      local key = KEYS[2 + (qi - 1) * 4 + k]
+      while n + dead < max and taken < cap do
+        local want = math.min(max - n - dead, cap - taken)
+        local items = redis.call('RPOP', key, want)
+        if not items then break end
+        for _, raw in ipairs(items) do
+          record(qi, raw)
+          taken = taken + 1
+        end
+        if #items < want then break end
+      end
+    end
+  end
+end
+return {dead, out}
+"#,
+    )
+});
+
+/// Gives one unacked message back to a list, only if it is still in `unacked` (so two restorers never
+/// duplicate it). KEYS: `unacked`, `unacked_index`, target list. ARGV: tag, envelope, "1" = RPUSH (front).
+pub static RESTORE_ONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if ARGV[3] == '1' then redis.call('RPUSH', KEYS[3], ARGV[2]) else redis.call('LPUSH', KEYS[3], ARGV[2]) end
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+/// Releases the sweep mutex only if we still own it (kombu's `Mutex` release).
+pub static RELEASE_MUTEX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
