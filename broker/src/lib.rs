@@ -20,9 +20,10 @@ pub use error::BrokerError;
 /// Result alias for broker operations.
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 
-/// One message taken from a queue and held unacknowledged until [`Broker::ack`] (or given back).
-#[derive(Debug)]
-pub struct Delivery {
+/// A message taken from a queue and held unacknowledged until [`Broker::ack`] (or given back): what the
+/// transport needs to acknowledge, requeue or dead-letter it.
+#[derive(Debug, Clone)]
+pub struct Held {
     /// Transport delivery tag (kombu's `properties.delivery_tag`).
     pub tag: String,
     /// The queue it was taken from.
@@ -35,7 +36,15 @@ pub struct Delivery {
     pub routing_key: String,
     /// Whether the transport has delivered this message before.
     pub redelivered: bool,
-    /// The decoded task, or why it could not be decoded (the worker dead-letters those).
+}
+
+/// One delivery: the held message and its decoded task, or why it could not be decoded (the worker
+/// dead-letters those).
+#[derive(Debug)]
+pub struct Delivery {
+    /// Transport record.
+    pub held: Held,
+    /// The decoded task.
     pub message: std::result::Result<TaskMessage, ProtocolError>,
 }
 
@@ -87,11 +96,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Gives deliveries back to their queues with the redelivered flag: `front` puts them next in line
     /// (kombu's restore), otherwise at the back (kombu's `reject(requeue=True)`).
-    async fn requeue(&self, deliveries: &[&Delivery], front: bool) -> Result<usize>;
+    async fn requeue(&self, held: &[&Held], front: bool) -> Result<usize>;
 
     /// Moves a delivery that cannot be processed to the dead-letter list of its queue, with the reason, and
     /// acknowledges it, atomically.
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()>;
+    async fn dead_letter(&self, held: &Held, reason: &str) -> Result<()>;
 
     /// Extends the visibility lease of deliveries still being worked on, so no other worker restores them.
     async fn renew(&self, tags: &[String]) -> Result<()>;

@@ -1,1 +1,111 @@
-fn main() {}
+//! `celeriac`: the command line. Parses arguments, sets up logging, resolves settings (flag, then
+//! `CELERY_*` environment variable, then `--config` file, then default) and runs one subcommand.
+
+mod call;
+mod purge;
+mod result;
+mod settings;
+mod worker;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Celery-compatible workers and tools in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "celeriac", version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: settings::GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a worker.
+    Worker(worker::WorkerArgs),
+    /// Send a task (like `celery call`); prints its id.
+    Call(call::CallArgs),
+    /// Wait for a task's result and print its meta as JSON.
+    Result(result::ResultArgs),
+    /// Delete all waiting messages from queues.
+    Purge(purge::PurgeArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    let level = match level.to_ascii_lowercase().as_str() {
+        "debug" => "debug",
+        "info" => "info",
+        "warning" | "warn" => "warn",
+        "error" | "critical" | "fatal" => "error",
+        "trace" => "trace",
+        other => anyhow::bail!("--loglevel: unknown level {other:?} (use debug, info, warning, error or critical)"),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level}")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+#[allow(clippy::exit)]
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.global.loglevel, cli.global.log_format) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // A panicking task becomes a FAILURE result; log it as one line instead of a backtrace dump.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%location, "panic: {message}");
+    }));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let outcome = match cli.command {
+            Command::Worker(args) => worker::run(&cli.global, args).await,
+            Command::Call(args) => call::run(&cli.global, args).await,
+            Command::Result(args) => result::run(&cli.global, args).await,
+            Command::Purge(args) => purge::run(&cli.global, args).await,
+        };
+        match outcome {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    });
+    // Do not wait for blocking task threads a shutdown abandoned.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    std::process::exit(code);
+}
+
+/// A path argument helper used by several subcommands.
+pub type ConfigPath = Option<PathBuf>;

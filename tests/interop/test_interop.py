@@ -158,6 +158,8 @@ def test_g_mixed_fleet_drains_exactly_once(workers, client_app, iso, redis_clien
         assert python_share + tested_share == n
     else:
         tested_share = n - python_share
+    print(f"enqueued {n} in {enqueued:.2f}s; python share {python_share}, "
+          f"{tested_worker.kind} share {tested_share}")
     assert python_share > 0, f"the Python worker ran no task: {tally}"
     assert tested_share > 0, f"the {tested_worker.kind} worker ran no task: {tally}"
     assert python_worker.alive and tested_worker.alive
@@ -183,6 +185,7 @@ def test_h_crash_with_acks_late_loses_nothing(workers, client_app, iso, redis_cl
     w1.kill()
     marked_at_kill = redis_client.hlen(iso.mark_key)
     held_at_kill = unacked_counts(redis_client, iso.prefix)
+    print(f"at SIGKILL: {marked_at_kill} marks done, {held_at_kill[0]} messages unacked")
     assert marked_at_kill < 200, "the worker finished before it was killed: nothing tested"
     assert held_at_kill[0] > 0, "the killed worker held no unacked message: nothing tested"
     assert held_at_kill[0] == held_at_kill[1]

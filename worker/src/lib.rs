@@ -1,1 +1,20 @@
-//! placeholder
+//! The celeriac worker runtime: tasks registered by Celery name, a consume → prefetch → execute → ack loop
+//! over any [`celeriac_broker::Broker`], results through any [`celeriac_backend::ResultBackend`], and
+//! per-worker Prometheus metrics.
+//!
+//! # Layout
+//! - [`config`]: Celery-named settings read from TOML.
+//! - [`registry`]: tasks, typed parameter binding, task context.
+//! - [`runtime`]: the worker loop (fetcher, dispatcher, committer, housekeeping) and shutdown.
+//! - [`metrics`]: celery-exporter-compatible metrics, `/metrics` and `/health`.
+//! - [`error`]: task outcomes ([`TaskError`]) and [`WorkerError`].
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod registry;
+pub mod runtime;
+
+pub use error::{TaskError, WorkerError};
+pub use registry::{Registry, TaskContext, TaskOptions};
+pub use runtime::{Shutdown, WorkerSettings, run};

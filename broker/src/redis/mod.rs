@@ -11,7 +11,7 @@ pub mod keys;
 pub mod scripts;
 
 use crate::url::RedisTarget;
-use crate::{Broker, BrokerError, BrokerOptions, Delivery, QueueOrder, Result};
+use crate::{Broker, BrokerError, BrokerOptions, Delivery, Held, QueueOrder, Result};
 use async_trait::async_trait;
 use celeriac_protocol::envelope::{self, Envelope};
 use celeriac_protocol::{TaskMessage, json, time};
@@ -157,12 +157,14 @@ fn decode_delivery(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
         Err(e) => (String::new(), queue.clone(), false, Err(e)),
     };
     Delivery {
-        tag,
-        queue,
-        raw,
-        exchange,
-        routing_key,
-        redelivered,
+        held: Held {
+            tag,
+            queue,
+            raw,
+            exchange,
+            routing_key,
+            redelivered,
+        },
         message,
     }
 }
@@ -230,9 +232,9 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn requeue(&self, deliveries: &[&Delivery], front: bool) -> Result<usize> {
+    async fn requeue(&self, held: &[&Held], front: bool) -> Result<usize> {
         let mut n = 0;
-        for d in deliveries {
+        for d in held {
             if self.restore_raw(&d.tag, &d.raw, &d.exchange, &d.routing_key, front).await? {
                 n += 1;
             }
@@ -240,7 +242,7 @@ impl Broker for RedisBroker {
         Ok(n)
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+    async fn dead_letter(&self, delivery: &Held, reason: &str) -> Result<()> {
         let (raw, encoding) = match std::str::from_utf8(&delivery.raw) {
             Ok(s) => (s.to_string(), None),
             Err(_) => {

@@ -1,0 +1,103 @@
+//! Settings shared by every subcommand: broker and backend URLs and the config file, resolved in Celery's
+//! order (flag, then `CELERY_BROKER_URL`/`CELERY_RESULT_BACKEND`, then the file, then the default).
+
+use anyhow::Context;
+use celeriac_backend::{BackendOptions, ResultBackend};
+use celeriac_broker::{Broker, BrokerOptions, QueueOrder};
+use celeriac_worker::config::CeleryConfig;
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The default broker and backend.
+pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Broker URL [env: CELERY_BROKER_URL] (default redis://127.0.0.1:6379/0).
+    #[arg(short = 'b', long, global = true, env = "CELERY_BROKER_URL")]
+    pub broker: Option<String>,
+    /// Result backend URL, or `disabled` [env: CELERY_RESULT_BACKEND] (default: the broker URL).
+    #[arg(long, global = true, env = "CELERY_RESULT_BACKEND")]
+    pub result_backend: Option<String>,
+    /// TOML file with Celery setting names (broker_url, task_routes, task_acks_late, ...).
+    #[arg(long, global = true, env = "CELERIAC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log level: debug, info, warning, error, critical.
+    #[arg(short = 'l', long, global = true, default_value = "warning")]
+    pub loglevel: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    pub log_format: crate::LogFormat,
+}
+
+/// The resolved configuration.
+pub struct Resolved {
+    /// Celery settings with URLs filled in.
+    pub config: CeleryConfig,
+    /// Broker URL.
+    pub broker_url: String,
+    /// Backend URL.
+    pub backend_url: String,
+}
+
+impl GlobalArgs {
+    /// Loads the config file and applies URL precedence.
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        let config = match &self.config {
+            Some(path) => CeleryConfig::from_file(path).map_err(anyhow::Error::msg)?,
+            None => CeleryConfig::default(),
+        };
+        let broker_url = self
+            .broker
+            .clone()
+            .or_else(|| config.broker_url.clone())
+            .unwrap_or_else(|| DEFAULT_URL.to_string());
+        let backend_url = self
+            .result_backend
+            .clone()
+            .or_else(|| config.result_backend.clone())
+            .unwrap_or_else(|| if broker_url.starts_with("redis") { broker_url.clone() } else { DEFAULT_URL.to_string() });
+        Ok(Resolved { config, broker_url, backend_url })
+    }
+}
+
+impl Resolved {
+    /// Broker options from the config.
+    pub fn broker_options(&self) -> BrokerOptions {
+        let t = &self.config.broker_transport_options;
+        BrokerOptions {
+            visibility_timeout: Duration::from_secs_f64(t.visibility_timeout),
+            global_keyprefix: t.global_keyprefix.clone(),
+            queue_order: match t.queue_order_strategy.as_str() {
+                "weighted" => QueueOrder::Weighted(t.queue_weights.clone()),
+                _ => QueueOrder::Priority,
+            },
+        }
+    }
+
+    /// Connects the broker.
+    pub async fn broker(&self) -> anyhow::Result<Arc<dyn Broker>> {
+        celeriac_broker::connect(&self.broker_url, self.broker_options())
+            .await
+            .with_context(|| format!("connecting to the broker {}", celeriac_broker::url::redact(&self.broker_url)))
+    }
+
+    /// Connects the result backend.
+    pub async fn backend(&self) -> anyhow::Result<Arc<dyn ResultBackend>> {
+        let options = BackendOptions {
+            result_expires: (self.config.result_expires > 0).then(|| Duration::from_secs(self.config.result_expires)),
+            global_keyprefix: self.config.result_backend_transport_options.global_keyprefix.clone(),
+        };
+        celeriac_backend::connect(&self.backend_url, options)
+            .await
+            .with_context(|| format!("connecting to the result backend {}", celeriac_broker::url::redact(&self.backend_url)))
+    }
+}
+
+/// Splits `-Q a,b` into names.
+pub fn split_queues(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|q| !q.is_empty()).map(str::to_string).collect()
+}

@@ -1,0 +1,221 @@
+//! Worker configuration with Celery's key names, read from TOML. Unknown keys and wrong types are rejected
+//! with a message naming them. Command-line flags and `CELERY_*` environment variables override the file.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Celery settings celeriac understands (a subset of Celery's, same names and meanings).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CeleryConfig {
+    /// Broker URL (`redis://host:port/db`).
+    pub broker_url: Option<String>,
+    /// Result backend URL; `disabled` stores nothing. Defaults to the broker URL.
+    pub result_backend: Option<String>,
+    /// Queue for tasks without a route.
+    pub task_default_queue: String,
+    /// Per-task routes: `task_routes = { "bench.add" = { queue = "realtime" } }` or `{ "bench.add" = "realtime" }`.
+    pub task_routes: BTreeMap<String, Route>,
+    /// Per-task options, as Celery's `task_annotations` (`{ "bench.mark" = { acks_late = true } }`).
+    pub task_annotations: BTreeMap<String, Annotation>,
+    /// Concurrent tasks per worker (default: number of cores).
+    pub worker_concurrency: Option<usize>,
+    /// Unacked messages per concurrency slot (prefetch = concurrency × this).
+    pub worker_prefetch_multiplier: usize,
+    /// Acknowledge after the task ran instead of before (at-least-once).
+    pub task_acks_late: bool,
+    /// With acks_late: requeue a message whose task was lost (panicked runtime, hard abort) instead of
+    /// acknowledging it.
+    pub task_reject_on_worker_lost: bool,
+    /// Store no results.
+    pub task_ignore_result: bool,
+    /// Store name, args, kwargs, worker, retries and queue with each result.
+    pub result_extended: bool,
+    /// Seconds results are kept; 0 keeps them forever.
+    pub result_expires: u64,
+    /// Broker transport options.
+    pub broker_transport_options: BrokerTransportOptions,
+    /// Result backend transport options.
+    pub result_backend_transport_options: BackendTransportOptions,
+    /// Seconds a warm shutdown waits for running tasks (celeriac).
+    pub worker_shutdown_timeout: f64,
+    /// Register the built-in `bench.*` tasks (celeriac).
+    pub worker_bench_tasks: bool,
+}
+
+impl Default for CeleryConfig {
+    fn default() -> Self {
+        Self {
+            broker_url: None,
+            result_backend: None,
+            task_default_queue: "celery".into(),
+            task_routes: BTreeMap::new(),
+            task_annotations: BTreeMap::new(),
+            worker_concurrency: None,
+            worker_prefetch_multiplier: 4,
+            task_acks_late: false,
+            task_reject_on_worker_lost: false,
+            task_ignore_result: false,
+            result_extended: false,
+            result_expires: 86_400,
+            broker_transport_options: BrokerTransportOptions::default(),
+            result_backend_transport_options: BackendTransportOptions::default(),
+            worker_shutdown_timeout: 60.0,
+            worker_bench_tasks: true,
+        }
+    }
+}
+
+/// A route: a queue name, or a table with `queue`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Route {
+    /// `"realtime"`.
+    Queue(String),
+    /// `{ queue = "realtime" }`.
+    Table {
+        /// Queue name.
+        queue: String,
+    },
+}
+
+impl Route {
+    /// The queue.
+    pub fn queue(&self) -> &str {
+        match self {
+            Self::Queue(q) | Self::Table { queue: q } => q,
+        }
+    }
+}
+
+/// Per-task options.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Annotation {
+    /// Overrides `task_acks_late`.
+    pub acks_late: Option<bool>,
+    /// Overrides `task_ignore_result`.
+    pub ignore_result: Option<bool>,
+    /// Overrides `task_reject_on_worker_lost`.
+    pub reject_on_worker_lost: Option<bool>,
+}
+
+/// `broker_transport_options`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerTransportOptions {
+    /// Seconds before an unacked message is given back to its queue.
+    pub visibility_timeout: f64,
+    /// Prefix for every broker key.
+    pub global_keyprefix: String,
+    /// `"priority"` (queues strictly in `-Q` order) or `"weighted"` (shares by `queue_weights`).
+    pub queue_order_strategy: String,
+    /// Weights per queue for the weighted strategy, in `-Q` order.
+    pub queue_weights: Vec<u32>,
+}
+
+impl Default for BrokerTransportOptions {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: 3600.0,
+            global_keyprefix: String::new(),
+            queue_order_strategy: "priority".into(),
+            queue_weights: Vec::new(),
+        }
+    }
+}
+
+/// `result_backend_transport_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendTransportOptions {
+    /// Prefix for result keys (`_` appended as Celery does).
+    pub global_keyprefix: String,
+}
+
+impl CeleryConfig {
+    /// Parses TOML text; the error names the offending key.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let cfg: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.worker_prefetch_multiplier == 0 {
+            return Err("worker_prefetch_multiplier must be at least 1".into());
+        }
+        if self.worker_concurrency == Some(0) {
+            return Err("worker_concurrency must be at least 1".into());
+        }
+        if !(self.broker_transport_options.visibility_timeout > 0.0) {
+            return Err("broker_transport_options.visibility_timeout must be positive".into());
+        }
+        match self.broker_transport_options.queue_order_strategy.as_str() {
+            "priority" | "weighted" => Ok(()),
+            other => Err(format!(
+                "broker_transport_options.queue_order_strategy: unknown value {other:?} (expected \"priority\" or \"weighted\")"
+            )),
+        }
+    }
+
+    /// The queue a task is routed to.
+    pub fn queue_for(&self, task: &str) -> &str {
+        self.task_routes.get(task).map(Route::queue).unwrap_or(&self.task_default_queue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_celery_keys() {
+        let c = CeleryConfig::from_toml(
+            r#"
+broker_url = "redis://127.0.0.1:6379/3"
+task_default_queue = "bulk"
+task_acks_late = true
+worker_prefetch_multiplier = 1
+result_expires = 60
+task_routes = { "bench.add" = { queue = "realtime" }, "bench.echo" = "echoes" }
+task_annotations = { "bench.mark" = { acks_late = false } }
+[broker_transport_options]
+visibility_timeout = 5
+global_keyprefix = "x:"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.broker_url.as_deref(), Some("redis://127.0.0.1:6379/3"));
+        assert!(c.task_acks_late);
+        assert_eq!(c.worker_prefetch_multiplier, 1);
+        assert_eq!(c.broker_transport_options.visibility_timeout, 5.0);
+        assert_eq!(c.queue_for("bench.add"), "realtime");
+        assert_eq!(c.queue_for("bench.echo"), "echoes");
+        assert_eq!(c.queue_for("other"), "bulk");
+        assert_eq!(c.task_annotations["bench.mark"].acks_late, Some(false));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = CeleryConfig::from_toml("task_acks_lates = true").unwrap_err();
+        assert!(e.contains("unknown field `task_acks_lates`"), "{e}");
+        let e = CeleryConfig::from_toml("[broker_transport_options]\nvisibility = 3").unwrap_err();
+        assert!(e.contains("unknown field `visibility`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = CeleryConfig::from_toml("worker_prefetch_multiplier = \"four\"").unwrap_err();
+        assert!(e.contains("worker_prefetch_multiplier"), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+    }
+}

@@ -1,0 +1,269 @@
+//! Per-worker Prometheus metrics with celery-exporter's names and labels (so its Grafana dashboards work),
+//! and the `/metrics` + `/health` HTTP endpoints. `/health` answers 200 only while the consumer has talked
+//! to the broker recently: a worker that silently stopped consuming shows up as unhealthy.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Labels of per-task series (celery-exporter's).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    /// Task name.
+    pub name: String,
+    /// Worker node name.
+    pub hostname: String,
+    /// Queue the task came from.
+    pub queue_name: String,
+}
+
+/// Labels of per-worker series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// Worker node name.
+    pub hostname: String,
+}
+
+/// Labels of per-queue series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    /// Queue name.
+    pub queue_name: String,
+}
+
+type RuntimeFamily = Family<TaskLabels, Histogram, fn() -> Histogram>;
+
+fn runtime_histogram() -> Histogram {
+    Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0])
+}
+
+/// Which task counter to bump.
+#[derive(Debug, Clone, Copy)]
+pub enum TaskEvent {
+    /// `celery_task_received_total`.
+    Received,
+    /// `celery_task_started_total`.
+    Started,
+    /// `celery_task_succeeded_total`.
+    Succeeded,
+    /// `celery_task_failed_total`.
+    Failed,
+    /// `celery_task_retried_total`.
+    Retried,
+    /// `celery_task_rejected_total`.
+    Rejected,
+    /// `celery_task_revoked_total`.
+    Revoked,
+}
+
+/// The worker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    hostname: String,
+    counters: [Family<TaskLabels, Counter>; 7],
+    runtime: RuntimeFamily,
+    /// `celery_worker_up`.
+    pub worker_up: Gauge,
+    /// `celery_worker_tasks_active`.
+    pub tasks_active: Gauge,
+    /// `celery_queue_length{queue_name}` (all priority lists summed).
+    pub queue_length: Family<QueueLabels, Gauge>,
+    /// `celeriac_worker_prefetched`: messages held unacked by this worker.
+    pub prefetched: Gauge,
+    /// `celeriac_worker_prefetch_limit`: the most it may hold.
+    pub prefetch_limit: Gauge,
+    /// `celeriac_worker_dead_lettered_total`.
+    pub dead_lettered: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("hostname", &self.hostname).finish()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every series.
+    pub fn new(hostname: &str) -> Self {
+        let mut registry = Registry::default();
+        let counters: [Family<TaskLabels, Counter>; 7] = Default::default();
+        let names = [
+            ("celery_task_received", "Tasks received by the worker"),
+            ("celery_task_started", "Tasks started"),
+            ("celery_task_succeeded", "Tasks that succeeded"),
+            ("celery_task_failed", "Tasks that failed"),
+            ("celery_task_retried", "Tasks retried"),
+            ("celery_task_rejected", "Tasks rejected"),
+            ("celery_task_revoked", "Tasks revoked or expired"),
+        ];
+        for ((name, help), family) in names.iter().zip(counters.iter()) {
+            registry.register(*name, *help, family.clone());
+        }
+        let runtime: RuntimeFamily = Family::new_with_constructor(runtime_histogram);
+        registry.register("celery_task_runtime", "Task runtime in seconds", runtime.clone());
+        let host = WorkerLabels { hostname: hostname.to_string() };
+        let up_family = Family::<WorkerLabels, Gauge>::default();
+        registry.register("celery_worker_up", "1 while the worker runs", up_family.clone());
+        let active_family = Family::<WorkerLabels, Gauge>::default();
+        registry.register("celery_worker_tasks_active", "Tasks running now", active_family.clone());
+        let queue_length = Family::<QueueLabels, Gauge>::default();
+        registry.register("celery_queue_length", "Messages waiting in the queue", queue_length.clone());
+        let prefetched_family = Family::<WorkerLabels, Gauge>::default();
+        registry.register("celeriac_worker_prefetched", "Messages held unacknowledged", prefetched_family.clone());
+        let limit_family = Family::<WorkerLabels, Gauge>::default();
+        registry.register("celeriac_worker_prefetch_limit", "Most messages held unacknowledged", limit_family.clone());
+        let dead_lettered = Counter::default();
+        registry.register("celeriac_worker_dead_lettered", "Messages moved to a dead-letter list", dead_lettered.clone());
+        // Per-worker gauges share one series each; keep handles to them.
+        let worker_up = up_family.get_or_create(&host).clone();
+        let tasks_active = active_family.get_or_create(&host).clone();
+        let prefetched = prefetched_family.get_or_create(&host).clone();
+        let prefetch_limit = limit_family.get_or_create(&host).clone();
+        Self {
+            registry,
+            hostname: hostname.to_string(),
+            counters,
+            runtime,
+            worker_up,
+            tasks_active,
+            queue_length,
+            prefetched,
+            prefetch_limit,
+            dead_lettered,
+        }
+    }
+
+    fn labels(&self, name: &str, queue: &str) -> TaskLabels {
+        TaskLabels {
+            name: name.to_string(),
+            hostname: self.hostname.clone(),
+            queue_name: queue.to_string(),
+        }
+    }
+
+    /// Bumps a task counter.
+    pub fn task(&self, event: TaskEvent, name: &str, queue: &str) {
+        self.counters[event as usize].get_or_create(&self.labels(name, queue)).inc();
+    }
+
+    /// Records a task runtime.
+    pub fn runtime(&self, name: &str, queue: &str, seconds: f64) {
+        self.runtime.get_or_create(&self.labels(name, queue)).observe(seconds);
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// When the consumer last talked to the broker.
+#[derive(Debug)]
+pub struct Health {
+    last_contact_ms: AtomicU64,
+    /// Longer than this without contact is unhealthy.
+    pub max_silence: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+impl Health {
+    /// Unhealthy until the first contact.
+    pub fn new(max_silence: Duration) -> Self {
+        Self { last_contact_ms: AtomicU64::new(0), max_silence }
+    }
+
+    /// Records a successful round trip to the broker.
+    pub fn contact(&self) {
+        self.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the last contact.
+    pub fn silence(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last_contact_ms.load(Ordering::Relaxed)))
+    }
+
+    /// True while the broker was reached recently.
+    pub fn is_healthy(&self) -> bool {
+        self.silence() <= self.max_silence
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// The `/metrics` and `/health` router.
+pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/health", get(serve_health))
+        .with_state(HttpState { metrics, health })
+}
+
+async fn serve_metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.encode(),
+    )
+}
+
+async fn serve_health(State(s): State<HttpState>) -> impl IntoResponse {
+    let silence = s.health.silence().as_secs_f64();
+    if s.health.is_healthy() {
+        (StatusCode::OK, format!("ok: broker reached {silence:.1}s ago\n"))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: no contact with the broker for {silence:.1}s\n"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exporter_names_and_labels() {
+        let m = Metrics::new("w1@host");
+        m.task(TaskEvent::Received, "bench.add", "realtime");
+        m.task(TaskEvent::Succeeded, "bench.add", "realtime");
+        m.task(TaskEvent::Succeeded, "bench.add", "realtime");
+        m.runtime("bench.add", "realtime", 0.002);
+        m.worker_up.set(1);
+        m.queue_length.get_or_create(&QueueLabels { queue_name: "bulk".into() }).set(7);
+        let text = m.encode();
+        assert!(text.contains(r#"celery_task_received_total{name="bench.add",hostname="w1@host",queue_name="realtime"} 1"#), "{text}");
+        assert!(text.contains(r#"celery_task_succeeded_total{name="bench.add",hostname="w1@host",queue_name="realtime"} 2"#));
+        assert!(text.contains(r#"celery_task_runtime_count{name="bench.add",hostname="w1@host",queue_name="realtime"} 1"#));
+        assert!(text.contains(r#"celery_worker_up{hostname="w1@host"} 1"#));
+        assert!(text.contains(r#"celery_queue_length{queue_name="bulk"} 7"#));
+    }
+
+    #[test]
+    fn health_needs_recent_contact() {
+        let h = Health::new(Duration::from_secs(10));
+        assert!(!h.is_healthy());
+        h.contact();
+        assert!(h.is_healthy());
+    }
+}

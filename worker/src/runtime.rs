@@ -1,0 +1,674 @@
+//! The worker loop: consume → prefetch → execute → store → ack.
+//!
+//! Four owned tasks cooperate:
+//! - the **fetcher** takes messages in batches as prefetch slots free up (never more unacked messages than
+//!   `concurrency × prefetch_multiplier`), dead-letters undecodable ones, answers unknown task names with a
+//!   `NotRegistered` FAILURE, and holds ETA tasks in timers;
+//! - the **dispatcher** starts at most `concurrency` tasks at once (acking first unless acks_late) and, on
+//!   warm shutdown, gives back every message that never started;
+//! - the **committer** batches result stores and acks into pipelines, in the order Celery writes them:
+//!   early acks, then results, then late acks (a late ack never precedes its result);
+//! - **housekeeping** renews the visibility lease of held messages, restores expired ones of dead
+//!   consumers, polls queue lengths and serves `/metrics` and `/health`.
+
+use crate::error::{TaskError, WorkerError};
+use crate::metrics::{Health, Metrics, QueueLabels, TaskEvent};
+use crate::registry::{Handler, RegisteredTask, Registry, TaskContext};
+use celeriac_backend::ResultBackend;
+use celeriac_broker::{Broker, Delivery, Held};
+use celeriac_protocol::result::{ExceptionInfo, ResultMeta, State};
+use celeriac_protocol::{TaskMessage, time};
+use futures::FutureExt;
+use serde_json::{Map, Value, json};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// Everything a worker needs to run, already validated.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Node name (`celery@host`).
+    pub hostname: String,
+    /// Queues in consume order (earlier ones served first).
+    pub queues: Vec<String>,
+    /// Tasks run at once.
+    pub concurrency: usize,
+    /// Prefetch = concurrency × this.
+    pub prefetch_multiplier: usize,
+    /// `task_acks_late`.
+    pub acks_late: bool,
+    /// `task_reject_on_worker_lost`.
+    pub reject_on_worker_lost: bool,
+    /// `task_ignore_result`.
+    pub ignore_result: bool,
+    /// `result_extended`.
+    pub result_extended: bool,
+    /// The broker's visibility timeout (leases are renewed well within it).
+    pub visibility_timeout: Duration,
+    /// How long a warm shutdown waits for running tasks.
+    pub shutdown_timeout: Duration,
+    /// Where `/metrics` and `/health` listen.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl WorkerSettings {
+    /// The prefetch limit.
+    pub fn prefetch(&self) -> usize {
+        self.concurrency * self.prefetch_multiplier
+    }
+}
+
+/// The two shutdown signals: warm (finish running tasks, give back the rest) and cold (stop now; unacked
+/// messages are restored by the visibility timeout).
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// First SIGTERM/SIGINT.
+    pub warm: CancellationToken,
+    /// Second signal.
+    pub cold: CancellationToken,
+}
+
+/// A message ready to run.
+struct Job {
+    held: Held,
+    message: TaskMessage,
+    task: Arc<RegisteredTask>,
+    acks_late: bool,
+    /// Whether this job still occupies a prefetch slot (ETA jobs give theirs back while they wait).
+    holds_slot: bool,
+}
+
+enum Commit {
+    /// Early ack (before the task starts).
+    Ack(String, bool),
+    /// A finished task: maybe a result to store, maybe a late ack after it.
+    Done { meta: Option<ResultMeta>, late_ack: Option<(String, bool)> },
+}
+
+/// The prefetch bound and the set of messages this worker holds unacked.
+struct Slots {
+    prefetch: Arc<Semaphore>,
+    /// Tags held unacked by this worker (their leases are renewed).
+    held: Mutex<HashSet<String>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Slots {
+    fn hold(&self, tag: &str) {
+        self.held.lock().expect("held").insert(tag.to_string());
+        self.metrics.prefetched.inc();
+    }
+
+    /// A message is no longer ours: stop renewing it and free its prefetch slot.
+    fn release(&self, tag: &str, slot: bool) {
+        self.held.lock().expect("held").remove(tag);
+        if slot {
+            self.prefetch.add_permits(1);
+        }
+        self.metrics.prefetched.dec();
+    }
+}
+
+struct Shared {
+    settings: WorkerSettings,
+    registry: Registry,
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    slots: Arc<Slots>,
+    /// acks_late jobs running now, to give back if a shutdown abandons them.
+    running_late: Mutex<HashMap<String, Held>>,
+    commit: mpsc::UnboundedSender<Commit>,
+}
+
+impl Shared {
+    fn release(&self, tag: &str, slot: bool) {
+        self.slots.release(tag, slot);
+    }
+
+    fn store_results(&self, job: &Job) -> bool {
+        !(self.settings.ignore_result
+            || job.message.headers.ignore_result
+            || job.task.options.ignore_result.unwrap_or(false))
+    }
+
+    fn meta(&self, job: &Job, status: State, result: Value, args: Option<(Vec<Value>, Map<String, Value>)>) -> ResultMeta {
+        let h = &job.message.headers;
+        let mut m = ResultMeta::new(h.id.clone(), status, result);
+        if m.status.is_ready() {
+            m.date_done = Some(time::isoformat(chrono::Utc::now()));
+        }
+        m.group_id = h.group.clone();
+        m.parent_id = h.parent_id.clone();
+        if let Some((args, kwargs)) = args {
+            let mut ext = Map::new();
+            ext.insert("name".into(), h.task.clone().into());
+            ext.insert("args".into(), Value::Array(args));
+            ext.insert("kwargs".into(), Value::Object(kwargs));
+            ext.insert("worker".into(), self.settings.hostname.clone().into());
+            ext.insert("retries".into(), h.retries.into());
+            ext.insert("queue".into(), job.held.routing_key.clone().into());
+            m.extended = Some(ext);
+        }
+        m
+    }
+}
+
+/// Runs a worker until `shutdown`. Returns after a warm shutdown completed, or at once on a cold one.
+pub async fn run(
+    settings: WorkerSettings,
+    registry: Registry,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    shutdown: Shutdown,
+) -> Result<(), WorkerError> {
+    let metrics = Arc::new(Metrics::new(&settings.hostname));
+    let health = Arc::new(Health::new(Duration::from_secs(10)));
+    metrics.prefetch_limit.set(settings.prefetch() as i64);
+
+    broker.declare(&settings.queues).await?;
+    broker.ping().await?;
+    health.contact();
+    broker.restore_visible().await?;
+
+    let (commit_tx, commit_rx) = mpsc::unbounded_channel();
+    let slots = Arc::new(Slots {
+        prefetch: Arc::new(Semaphore::new(settings.prefetch())),
+        held: Mutex::new(HashSet::new()),
+        metrics: Arc::clone(&metrics),
+    });
+    let committer = tokio::spawn(committer(Arc::clone(&slots), Arc::clone(&broker), Arc::clone(&backend), commit_rx));
+    let shared = Arc::new(Shared {
+        slots,
+        settings,
+        registry,
+        broker,
+        metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
+        running_late: Mutex::new(HashMap::new()),
+        commit: commit_tx,
+    });
+
+    let housekeeping_stop = CancellationToken::new();
+    let mut background = JoinSet::new();
+    if let Some(addr) = shared.settings.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| WorkerError::Metrics { addr: addr.to_string(), source })?;
+        info!(%addr, "serving /metrics and /health");
+        let app = crate::metrics::router(Arc::clone(&metrics), Arc::clone(&health));
+        let stop = housekeeping_stop.clone();
+        background.spawn(async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+    background.spawn(housekeeping(Arc::clone(&shared), housekeeping_stop.clone()));
+
+    metrics.worker_up.set(1);
+    info!(
+        hostname = %shared.settings.hostname,
+        queues = ?shared.settings.queues,
+        concurrency = shared.settings.concurrency,
+        prefetch = shared.settings.prefetch(),
+        transport = shared.broker.transport(),
+        tasks = ?shared.registry.names(),
+        "celeriac worker ready"
+    );
+
+    let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+    let fetcher = tokio::spawn(fetcher(Arc::clone(&shared), ready_tx, shutdown.warm.clone()));
+    let dispatcher = tokio::spawn(dispatcher(Arc::clone(&shared), ready_rx, shutdown.warm.clone()));
+
+    let graceful = async {
+        let _ = fetcher.await;
+        let _ = dispatcher.await;
+        // Everything that could commit is gone except `shared`'s sender: close by dropping our handle.
+        Ok::<_, WorkerError>(())
+    };
+    tokio::select! {
+        r = graceful => r?,
+        _ = shutdown.cold.cancelled() => {
+            warn!("cold shutdown: stopping now; unacknowledged messages will be restored after the visibility timeout");
+            return Ok(());
+        }
+    }
+    // Let the committer flush what the finished tasks produced (its channel closes when the last sender,
+    // inside `shared`, is dropped; housekeeping holds one too, so stop it first), then stop.
+    housekeeping_stop.cancel();
+    while background.join_next().await.is_some() {}
+    drop(shared);
+    tokio::select! {
+        _ = committer => {}
+        _ = shutdown.cold.cancelled() => return Ok(()),
+    }
+    metrics.worker_up.set(0);
+    info!("warm shutdown complete");
+    Ok(())
+}
+
+/// Takes messages while prefetch slots are free.
+async fn fetcher(shared: Arc<Shared>, ready: mpsc::UnboundedSender<Job>, warm: CancellationToken) {
+    let mut timers: JoinSet<(Job, bool)> = JoinSet::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        while let Some(Ok((job, _))) = timers.try_join_next() {
+            let _ = ready.send(job);
+        }
+        let first = tokio::select! {
+            biased;
+            _ = warm.cancelled() => break,
+            Some(Ok((job, _))) = timers.join_next(), if !timers.is_empty() => {
+                let _ = ready.send(job);
+                continue;
+            }
+            p = tokio::time::timeout(Duration::from_secs(2), Arc::clone(&shared.slots.prefetch).acquire_owned()) => p,
+        };
+        let Ok(Ok(first)) = first else {
+            // All slots busy: still prove the broker connection is alive for /health.
+            if shared.broker.ping().await.is_ok() {
+                shared.health.contact();
+            }
+            continue;
+        };
+        first.forget();
+        let mut slots = 1;
+        while slots < 1024 {
+            match shared.slots.prefetch.try_acquire() {
+                Ok(p) => {
+                    p.forget();
+                    slots += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        // Never cancel a fetch half-way: a popped message must reach us to be acked or given back.
+        match shared.broker.fetch(&shared.settings.queues, slots, Duration::from_secs(1)).await {
+            Ok(deliveries) => {
+                backoff = Duration::from_millis(100);
+                shared.health.contact();
+                shared.slots.prefetch.add_permits(slots - deliveries.len());
+                for d in deliveries {
+                    receive(&shared, d, &ready, &mut timers, &warm).await;
+                }
+            }
+            Err(e) => {
+                shared.slots.prefetch.add_permits(slots);
+                error!(error = %e, retry_in = ?backoff, "fetching from the broker failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = warm.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    // Warm shutdown: ETA tasks still waiting go back to their queues.
+    let mut waiting = Vec::new();
+    while let Some(r) = timers.join_next().await {
+        if let Ok((job, fired)) = r {
+            if fired {
+                let _ = ready.send(job);
+            } else {
+                waiting.push(job);
+            }
+        }
+    }
+    give_back(&shared, waiting).await;
+}
+
+async fn receive(
+    shared: &Arc<Shared>,
+    d: Delivery,
+    ready: &mpsc::UnboundedSender<Job>,
+    timers: &mut JoinSet<(Job, bool)>,
+    warm: &CancellationToken,
+) {
+    let Delivery { held, message } = d;
+    shared.slots.hold(&held.tag);
+    let message = match message {
+        Ok(m) => m,
+        Err(e) => {
+            let reason = e.to_string();
+            warn!(queue = %held.queue, tag = %held.tag, %reason, "undecodable message moved to the dead-letter list");
+            shared.metrics.dead_lettered.inc();
+            if let Err(err) = shared.broker.dead_letter(&held, &reason).await {
+                error!(error = %err, tag = %held.tag, "dead-lettering failed; the message stays unacked and will be restored");
+            }
+            shared.release(&held.tag, true);
+            return;
+        }
+    };
+    let name = message.task().to_string();
+    shared.metrics.task(TaskEvent::Received, &name, &held.queue);
+    let Some(task) = shared.registry.get(&name).cloned() else {
+        error!(task = %name, id = %message.id(), "Received unregistered task of type {name:?}; storing NotRegistered");
+        shared.metrics.task(TaskEvent::Failed, &name, &held.queue);
+        let exc = ExceptionInfo::new("celery.exceptions", "NotRegistered", name.clone());
+        let mut meta = ResultMeta::failure(message.id(), &exc, None);
+        meta.date_done = Some(time::isoformat(chrono::Utc::now()));
+        meta.group_id = message.headers.group.clone();
+        meta.parent_id = message.headers.parent_id.clone();
+        let _ = shared.commit.send(Commit::Done { meta: Some(meta), late_ack: Some((held.tag, true)) });
+        return;
+    };
+    debug!(task = %name, id = %message.id(), "Task received");
+    let acks_late = task.options.acks_late.unwrap_or(shared.settings.acks_late);
+    let now = chrono::Utc::now();
+    let expired = message.headers.expires.as_deref().and_then(time::parse_iso).is_some_and(|t| t <= now);
+    let mut job = Job { held, message, task, acks_late, holds_slot: true };
+    if expired {
+        revoke_expired(shared, job);
+        return;
+    }
+    let eta = job.message.headers.eta.as_deref().and_then(time::parse_iso).filter(|t| *t > now);
+    match eta {
+        Some(eta) => {
+            // Held in a timer; like Celery, an ETA task does not count against prefetch while it waits.
+            job.holds_slot = false;
+            shared.slots.prefetch.add_permits(1);
+            let wait = (eta - now).to_std().unwrap_or_default();
+            let warm = warm.clone();
+            timers.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => (job, true),
+                    _ = warm.cancelled() => (job, false),
+                }
+            });
+        }
+        None => {
+            let _ = ready.send(job);
+        }
+    }
+}
+
+fn revoke_expired(shared: &Shared, job: Job) {
+    info!(task = %job.message.task(), id = %job.message.id(), "Discarding expired task");
+    shared.metrics.task(TaskEvent::Revoked, job.message.task(), &job.held.queue);
+    let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "expired");
+    let meta = shared.store_results(&job).then(|| shared.meta(&job, State::Revoked, json!(exc), None));
+    let _ = shared.commit.send(Commit::Done { meta, late_ack: Some((job.held.tag, job.holds_slot)) });
+}
+
+/// Puts never-started jobs back at the front of their queues.
+async fn give_back(shared: &Shared, jobs: Vec<Job>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let held: Vec<&Held> = jobs.iter().map(|j| &j.held).collect();
+    match shared.broker.requeue(&held, true).await {
+        Ok(n) => info!(restored = n, "Restoring {n} unacknowledged message(s)"),
+        Err(e) => error!(error = %e, "giving back prefetched messages failed; the visibility timeout will restore them"),
+    }
+    for j in &jobs {
+        shared.release(&j.held.tag, j.holds_slot);
+    }
+}
+
+/// Starts jobs while concurrency allows.
+async fn dispatcher(shared: Arc<Shared>, mut ready: mpsc::UnboundedReceiver<Job>, warm: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
+    let mut running = JoinSet::new();
+    loop {
+        while running.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p.expect("never closed"),
+            _ = warm.cancelled() => break,
+        };
+        let job = tokio::select! {
+            j = ready.recv() => match j { Some(j) => j, None => break },
+            _ = warm.cancelled() => break,
+        };
+        if job.acks_late {
+            shared.running_late.lock().expect("running_late").insert(job.held.tag.clone(), job.held.clone());
+        } else {
+            let _ = shared.commit.send(Commit::Ack(job.held.tag.clone(), job.holds_slot));
+        }
+        let shared = Arc::clone(&shared);
+        running.spawn(async move {
+            execute(&shared, job).await;
+            drop(permit);
+        });
+    }
+    // Warm shutdown. Messages that never started go back (the fetcher closes the channel when it stops).
+    let mut unstarted = Vec::new();
+    while let Some(job) = ready.recv().await {
+        unstarted.push(job);
+    }
+    give_back(&shared, unstarted).await;
+    if !running.is_empty() {
+        info!(running = running.len(), timeout = ?shared.settings.shutdown_timeout, "waiting for running tasks");
+    }
+    let drained = tokio::time::timeout(shared.settings.shutdown_timeout, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        running.abort_all();
+        let abandoned: Vec<Held> = shared.running_late.lock().expect("running_late").drain().map(|(_, h)| h).collect();
+        warn!(abandoned = running.len(), "shutdown timeout: abandoning running tasks; acks_late ones are given back");
+        let refs: Vec<&Held> = abandoned.iter().collect();
+        if let Err(e) = shared.broker.requeue(&refs, true).await {
+            error!(error = %e, "giving back abandoned tasks failed; the visibility timeout will restore them");
+        }
+        while running.join_next().await.is_some() {}
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "task panicked".into()
+    }
+}
+
+/// Runs one job and hands its outcome to the committer.
+async fn execute(shared: &Arc<Shared>, job: Job) {
+    let started = Instant::now();
+    let name = job.message.task().to_string();
+    let queue = job.held.queue.clone();
+    shared.metrics.task(TaskEvent::Started, &name, &queue);
+    shared.metrics.tasks_active.inc();
+    let ctx = TaskContext {
+        id: job.message.id().to_string(),
+        name: name.clone(),
+        retries: job.message.headers.retries,
+        hostname: shared.settings.hostname.clone(),
+        queue: queue.clone(),
+        redelivered: job.held.redelivered,
+    };
+    let extended = shared
+        .settings
+        .result_extended
+        .then(|| (job.message.args.clone(), job.message.kwargs.clone()));
+    let outcome = match job.task.bind(job.message.args.clone(), job.message.kwargs.clone()) {
+        Err(e) => Err(e),
+        Ok(bound) => match &job.task.handler {
+            Handler::Async(h) => AssertUnwindSafe(h(ctx, bound))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| Err(panicked(panic_message(p)))),
+            Handler::Blocking(h) => {
+                let h = Arc::clone(h);
+                match tokio::task::spawn_blocking(move || h(ctx, bound)).await {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => Err(panicked(panic_message(e.into_panic()))),
+                    Err(e) => Err(panicked(e.to_string())),
+                }
+            }
+        },
+    };
+    let runtime = started.elapsed().as_secs_f64();
+    shared.metrics.tasks_active.dec();
+    shared.metrics.runtime(&name, &queue, runtime);
+    let store = shared.store_results(&job);
+    let id = job.message.id().to_string();
+    let late_ack = job.acks_late.then(|| (job.held.tag.clone(), job.holds_slot));
+    let meta = match outcome {
+        Ok(value) => {
+            shared.metrics.task(TaskEvent::Succeeded, &name, &queue);
+            debug!(task = %name, %id, runtime, "Task succeeded");
+            store.then(|| shared.meta(&job, State::Success, value, extended))
+        }
+        Err(TaskError::Failed(exc)) => {
+            shared.metrics.task(TaskEvent::Failed, &name, &queue);
+            warn!(task = %name, %id, runtime, exception = %exc.repr(), "Task raised");
+            store.then(|| {
+                let mut m = shared.meta(&job, State::Failure, json!(exc), extended);
+                m.traceback = Some(exc.traceback(&name));
+                m
+            })
+        }
+        Err(TaskError::Ignore) => None,
+        Err(TaskError::Reject { requeue, reason }) => {
+            shared.metrics.task(TaskEvent::Rejected, &name, &queue);
+            info!(task = %name, %id, requeue, %reason, "Task rejected");
+            if requeue && job.acks_late {
+                shared.running_late.lock().expect("running_late").remove(&job.held.tag);
+                if let Err(e) = shared.broker.requeue(&[&job.held], false).await {
+                    error!(error = %e, "requeue failed; the visibility timeout will restore the message");
+                }
+                shared.release(&job.held.tag, job.holds_slot);
+                return;
+            }
+            store.then(|| {
+                let exc = ExceptionInfo {
+                    exc_type: "Reject".into(),
+                    exc_message: vec![reason.into(), requeue.into()],
+                    exc_module: Some("celery.exceptions".into()),
+                };
+                shared.meta(&job, State::Failure, json!(exc), extended)
+            })
+        }
+    };
+    if job.acks_late {
+        shared.running_late.lock().expect("running_late").remove(&job.held.tag);
+    }
+    let _ = shared.commit.send(Commit::Done { meta, late_ack });
+}
+
+fn panicked(message: String) -> TaskError {
+    TaskError::exception(Some("celeriac.exceptions"), "TaskPanicked", vec![Value::String(message)])
+}
+
+/// Batches stores and acks. Runs until every sender is gone and the channel is drained.
+async fn committer(
+    slots: Arc<Slots>,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    mut rx: mpsc::UnboundedReceiver<Commit>,
+) {
+    let mut buf = Vec::with_capacity(1024);
+    while rx.recv_many(&mut buf, 1024).await > 0 {
+        let mut early = Vec::new();
+        let mut metas = Vec::new();
+        let mut late = Vec::new();
+        for c in buf.drain(..) {
+            match c {
+                Commit::Ack(tag, slot) => early.push((tag, slot)),
+                Commit::Done { meta, late_ack } => {
+                    if let Some(m) = meta {
+                        metas.push(m);
+                    }
+                    if let Some(a) = late_ack {
+                        late.push(a);
+                    }
+                }
+            }
+        }
+        ack_all(&slots, broker.as_ref(), early).await;
+        if store_all(backend.as_ref(), &metas).await {
+            ack_all(&slots, broker.as_ref(), late).await;
+        } else {
+            // Results could not be stored: leave late-acked messages unacked so they run again.
+            for (tag, slot) in late {
+                slots.release(&tag, slot);
+            }
+        }
+    }
+}
+
+async fn ack_all(slots: &Slots, broker: &dyn Broker, acks: Vec<(String, bool)>) {
+    if acks.is_empty() {
+        return;
+    }
+    let tags: Vec<String> = acks.iter().map(|(t, _)| t.clone()).collect();
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=6 {
+        match broker.ack(&tags).await {
+            Ok(()) => break,
+            Err(e) if attempt < 6 => {
+                warn!(error = %e, attempt, "ack failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => error!(error = %e, count = tags.len(), "ack failed; these messages will be redelivered"),
+        }
+    }
+    for (tag, slot) in acks {
+        slots.release(&tag, slot);
+    }
+}
+
+async fn store_all(backend: &dyn ResultBackend, metas: &[ResultMeta]) -> bool {
+    if metas.is_empty() {
+        return true;
+    }
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=6 {
+        match backend.store(metas).await {
+            Ok(_) => return true,
+            Err(e) if attempt < 6 => {
+                warn!(error = %e, attempt, "storing results failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => error!(error = %e, count = metas.len(), "storing results failed"),
+        }
+    }
+    false
+}
+
+/// Lease renewal, visibility restore, queue-length gauges.
+async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
+    let vt = shared.settings.visibility_timeout;
+    let renew_every = (vt / 4).max(Duration::from_millis(500));
+    let sweep_every = (vt / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut renew = tokio::time::interval(renew_every);
+    let mut sweep = tokio::time::interval(sweep_every);
+    let mut lengths = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = renew.tick() => {
+                let tags: Vec<String> = shared.slots.held.lock().expect("held").iter().cloned().collect();
+                if let Err(e) = shared.broker.renew(&tags).await {
+                    warn!(error = %e, "renewing visibility leases failed");
+                }
+            }
+            _ = sweep.tick() => {
+                if let Err(e) = shared.broker.restore_visible().await {
+                    warn!(error = %e, "visibility-timeout sweep failed");
+                }
+            }
+            _ = lengths.tick() => {
+                for q in &shared.settings.queues {
+                    match shared.broker.queue_length(q).await {
+                        Ok(n) => { shared.metrics.queue_length.get_or_create(&QueueLabels { queue_name: q.clone() }).set(n as i64); }
+                        Err(e) => warn!(error = %e, queue = %q, "reading queue length failed"),
+                    }
+                }
+            }
+        }
+    }
+}
