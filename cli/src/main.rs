@@ -80,7 +80,19 @@ fn main() {
             .unwrap_or_default();
         tracing::error!(%location, "panic: {message}");
     }));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // CELERIAC_RUNTIME_THREADS sizes the async runtime (default: one per core); blocking tasks have their
+    // own pool either way.
+    let threads = std::env::var("CELERIAC_RUNTIME_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

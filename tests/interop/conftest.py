@@ -60,6 +60,14 @@ def pytest_configure(config):
     )
 
 
+def pytest_sessionstart(session):
+    """Stop at once, with the fix, when the celeriac binary under test is missing."""
+    if WORKER_KIND == "celeriac" and not session.config.option.collectonly:
+        problem = _celeriac_bin_problem()
+        if problem:
+            pytest.exit(problem, returncode=1)
+
+
 def pytest_collection_modifyitems(config, items):
     if WORKER_KIND != "python":
         return
@@ -170,15 +178,23 @@ def client_app(iso):
 
 
 # ------------------------------------------------------------------- workers
-def celeriac_bin():
-    """Path of the celeriac binary under test, or fail the test with what to do."""
+def _celeriac_bin_problem():
+    """Why $CELERIAC_BIN cannot be run, or None when it can."""
     path = os.environ.get("CELERIAC_BIN")
     if not path:
-        pytest.fail("CELERIAC_BIN is not set: run `make test` (it builds celeriac and exports "
-                    "CELERIAC_BIN), or set INTEROP_WORKER=python to run the suite against Python Celery")
+        return ("CELERIAC_BIN is not set: run `make test` (it builds celeriac and exports CELERIAC_BIN), "
+                "or set INTEROP_WORKER=python to run the suite against Python Celery")
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.fail(f"CELERIAC_BIN={path!r} is not an executable file: run `make test`")
-    return path
+        return f"CELERIAC_BIN={path!r} is not an executable file: run `make test`"
+    return None
+
+
+def celeriac_bin():
+    """Path of the celeriac binary under test, or fail the test with what to do."""
+    problem = _celeriac_bin_problem()
+    if problem:
+        pytest.fail(problem)
+    return os.environ["CELERIAC_BIN"]
 
 
 def _toml_str(value):

@@ -270,6 +270,9 @@ def test_j_warm_shutdown_gives_back_prefetched(workers, client_app, iso, redis_c
     worker = workers.start(concurrency=1)
 
     ids = [client_app.send_task("bench.sleep", (1,)).id for _ in range(5)]
+    # SIGTERM ~0.5 s into the first sleep: once the worker has fetched, the
+    # first task is running and the others are prefetched or still queued.
+    wait_for(lambda: queue_depth(redis_client, iso.prefix, iso.queue) < 5, 5, message="the first fetch")
     time.sleep(0.5)
     status = worker.terminate(timeout=15)
     assert status == 0, f"warm shutdown exited with status {status}"

@@ -68,12 +68,20 @@ pub enum TaskEvent {
     Revoked,
 }
 
+/// The series of one (task, queue) pair, looked up once and reused.
+struct TaskSeries {
+    counters: [Counter; 7],
+    runtime: Histogram,
+}
+
 /// The worker's metrics.
 pub struct Metrics {
     registry: Registry,
     hostname: String,
     counters: [Family<TaskLabels, Counter>; 7],
     runtime: RuntimeFamily,
+    /// task name → queue → series; hits allocate nothing.
+    series: std::sync::RwLock<std::collections::HashMap<String, std::collections::HashMap<String, Arc<TaskSeries>>>>,
     /// `celery_worker_up`.
     pub worker_up: Gauge,
     /// `celery_worker_tasks_active`.
@@ -136,6 +144,7 @@ impl Metrics {
             hostname: hostname.to_string(),
             counters,
             runtime,
+            series: Default::default(),
             worker_up,
             tasks_active,
             queue_length,
@@ -153,14 +162,28 @@ impl Metrics {
         }
     }
 
+    fn series(&self, name: &str, queue: &str) -> Arc<TaskSeries> {
+        if let Some(s) = self.series.read().expect("series").get(name).and_then(|q| q.get(queue)) {
+            return Arc::clone(s);
+        }
+        let labels = self.labels(name, queue);
+        let s = Arc::new(TaskSeries {
+            counters: std::array::from_fn(|i| self.counters[i].get_or_create(&labels).clone()),
+            runtime: self.runtime.get_or_create(&labels).clone(),
+        });
+        let mut map = self.series.write().expect("series");
+        map.entry(name.to_string()).or_default().insert(queue.to_string(), Arc::clone(&s));
+        s
+    }
+
     /// Bumps a task counter.
     pub fn task(&self, event: TaskEvent, name: &str, queue: &str) {
-        self.counters[event as usize].get_or_create(&self.labels(name, queue)).inc();
+        self.series(name, queue).counters[event as usize].inc();
     }
 
     /// Records a task runtime.
     pub fn runtime(&self, name: &str, queue: &str, seconds: f64) {
-        self.runtime.get_or_create(&self.labels(name, queue)).observe(seconds);
+        self.series(name, queue).runtime.observe(seconds);
     }
 
     /// OpenMetrics text.

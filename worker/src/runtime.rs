@@ -255,8 +255,8 @@ pub async fn run(
 }
 
 /// Takes messages while prefetch slots are free.
-async fn fetcher(shared: Arc<Shared>, ready: mpsc::UnboundedSender<Job>, warm: CancellationToken) {
-    let mut timers: JoinSet<(Job, bool)> = JoinSet::new();
+async fn fetcher(shared: Arc<Shared>, ready: mpsc::UnboundedSender<Box<Job>>, warm: CancellationToken) {
+    let mut timers: JoinSet<(Box<Job>, bool)> = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     loop {
         while let Some(Ok((job, _))) = timers.try_join_next() {
@@ -327,8 +327,8 @@ async fn fetcher(shared: Arc<Shared>, ready: mpsc::UnboundedSender<Job>, warm: C
 async fn receive(
     shared: &Arc<Shared>,
     d: Delivery,
-    ready: &mpsc::UnboundedSender<Job>,
-    timers: &mut JoinSet<(Job, bool)>,
+    ready: &mpsc::UnboundedSender<Box<Job>>,
+    timers: &mut JoinSet<(Box<Job>, bool)>,
     warm: &CancellationToken,
 ) {
     let Delivery { held, message } = d;
@@ -363,7 +363,7 @@ async fn receive(
     let acks_late = task.options.acks_late.unwrap_or(shared.settings.acks_late);
     let now = chrono::Utc::now();
     let expired = message.headers.expires.as_deref().and_then(time::parse_iso).is_some_and(|t| t <= now);
-    let mut job = Job { held, message, task, acks_late, holds_slot: true };
+    let mut job = Box::new(Job { held, message, task, acks_late, holds_slot: true });
     if expired {
         revoke_expired(shared, job);
         return;
@@ -389,7 +389,7 @@ async fn receive(
     }
 }
 
-fn revoke_expired(shared: &Shared, job: Job) {
+fn revoke_expired(shared: &Shared, job: Box<Job>) {
     info!(task = %job.message.task(), id = %job.message.id(), "Discarding expired task");
     shared.metrics.task(TaskEvent::Revoked, job.message.task(), &job.held.queue);
     let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "expired");
@@ -398,7 +398,7 @@ fn revoke_expired(shared: &Shared, job: Job) {
 }
 
 /// Puts never-started jobs back at the front of their queues.
-async fn give_back(shared: &Shared, jobs: Vec<Job>) {
+async fn give_back(shared: &Shared, jobs: Vec<Box<Job>>) {
     if jobs.is_empty() {
         return;
     }
@@ -413,7 +413,7 @@ async fn give_back(shared: &Shared, jobs: Vec<Job>) {
 }
 
 /// Starts jobs while concurrency allows.
-async fn dispatcher(shared: Arc<Shared>, mut ready: mpsc::UnboundedReceiver<Job>, warm: CancellationToken) {
+async fn dispatcher(shared: Arc<Shared>, mut ready: mpsc::UnboundedReceiver<Box<Job>>, warm: CancellationToken) {
     let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
     let mut running = JoinSet::new();
     loop {
@@ -473,7 +473,7 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Runs one job and hands its outcome to the committer.
-async fn execute(shared: &Arc<Shared>, job: Job) {
+async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     let started = Instant::now();
     let name = job.message.task().to_string();
     let queue = job.held.queue.clone();
@@ -487,11 +487,10 @@ async fn execute(shared: &Arc<Shared>, job: Job) {
         queue: queue.clone(),
         redelivered: job.held.redelivered,
     };
-    let extended = shared
-        .settings
-        .result_extended
-        .then(|| (job.message.args.clone(), job.message.kwargs.clone()));
-    let outcome = match job.task.bind(job.message.args.clone(), job.message.kwargs.clone()) {
+    let args = std::mem::take(&mut job.message.args);
+    let kwargs = std::mem::take(&mut job.message.kwargs);
+    let extended = shared.settings.result_extended.then(|| (args.clone(), kwargs.clone()));
+    let outcome = match job.task.bind(args, kwargs) {
         Err(e) => Err(e),
         Ok(bound) => match &job.task.handler {
             Handler::Async(h) => AssertUnwindSafe(h(ctx, bound))
