@@ -1,0 +1,190 @@
+//! Integration tests of the worker runtime against the local Redis: an in-process worker with test tasks,
+//! each test under its own key prefix and queue names.
+
+use celeriac_backend::{BackendOptions, ResultBackend};
+use celeriac_broker::{Broker, BrokerOptions};
+use celeriac_protocol::{TaskMessage, Value};
+use celeriac_worker::{Registry, Shutdown, TaskError, TaskOptions, WorkerSettings};
+use redis::AsyncCommands;
+use serde_json::{Map, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+fn url() -> String {
+    std::env::var("CELERIAC_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+struct Env {
+    prefix: String,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let prefix = format!("t-{}:", uuid::Uuid::new_v4().simple());
+        let broker = celeriac_broker::connect(&url(), BrokerOptions { global_keyprefix: prefix.clone(), ..Default::default() })
+            .await
+            .unwrap();
+        let backend = celeriac_backend::connect(&url(), BackendOptions { global_keyprefix: prefix.clone(), ..Default::default() })
+            .await
+            .unwrap();
+        let conn = redis::Client::open(url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        Self { prefix, broker, backend, conn }
+    }
+
+    fn settings(&self, concurrency: usize, multiplier: usize, acks_late: bool) -> WorkerSettings {
+        WorkerSettings {
+            hostname: "test@host".into(),
+            queues: vec!["q".into()],
+            concurrency,
+            prefetch_multiplier: multiplier,
+            acks_late,
+            reject_on_worker_lost: false,
+            ignore_result: false,
+            result_extended: false,
+            visibility_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(10),
+            metrics_addr: None,
+        }
+    }
+
+    async fn send(&self, task: &str, args: Vec<Value>) -> String {
+        let m = TaskMessage::new(task, uuid::Uuid::new_v4().to_string(), args, Map::new());
+        self.broker.publish(&m, "q").await.unwrap();
+        m.id().to_string()
+    }
+
+    async fn result(&self, id: &str) -> Value {
+        self.backend.wait(id, Duration::from_secs(10)).await.unwrap().unwrap_or(Value::Null)
+    }
+
+    async fn cleanup(mut self) {
+        let keys: Vec<String> = self.conn.keys(format!("{}*", self.prefix)).await.unwrap();
+        if !keys.is_empty() {
+            let _: () = self.conn.del(keys).await.unwrap();
+        }
+    }
+}
+
+fn registry(running: Arc<AtomicUsize>, peak: Arc<AtomicUsize>) -> Registry {
+    let mut r = Registry::new();
+    r.task("t.sleep", &["seconds"], TaskOptions::default(), move |_ctx, (s,): (f64,)| {
+        let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+        async move {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs_f64(s)).await;
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok(json!(s))
+        }
+    });
+    r.blocking_task("t.blocking_double", &["x"], TaskOptions::default(), |_ctx, (x,): (i64,)| Ok(x * 2));
+    r.task("t.fail", &[], TaskOptions::default(), |_ctx, _: Vec<Value>| async {
+        Err::<Value, _>(TaskError::exception(Some("tasks"), "MyError", vec![json!("cust"), json!(42)]))
+    });
+    r.blocking_task("t.blocking_panic", &[], TaskOptions::default(), |_ctx, _: Vec<Value>| -> Result<Value, TaskError> {
+        panic!("blocking boom")
+    });
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_and_concurrency_are_bounds() {
+    let env = Env::new().await;
+    let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(env.send("t.sleep", vec![json!(0.15)]).await);
+    }
+    let shutdown = Shutdown::default();
+    let worker = tokio::spawn(celeriac_worker::run(
+        env.settings(2, 2, true),
+        registry(Arc::clone(&running), Arc::clone(&peak)),
+        Arc::clone(&env.broker),
+        Arc::clone(&env.backend),
+        shutdown.clone(),
+    ));
+    let mut conn = env.conn.clone();
+    let mut max_unacked = 0;
+    for _ in 0..40 {
+        let n: usize = conn.hlen(format!("{}unacked", env.prefix)).await.unwrap();
+        max_unacked = max_unacked.max(n);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in &ids {
+        assert_eq!(env.result(id).await["status"], json!("SUCCESS"));
+    }
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+    assert!(max_unacked <= 4, "prefetch 2×2 exceeded: {max_unacked} unacked");
+    assert!(max_unacked >= 3, "worker should prefetch up to its limit, saw {max_unacked}");
+    assert_eq!(peak.load(Ordering::SeqCst), 2, "concurrency 2");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_panics_and_blocking_tasks() {
+    let env = Env::new().await;
+    let ok = env.send("t.blocking_double", vec![json!(21)]).await;
+    let fail = env.send("t.fail", vec![]).await;
+    let panic = env.send("t.blocking_panic", vec![]).await;
+    let after = env.send("t.blocking_double", vec![json!(5)]).await;
+    let unknown = env.send("t.nope", vec![]).await;
+    let shutdown = Shutdown::default();
+    let worker = tokio::spawn(celeriac_worker::run(
+        env.settings(2, 4, false),
+        registry(Default::default(), Default::default()),
+        Arc::clone(&env.broker),
+        Arc::clone(&env.backend),
+        shutdown.clone(),
+    ));
+    assert_eq!(env.result(&ok).await["result"], json!(42));
+    let f = env.result(&fail).await;
+    assert_eq!(f["status"], json!("FAILURE"));
+    assert_eq!(f["result"], json!({"exc_type": "MyError", "exc_message": ["cust", 42], "exc_module": "tasks"}));
+    let p = env.result(&panic).await;
+    assert_eq!(p["result"], json!({"exc_type": "TaskPanicked", "exc_message": ["blocking boom"], "exc_module": "celeriac.exceptions"}));
+    assert_eq!(env.result(&after).await["result"], json!(10), "the worker keeps running after a panic");
+    let u = env.result(&unknown).await;
+    assert_eq!(u["result"], json!({"exc_type": "NotRegistered", "exc_message": ["t.nope"], "exc_module": "celery.exceptions"}));
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+    let mut conn = env.conn.clone();
+    let n: usize = conn.hlen(format!("{}unacked", env.prefix)).await.unwrap();
+    assert_eq!(n, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_shutdown_gives_back_unstarted_and_finishes_running() {
+    let env = Env::new().await;
+    let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(env.send("t.sleep", vec![json!(0.5)]).await);
+    }
+    let shutdown = Shutdown::default();
+    let worker = tokio::spawn(celeriac_worker::run(
+        env.settings(1, 4, false),
+        registry(Arc::clone(&running), Arc::clone(&peak)),
+        Arc::clone(&env.broker),
+        Arc::clone(&env.backend),
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+    // The running task finished and stored its result; the prefetched ones are back in the queue.
+    assert_eq!(env.backend.get(&ids[0]).await.unwrap().unwrap()["status"], json!("SUCCESS"));
+    assert_eq!(env.broker.queue_length("q").await.unwrap(), 4);
+    let mut conn = env.conn.clone();
+    let n: usize = conn.hlen(format!("{}unacked", env.prefix)).await.unwrap();
+    assert_eq!(n, 0);
+    for id in &ids[1..] {
+        assert!(env.backend.get(id).await.unwrap().is_none());
+    }
+    env.cleanup().await;
+}
