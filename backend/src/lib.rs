@@ -99,15 +99,20 @@ pub async fn connect(url: &str, options: BackendOptions) -> Result<Arc<dyn Resul
     let scheme = url.split("://").next().unwrap_or("");
     match scheme {
         "redis" | "rediss" | "redis+socket" | "socket" | "unix" | "redis+unix" => {
-            let target = celeriac_broker::url::parse_redis(url).map_err(|reason| BackendError::Url {
-                url: celeriac_broker::url::redact(url),
-                reason,
-            })?;
-            Ok(Arc::new(redis::RedisBackend::connect(target, options).await?))
+            let target =
+                celeriac_broker::url::parse_redis(url).map_err(|reason| BackendError::Url {
+                    url: celeriac_broker::url::redact(url),
+                    reason,
+                })?;
+            Ok(Arc::new(
+                redis::RedisBackend::connect(target, options).await?,
+            ))
         }
         other => Err(BackendError::Url {
             url: celeriac_broker::url::redact(url),
-            reason: format!("unsupported result backend scheme {other:?}; expected redis://, rediss:// or disabled"),
+            reason: format!(
+                "unsupported result backend scheme {other:?}; expected redis://, rediss:// or disabled"
+            ),
         }),
     }
 }

@@ -47,7 +47,9 @@ pub struct RedisBackend {
 
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBackend").field("prefix", &self.prefix).finish()
+        f.debug_struct("RedisBackend")
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
@@ -67,7 +69,10 @@ impl RedisBackend {
             .await
             .map_err(|e| match e {
                 celeriac_broker::BrokerError::Redis(r) => BackendError::Redis(r),
-                other => BackendError::Url { url: String::new(), reason: other.to_string() },
+                other => BackendError::Url {
+                    url: String::new(),
+                    reason: other.to_string(),
+                },
             })?;
         STORE.load_async(&mut conn).await?;
         Ok(Self {

@@ -13,9 +13,15 @@ fn url() -> String {
 }
 
 async fn backend(prefix: &str, expires: Option<Duration>) -> RedisBackend {
-    RedisBackend::connect(parse_redis(&url()).unwrap(), BackendOptions { result_expires: expires, global_keyprefix: prefix.into() })
-        .await
-        .unwrap()
+    RedisBackend::connect(
+        parse_redis(&url()).unwrap(),
+        BackendOptions {
+            result_expires: expires,
+            global_keyprefix: prefix.into(),
+        },
+    )
+    .await
+    .unwrap()
 }
 
 fn prefix() -> String {
@@ -39,7 +45,10 @@ async fn stores_celery_bytes_with_expiry_and_publish() {
     assert_eq!(stored, want);
     let ttl: i64 = conn.ttl(&key).await.unwrap();
     assert!((86390..=86400).contains(&ttl), "ttl {ttl}");
-    let msg = tokio::time::timeout(Duration::from_secs(2), sub.on_message().next()).await.unwrap().unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(2), sub.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(msg.get_payload::<String>().unwrap(), want);
     let _: () = conn.del(&key).await.unwrap();
 }
@@ -49,18 +58,46 @@ async fn success_is_never_overwritten() {
     let p = prefix();
     let b = backend(&p, None).await;
     let ok = ResultMeta::new("t2", State::Success, json!(1));
-    let fail = ResultMeta::failure("t2", &ExceptionInfo::new("builtins", "ValueError", "late duplicate"), None);
+    let fail = ResultMeta::failure(
+        "t2",
+        &ExceptionInfo::new("builtins", "ValueError", "late duplicate"),
+        None,
+    );
     assert_eq!(b.store(&[ok]).await.unwrap(), 1);
-    assert_eq!(b.store(&[fail.clone()]).await.unwrap(), 0);
-    assert_eq!(b.get("t2").await.unwrap().unwrap()["status"], json!("SUCCESS"));
+    assert_eq!(b.store(&[fail]).await.unwrap(), 0);
+    assert_eq!(
+        b.get("t2").await.unwrap().unwrap()["status"],
+        json!("SUCCESS")
+    );
     // Non-final states can be replaced.
     let retry = ResultMeta::new("t3", State::Retry, json!(null));
-    assert_eq!(b.store(&[retry, ResultMeta::failure("t3", &ExceptionInfo::new("builtins", "KeyError", "k"), None)]).await.unwrap(), 2);
-    assert_eq!(b.get("t3").await.unwrap().unwrap()["status"], json!("FAILURE"));
-    let mut conn = redis::Client::open(url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    assert_eq!(
+        b.store(&[
+            retry,
+            ResultMeta::failure("t3", &ExceptionInfo::new("builtins", "KeyError", "k"), None)
+        ])
+        .await
+        .unwrap(),
+        2
+    );
+    assert_eq!(
+        b.get("t3").await.unwrap().unwrap()["status"],
+        json!("FAILURE")
+    );
+    let mut conn = redis::Client::open(url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let ttl: i64 = conn.ttl(format!("{p}celery-task-meta-t3")).await.unwrap();
     assert_eq!(ttl, -1, "result_expires = None keeps results");
-    let _: () = conn.del(&[format!("{p}celery-task-meta-t2"), format!("{p}celery-task-meta-t3")]).await.unwrap();
+    let _: () = conn
+        .del(&[
+            format!("{p}celery-task-meta-t2"),
+            format!("{p}celery-task-meta-t3"),
+        ])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -70,12 +107,25 @@ async fn wait_returns_when_ready() {
     let writer = std::sync::Arc::clone(&b);
     let w = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        writer.store(&[ResultMeta::new("t4", State::Custom("PROGRESS".into()), json!({"done": 1}))]).await.unwrap();
+        writer
+            .store(&[ResultMeta::new(
+                "t4",
+                State::Custom("PROGRESS".into()),
+                json!({"done": 1}),
+            )])
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        writer.store(&[ResultMeta::new("t4", State::Success, json!("done"))]).await.unwrap();
+        writer
+            .store(&[ResultMeta::new("t4", State::Success, json!("done"))])
+            .await
+            .unwrap();
     });
     let got = b.wait("t4", Duration::from_secs(5)).await.unwrap().unwrap();
     w.await.unwrap();
     assert_eq!(got["result"], json!("done"));
-    assert_eq!(b.wait("nope", Duration::from_millis(100)).await.unwrap(), None);
+    assert_eq!(
+        b.wait("nope", Duration::from_millis(100)).await.unwrap(),
+        None
+    );
 }

@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`url`]: broker URLs (`redis://`, `rediss://`, `redis+socket://`) and their kombu spellings.
 //! - [`redis`]: the Redis transport (keys, Lua scripts, consume/ack/restore, publish).
-//! - [`error`]: [`BrokerError`].
+//! - [`error`]: the error type, [`BrokerError`].
 
 pub mod error;
 pub mod redis;
@@ -128,6 +128,8 @@ pub trait Broker: Send + Sync + 'static {
 pub async fn connect(url: &str, options: BrokerOptions) -> Result<Arc<dyn Broker>> {
     let parsed = url::BrokerUrl::parse(url)?;
     match parsed {
-        url::BrokerUrl::Redis(info) => Ok(Arc::new(redis::RedisBroker::connect(info, options).await?)),
+        url::BrokerUrl::Redis(info) => {
+            Ok(Arc::new(redis::RedisBroker::connect(info, options).await?))
+        }
     }
 }

@@ -32,7 +32,10 @@ pub fn redact(url: &str) -> String {
 impl BrokerUrl {
     /// Parses a broker URL.
     pub fn parse(url: &str) -> Result<Self, BrokerError> {
-        let err = |reason: String| BrokerError::Url { url: redact(url), reason };
+        let err = |reason: String| BrokerError::Url {
+            url: redact(url),
+            reason,
+        };
         let scheme = url.split("://").next().unwrap_or("");
         match scheme {
             "redis" | "rediss" | "redis+socket" | "socket" | "unix" | "redis+unix" => {
@@ -63,11 +66,14 @@ pub fn parse_redis(url: &str) -> Result<RedisTarget, String> {
     let mut info = parsed.into_connection_info().map_err(|e| e.to_string())?;
     if info.redis_settings().db() == 0 {
         // redis-rs reads `?db=` only for unix sockets; accept it (and kombu's virtual_host) for TCP too.
-        if let Some(db) = ::url::Url::parse(&normalized)
-            .ok()
-            .and_then(|u| u.query_pairs().find(|(k, _)| k == "db" || k == "virtual_host").map(|(_, v)| v.to_string()))
-        {
-            let db: i64 = db.parse().map_err(|_| format!("database {db:?} is not a number"))?;
+        if let Some(db) = ::url::Url::parse(&normalized).ok().and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "db" || k == "virtual_host")
+                .map(|(_, v)| v.to_string())
+        }) {
+            let db: i64 = db
+                .parse()
+                .map_err(|_| format!("database {db:?} is not a number"))?;
             let settings = info.redis_settings().clone().set_db(db);
             info = info.set_redis_settings(settings);
         }
@@ -87,7 +93,8 @@ mod tests {
         let BrokerUrl::Redis(t) = BrokerUrl::parse("redis://:secret@localhost/2").unwrap();
         assert_eq!(t.db, 2);
         assert_eq!(t.info.redis_settings().password(), Some("secret"));
-        let BrokerUrl::Redis(t) = BrokerUrl::parse("redis+socket:///tmp/redis.sock?virtual_host=3").unwrap();
+        let BrokerUrl::Redis(t) =
+            BrokerUrl::parse("redis+socket:///tmp/redis.sock?virtual_host=3").unwrap();
         assert_eq!(t.db, 3);
         let BrokerUrl::Redis(t) = BrokerUrl::parse("redis://localhost:6379?db=4").unwrap();
         assert_eq!(t.db, 4);
@@ -95,7 +102,9 @@ mod tests {
 
     #[test]
     fn rejects_unknown_schemes_with_reason() {
-        let e = BrokerUrl::parse("amqp://guest:pw@localhost//").unwrap_err().to_string();
+        let e = BrokerUrl::parse("amqp://guest:pw@localhost//")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("amqp://***@localhost//"), "{e}");
         assert!(e.contains("RabbitMQ"), "{e}");
         let e = BrokerUrl::parse("sqs://x").unwrap_err().to_string();

@@ -38,11 +38,20 @@ pub struct CallArgs {
 
 /// Builds the message for a call.
 pub fn build(args: &CallArgs) -> anyhow::Result<TaskMessage> {
-    let positional: Value = serde_json::from_str(&args.args).context("--args must be a JSON list")?;
-    let Value::Array(positional) = positional else { anyhow::bail!("--args must be a JSON list, e.g. '[2, 3]'") };
-    let kwargs: Value = serde_json::from_str(&args.kwargs).context("--kwargs must be a JSON object")?;
-    let Value::Object(kwargs) = kwargs else { anyhow::bail!("--kwargs must be a JSON object, e.g. '{{\"x\": 1}}'") };
-    let id = args.task_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let positional: Value =
+        serde_json::from_str(&args.args).context("--args must be a JSON list")?;
+    let Value::Array(positional) = positional else {
+        anyhow::bail!("--args must be a JSON list, e.g. '[2, 3]'")
+    };
+    let kwargs: Value =
+        serde_json::from_str(&args.kwargs).context("--kwargs must be a JSON object")?;
+    let Value::Object(kwargs) = kwargs else {
+        anyhow::bail!("--kwargs must be a JSON object, e.g. '{{\"x\": 1}}'")
+    };
+    let id = args
+        .task_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let mut msg = TaskMessage::new(&args.task, id, positional, kwargs);
     let host = gethostname::gethostname().to_string_lossy().into_owned();
     msg.headers.origin = Some(format!("gen{}@{host}", std::process::id()));
@@ -53,7 +62,8 @@ pub fn build(args: &CallArgs) -> anyhow::Result<TaskMessage> {
         msg.headers.eta = Some(time::isoformat(eta));
     }
     if let Some(e) = &args.eta {
-        let t = time::parse_iso(e).with_context(|| format!("--eta {e:?} is not an ISO-8601 time"))?;
+        let t =
+            time::parse_iso(e).with_context(|| format!("--eta {e:?} is not an ISO-8601 time"))?;
         msg.headers.eta = Some(time::isoformat(t));
     }
     if let Some(x) = args.expires {
@@ -71,9 +81,15 @@ pub fn build(args: &CallArgs) -> anyhow::Result<TaskMessage> {
 pub async fn run(global: &GlobalArgs, args: CallArgs) -> anyhow::Result<i32> {
     let resolved = global.resolve()?;
     let msg = build(&args)?;
-    let queue = args.queue.clone().unwrap_or_else(|| resolved.config.queue_for(&args.task).to_string());
+    let queue = args
+        .queue
+        .clone()
+        .unwrap_or_else(|| resolved.config.queue_for(&args.task).to_string());
     let broker = resolved.broker().await?;
-    broker.publish(&msg, &queue).await.with_context(|| format!("publishing {} to queue {queue:?}", args.task))?;
+    broker
+        .publish(&msg, &queue)
+        .await
+        .with_context(|| format!("publishing {} to queue {queue:?}", args.task))?;
     println!("{}", msg.id());
     Ok(0)
 }

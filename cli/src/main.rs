@@ -49,11 +49,15 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         "warning" | "warn" => "warn",
         "error" | "critical" | "fatal" => "error",
         "trace" => "trace",
-        other => anyhow::bail!("--loglevel: unknown level {other:?} (use debug, info, warning, error or critical)"),
+        other => anyhow::bail!(
+            "--loglevel: unknown level {other:?} (use debug, info, warning, error or critical)"
+        ),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level}")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -71,7 +75,10 @@ fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     // A panicking task becomes a FAILURE result; log it as one line instead of a backtrace dump.
     std::panic::set_hook(Box::new(|info| {
-        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         let message = info
             .payload()
             .downcast_ref::<&str>()
@@ -82,7 +89,9 @@ fn main() {
     }));
     // CELERIAC_RUNTIME_THREADS sizes the async runtime (default: one per core); blocking tasks have their
     // own pool either way.
-    let threads = std::env::var("CELERIAC_RUNTIME_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+    let threads = std::env::var("CELERIAC_RUNTIME_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
     let mut builder = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {

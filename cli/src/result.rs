@@ -20,11 +20,15 @@ pub async fn run(global: &GlobalArgs, args: ResultArgs) -> anyhow::Result<i32> {
     let resolved = global.resolve()?;
     let backend = resolved.backend().await?;
     let meta = if args.timeout > 0.0 {
-        backend.wait(&args.id, Duration::from_secs_f64(args.timeout)).await?
+        backend
+            .wait(&args.id, Duration::from_secs_f64(args.timeout))
+            .await?
     } else {
         backend.get(&args.id).await?
     };
-    let meta = meta.unwrap_or_else(|| serde_json::json!({"status": "PENDING", "result": null, "task_id": args.id}));
+    let meta = meta.unwrap_or_else(
+        || serde_json::json!({"status": "PENDING", "result": null, "task_id": args.id}),
+    );
     println!("{}", celeriac_protocol::json::to_string(&meta));
     Ok(match meta.get("status").and_then(|s| s.as_str()) {
         Some("SUCCESS") => 0,

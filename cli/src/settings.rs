@@ -59,8 +59,18 @@ impl GlobalArgs {
             .result_backend
             .clone()
             .or_else(|| config.result_backend.clone())
-            .unwrap_or_else(|| if broker_url.starts_with("redis") { broker_url.clone() } else { DEFAULT_URL.to_string() });
-        Ok(Resolved { config, broker_url, backend_url })
+            .unwrap_or_else(|| {
+                if broker_url.starts_with("redis") {
+                    broker_url.clone()
+                } else {
+                    DEFAULT_URL.to_string()
+                }
+            });
+        Ok(Resolved {
+            config,
+            broker_url,
+            backend_url,
+        })
     }
 }
 
@@ -82,22 +92,41 @@ impl Resolved {
     pub async fn broker(&self) -> anyhow::Result<Arc<dyn Broker>> {
         celeriac_broker::connect(&self.broker_url, self.broker_options())
             .await
-            .with_context(|| format!("connecting to the broker {}", celeriac_broker::url::redact(&self.broker_url)))
+            .with_context(|| {
+                format!(
+                    "connecting to the broker {}",
+                    celeriac_broker::url::redact(&self.broker_url)
+                )
+            })
     }
 
     /// Connects the result backend.
     pub async fn backend(&self) -> anyhow::Result<Arc<dyn ResultBackend>> {
         let options = BackendOptions {
-            result_expires: (self.config.result_expires > 0).then(|| Duration::from_secs(self.config.result_expires)),
-            global_keyprefix: self.config.result_backend_transport_options.global_keyprefix.clone(),
+            result_expires: (self.config.result_expires > 0)
+                .then(|| Duration::from_secs(self.config.result_expires)),
+            global_keyprefix: self
+                .config
+                .result_backend_transport_options
+                .global_keyprefix
+                .clone(),
         };
         celeriac_backend::connect(&self.backend_url, options)
             .await
-            .with_context(|| format!("connecting to the result backend {}", celeriac_broker::url::redact(&self.backend_url)))
+            .with_context(|| {
+                format!(
+                    "connecting to the result backend {}",
+                    celeriac_broker::url::redact(&self.backend_url)
+                )
+            })
     }
 }
 
 /// Splits `-Q a,b` into names.
 pub fn split_queues(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|q| !q.is_empty()).map(str::to_string).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|q| !q.is_empty())
+        .map(str::to_string)
+        .collect()
 }

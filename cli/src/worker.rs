@@ -40,7 +40,10 @@ pub struct WorkerArgs {
 pub fn expand_hostname(pattern: &str) -> String {
     let host = gethostname::gethostname().to_string_lossy().into_owned();
     let (short, domain) = host.split_once('.').unwrap_or((&host, ""));
-    pattern.replace("%h", &host).replace("%n", short).replace("%d", domain)
+    pattern
+        .replace("%h", &host)
+        .replace("%n", short)
+        .replace("%d", domain)
 }
 
 /// Runs the worker until a signal stops it.
@@ -55,10 +58,19 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
     let concurrency = args
         .concurrency
         .or(cfg.worker_concurrency)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
     anyhow::ensure!(concurrency > 0, "-c/--concurrency must be at least 1");
-    let prefetch_multiplier = args.prefetch_multiplier.unwrap_or(cfg.worker_prefetch_multiplier);
-    anyhow::ensure!(prefetch_multiplier > 0, "--prefetch-multiplier must be at least 1");
+    let prefetch_multiplier = args
+        .prefetch_multiplier
+        .unwrap_or(cfg.worker_prefetch_multiplier);
+    anyhow::ensure!(
+        prefetch_multiplier > 0,
+        "--prefetch-multiplier must be at least 1"
+    );
     let settings = WorkerSettings {
         hostname: expand_hostname(&args.hostname),
         queues,
@@ -68,8 +80,12 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
         reject_on_worker_lost: cfg.task_reject_on_worker_lost,
         ignore_result: cfg.task_ignore_result,
         result_extended: cfg.result_extended,
-        visibility_timeout: Duration::from_secs_f64(cfg.broker_transport_options.visibility_timeout),
-        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.unwrap_or(cfg.worker_shutdown_timeout)),
+        visibility_timeout: Duration::from_secs_f64(
+            cfg.broker_transport_options.visibility_timeout,
+        ),
+        shutdown_timeout: Duration::from_secs_f64(
+            args.shutdown_timeout.unwrap_or(cfg.worker_shutdown_timeout),
+        ),
         metrics_addr: args.metrics_addr,
     };
     let mut registry = Registry::new();
@@ -102,7 +118,9 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
             }
             count += 1;
             if count == 1 {
-                warn!("worker: Warm shutdown (stop consuming, finish running tasks); send again to stop at once");
+                warn!(
+                    "worker: Warm shutdown (stop consuming, finish running tasks); send again to stop at once"
+                );
                 signals.warm.cancel();
             } else {
                 warn!("worker: Cold shutdown");

@@ -40,10 +40,16 @@ impl ContentType {
     /// Decodes a (decompressed) body.
     pub fn decode(self, body: &[u8]) -> Result<Value, ProtocolError> {
         match self {
-            Self::Json => serde_json::from_slice(body).map_err(|source| ProtocolError::Json { what: "body", source }),
-            Self::Msgpack => rmp_serde::from_slice(body).map_err(|e| ProtocolError::Msgpack(e.to_string())),
+            Self::Json => serde_json::from_slice(body).map_err(|source| ProtocolError::Json {
+                what: "body",
+                source,
+            }),
+            Self::Msgpack => {
+                rmp_serde::from_slice(body).map_err(|e| ProtocolError::Msgpack(e.to_string()))
+            }
             Self::Yaml => {
-                let text = std::str::from_utf8(body).map_err(|_| ProtocolError::Encoding("utf-8"))?;
+                let text =
+                    std::str::from_utf8(body).map_err(|_| ProtocolError::Encoding("utf-8"))?;
                 serde_yaml::from_str(text).map_err(|e| ProtocolError::Yaml(e.to_string()))
             }
         }
@@ -53,7 +59,9 @@ impl ContentType {
     pub fn encode(self, value: &Value) -> Result<Vec<u8>, ProtocolError> {
         match self {
             Self::Json => Ok(crate::json::to_vec(value)),
-            Self::Msgpack => rmp_serde::to_vec(value).map_err(|e| ProtocolError::Msgpack(e.to_string())),
+            Self::Msgpack => {
+                rmp_serde::to_vec(value).map_err(|e| ProtocolError::Msgpack(e.to_string()))
+            }
             Self::Yaml => serde_yaml::to_string(value)
                 .map(String::into_bytes)
                 .map_err(|e| ProtocolError::Yaml(e.to_string())),
@@ -69,12 +77,17 @@ pub fn decompress(compression: &str, body: &[u8]) -> Result<Vec<u8>, ProtocolErr
         detail: detail.to_string(),
     };
     match compression {
-        "application/x-gzip" | "application/gzip" | "gzip" | "zlib" | "application/x-zlib" | "application/zlib" => {
+        "application/x-gzip" | "application/gzip" | "gzip" | "zlib" | "application/x-zlib"
+        | "application/zlib" => {
             let mut out = Vec::with_capacity(body.len() * 4);
             if body.starts_with(&[0x1f, 0x8b]) {
-                flate2::read::MultiGzDecoder::new(body).read_to_end(&mut out).map_err(err)?;
+                flate2::read::MultiGzDecoder::new(body)
+                    .read_to_end(&mut out)
+                    .map_err(err)?;
             } else {
-                flate2::read::ZlibDecoder::new(body).read_to_end(&mut out).map_err(err)?;
+                flate2::read::ZlibDecoder::new(body)
+                    .read_to_end(&mut out)
+                    .map_err(err)?;
             }
             Ok(out)
         }
@@ -99,7 +112,9 @@ pub fn decode_body(
         None => body,
     };
     if ct != ContentType::Msgpack && !matches!(content_encoding, "utf-8" | "utf8" | "binary" | "") {
-        return Err(ProtocolError::UnsupportedContentType(format!("{content_type}; encoding {content_encoding}")));
+        return Err(ProtocolError::UnsupportedContentType(format!(
+            "{content_type}; encoding {content_encoding}"
+        )));
     }
     ct.decode(body)
 }
@@ -113,7 +128,13 @@ mod tests {
 
     #[test]
     fn pickle_is_refused_with_reason() {
-        let err = decode_body("application/x-python-serialize", "binary", None, b"\x80\x04.").unwrap_err();
+        let err = decode_body(
+            "application/x-python-serialize",
+            "binary",
+            None,
+            b"\x80\x04.",
+        )
+        .unwrap_err();
         assert!(matches!(err, ProtocolError::PickleRefused));
         assert!(err.to_string().contains("remote code execution"));
     }
@@ -123,7 +144,11 @@ mod tests {
         let v = json!([[2, 3], {"k": "v"}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]);
         for ct in [ContentType::Json, ContentType::Msgpack, ContentType::Yaml] {
             let bytes = ct.encode(&v).unwrap();
-            assert_eq!(decode_body(ct.mime(), "utf-8", None, &bytes).unwrap(), v, "{ct:?}");
+            assert_eq!(
+                decode_body(ct.mime(), "utf-8", None, &bytes).unwrap(),
+                v,
+                "{ct:?}"
+            );
         }
     }
 
@@ -136,12 +161,21 @@ mod tests {
         let mut g = flate2::write::GzEncoder::new(Vec::new(), Compression::default());
         g.write_all(body).unwrap();
         let gzip = g.finish().unwrap();
-        for (name, data) in [("application/x-gzip", &zlib), ("zlib", &zlib), ("application/x-gzip", &gzip)] {
+        for (name, data) in [
+            ("application/x-gzip", &zlib),
+            ("zlib", &zlib),
+            ("application/x-gzip", &gzip),
+        ] {
             let v = decode_body("application/json", "utf-8", Some(name), data).unwrap();
             assert_eq!(v, json!([[1], {}, {}]));
         }
         assert!(matches!(
-            decode_body("application/json", "utf-8", Some("application/x-snappy"), body),
+            decode_body(
+                "application/json",
+                "utf-8",
+                Some("application/x-snappy"),
+                body
+            ),
             Err(ProtocolError::UnsupportedCompression(_))
         ));
     }

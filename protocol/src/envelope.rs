@@ -31,7 +31,10 @@ pub struct Envelope {
 impl Envelope {
     /// Parses envelope bytes.
     pub fn parse(raw: &[u8]) -> Result<Self, ProtocolError> {
-        serde_json::from_slice(raw).map_err(|source| ProtocolError::Json { what: "envelope", source })
+        serde_json::from_slice(raw).map_err(|source| ProtocolError::Json {
+            what: "envelope",
+            source,
+        })
     }
 
     /// kombu's delivery tag (a uuid4 string), the key of the message in `unacked`.
@@ -42,15 +45,25 @@ impl Envelope {
     /// `delivery_info.exchange` and `delivery_info.routing_key`.
     pub fn route(&self) -> (&str, &str) {
         let info = self.properties.get("delivery_info");
-        let get = |k| info.and_then(|i| i.get(k)).and_then(Value::as_str).unwrap_or("");
+        let get = |k| {
+            info.and_then(|i| i.get(k))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        };
         (get("exchange"), get("routing_key"))
     }
 
     /// True when kombu or celeriac restored or requeued this message.
     pub fn redelivered(&self) -> bool {
         let info = self.properties.get("delivery_info");
-        info.and_then(|i| i.get("redelivered")).and_then(Value::as_bool).unwrap_or(false)
-            || self.headers.get("redelivered").and_then(Value::as_bool).unwrap_or(false)
+        info.and_then(|i| i.get("redelivered"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+            || self
+                .headers
+                .get("redelivered")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
     }
 
     /// The message priority (0 when absent).
@@ -80,7 +93,11 @@ impl Envelope {
             reply_to: str_prop("reply_to"),
             delivery_mode: p.get("delivery_mode").and_then(Value::as_u64).unwrap_or(2) as u8,
             priority: priority_of(p),
-            expiration: p.get("expiration").map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())),
+            expiration: p.get("expiration").map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            }),
         };
         TaskMessage::decode(
             self.headers,
@@ -93,7 +110,10 @@ impl Envelope {
 }
 
 fn priority_of(p: &Map<String, Value>) -> u8 {
-    p.get("priority").and_then(Value::as_u64).map(|n| n.min(255) as u8).unwrap_or(0)
+    p.get("priority")
+        .and_then(Value::as_u64)
+        .map(|n| n.min(255) as u8)
+        .unwrap_or(0)
 }
 
 #[derive(Serialize)]
@@ -127,7 +147,12 @@ struct DeliveryInfo<'a> {
 }
 
 /// Encodes a task message as the envelope kombu's Redis transport LPUSHes, byte for byte.
-pub fn encode_task(msg: &TaskMessage, exchange: &str, routing_key: &str, delivery_tag: &str) -> Vec<u8> {
+pub fn encode_task(
+    msg: &TaskMessage,
+    exchange: &str,
+    routing_key: &str,
+    delivery_tag: &str,
+) -> Vec<u8> {
     let body = STANDARD.encode(msg.encode_body());
     let p = &msg.properties;
     crate::json::to_vec(&OutEnvelope {
@@ -140,7 +165,10 @@ pub fn encode_task(msg: &TaskMessage, exchange: &str, routing_key: &str, deliver
             reply_to: &p.reply_to,
             delivery_mode: p.delivery_mode,
             expiration: &p.expiration,
-            delivery_info: DeliveryInfo { exchange, routing_key },
+            delivery_info: DeliveryInfo {
+                exchange,
+                routing_key,
+            },
             priority: p.priority,
             body_encoding: "base64",
             delivery_tag,
@@ -151,11 +179,17 @@ pub fn encode_task(msg: &TaskMessage, exchange: &str, routing_key: &str, deliver
 /// Returns the envelope with `headers.redelivered` and `properties.delivery_info.redelivered` set, as kombu's
 /// `_do_restore_message` writes it before putting a message back.
 pub fn mark_redelivered(raw: &[u8]) -> Result<Vec<u8>, ProtocolError> {
-    let mut v: Value = serde_json::from_slice(raw).map_err(|source| ProtocolError::Json { what: "envelope", source })?;
+    let mut v: Value = serde_json::from_slice(raw).map_err(|source| ProtocolError::Json {
+        what: "envelope",
+        source,
+    })?;
     if let Some(h) = v.get_mut("headers").and_then(Value::as_object_mut) {
         h.insert("redelivered".into(), Value::Bool(true));
     }
-    if let Some(i) = v.pointer_mut("/properties/delivery_info").and_then(Value::as_object_mut) {
+    if let Some(i) = v
+        .pointer_mut("/properties/delivery_info")
+        .and_then(Value::as_object_mut)
+    {
         i.insert("redelivered".into(), Value::Bool(true));
     }
     Ok(crate::json::to_vec(&v))
@@ -171,13 +205,19 @@ mod tests {
     #[test]
     fn decodes_captured_celery_message() {
         let env = Envelope::parse(CAPTURED.as_bytes()).unwrap();
-        assert_eq!(env.delivery_tag(), Some("1656de07-1a5d-4bd5-b3e1-d37a52198fa6"));
+        assert_eq!(
+            env.delivery_tag(),
+            Some("1656de07-1a5d-4bd5-b3e1-d37a52198fa6")
+        );
         assert_eq!(env.route(), ("", "celery"));
         let m = env.into_task().unwrap();
         assert_eq!(m.task(), "tasks.add");
         assert_eq!(m.id(), "dfcbf5b8-3b1a-43c6-8c67-ce6cda4b65ae");
         assert_eq!(m.args, vec![serde_json::json!(2), serde_json::json!(3)]);
-        assert_eq!(m.properties.reply_to.as_deref(), Some("85c4ade8-5c5e-3daf-b102-4907536328d0"));
+        assert_eq!(
+            m.properties.reply_to.as_deref(),
+            Some("85c4ade8-5c5e-3daf-b102-4907536328d0")
+        );
         assert_eq!(m.headers.origin.as_deref(), Some("gen18389@vm"));
         assert_eq!(m.protocol, 2);
     }
@@ -201,14 +241,22 @@ mod tests {
         let env = Envelope::parse(CAPTURED.as_bytes()).unwrap();
         let tag = env.delivery_tag().unwrap().to_string();
         let m = env.into_task().unwrap();
-        assert_eq!(String::from_utf8(encode_task(&m, "", "celery", &tag)).unwrap(), CAPTURED);
+        assert_eq!(
+            String::from_utf8(encode_task(&m, "", "celery", &tag)).unwrap(),
+            CAPTURED
+        );
     }
 
     #[test]
     fn redelivered_flags_as_kombu_restores() {
         let out = String::from_utf8(mark_redelivered(CAPTURED.as_bytes()).unwrap()).unwrap();
-        assert!(out.contains(r#""stamps": {}, "redelivered": true}"#), "{out}");
-        assert!(out.contains(r#""delivery_info": {"exchange": "", "routing_key": "celery", "redelivered": true}"#));
+        assert!(
+            out.contains(r#""stamps": {}, "redelivered": true}"#),
+            "{out}"
+        );
+        assert!(out.contains(
+            r#""delivery_info": {"exchange": "", "routing_key": "celery", "redelivered": true}"#
+        ));
         assert!(Envelope::parse(out.as_bytes()).unwrap().redelivered());
     }
 }

@@ -11,12 +11,28 @@ use std::io::{self, Write};
 pub struct PyFormatter;
 
 impl Formatter for PyFormatter {
-    fn begin_array_value<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
-        if first { Ok(()) } else { writer.write_all(b", ") }
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
     }
 
-    fn begin_object_key<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
-        if first { Ok(()) } else { writer.write_all(b", ") }
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
     }
 
     fn begin_object_value<W: ?Sized + Write>(&mut self, writer: &mut W) -> io::Result<()> {
@@ -31,7 +47,11 @@ impl Formatter for PyFormatter {
         self.write_f64(writer, f64::from(value))
     }
 
-    fn write_string_fragment<W: ?Sized + Write>(&mut self, writer: &mut W, fragment: &str) -> io::Result<()> {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
         // serde_json hands us runs without quotes, backslashes or C0 controls; Python additionally escapes
         // DEL and everything outside ASCII.
         let bytes = fragment.as_bytes();
@@ -53,7 +73,11 @@ impl Formatter for PyFormatter {
         writer.write_all(&bytes[start..])
     }
 
-    fn write_char_escape<W: ?Sized + Write>(&mut self, writer: &mut W, escape: CharEscape) -> io::Result<()> {
+    fn write_char_escape<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        escape: CharEscape,
+    ) -> io::Result<()> {
         let s: &[u8] = match escape {
             CharEscape::Quote => b"\\\"",
             CharEscape::ReverseSolidus => b"\\\\",
@@ -85,7 +109,9 @@ pub fn to_string<T: Serialize + ?Sized>(value: &T) -> String {
 pub fn write<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     let mut ser = serde_json::Serializer::with_formatter(out, PyFormatter);
     // Serializing into a Vec cannot fail for JSON values; a custom Serialize impl that errors is a bug.
-    value.serialize(&mut ser).expect("serializing to memory cannot fail");
+    value
+        .serialize(&mut ser)
+        .expect("serializing to memory cannot fail");
 }
 
 /// Python's `repr(float)`: the shortest round-trip digits, fixed notation for exponents in `-4..16`,
@@ -95,10 +121,18 @@ pub fn py_float_repr(value: f64) -> String {
         return "NaN".into();
     }
     if value.is_infinite() {
-        return if value > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if value > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if value == 0.0 {
-        return if value.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if value.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // `{:e}` gives the shortest round-trip digits: "-1.2345e-7".
     let sci = format!("{value:e}");
@@ -116,11 +150,19 @@ pub fn py_float_repr(value: f64) -> String {
         } else if point as usize >= digits.len() {
             format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
         } else {
-            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
         };
         format!("{sign}{body}")
     } else {
-        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
+        let m = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{m}e{esign}{:02}", exp.abs())
     }
@@ -134,7 +176,10 @@ mod tests {
     #[test]
     fn separators_and_order_match_python() {
         let v = json!({"b": [1, 2], "a": {"x": null, "y": true}});
-        assert_eq!(to_string(&v), r#"{"b": [1, 2], "a": {"x": null, "y": true}}"#);
+        assert_eq!(
+            to_string(&v),
+            r#"{"b": [1, 2], "a": {"x": null, "y": true}}"#
+        );
         assert_eq!(to_string(&json!([])), "[]");
         assert_eq!(to_string(&json!({})), "{}");
     }

@@ -99,12 +99,17 @@ impl TaskHeaders {
     /// Reads v2 headers from the broker's header table. Only `task` and `id` are required; the rest default
     /// the way Celery's worker defaults them for older clients.
     pub fn from_map(mut m: Map<String, Value>) -> Result<Self, ProtocolError> {
-        let task = take_string(&mut m, "task").ok_or_else(|| ProtocolError::malformed("headers", "no 'task'"))?;
-        let id = take_string(&mut m, "id").ok_or_else(|| ProtocolError::malformed("headers", "no 'id'"))?;
+        let task = take_string(&mut m, "task")
+            .ok_or_else(|| ProtocolError::malformed("headers", "no 'task'"))?;
+        let id = take_string(&mut m, "id")
+            .ok_or_else(|| ProtocolError::malformed("headers", "no 'id'"))?;
         let timelimit = match m.shift_remove("timelimit") {
             Some(Value::Array(a)) if a.len() == 2 => {
                 let mut it = a.into_iter();
-                [it.next().unwrap_or(Value::Null), it.next().unwrap_or(Value::Null)]
+                [
+                    it.next().unwrap_or(Value::Null),
+                    it.next().unwrap_or(Value::Null),
+                ]
             }
             _ => [Value::Null, Value::Null],
         };
@@ -117,15 +122,24 @@ impl TaskHeaders {
             expires: take_string(&mut m, "expires"),
             group: take_string(&mut m, "group"),
             group_index: m.shift_remove("group_index").and_then(|v| v.as_i64()),
-            retries: m.shift_remove("retries").and_then(|v| v.as_i64()).unwrap_or(0),
+            retries: m
+                .shift_remove("retries")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(0),
             timelimit,
             root_id: take_string(&mut m, "root_id"),
             parent_id: take_string(&mut m, "parent_id"),
             argsrepr: take_string(&mut m, "argsrepr"),
             kwargsrepr: take_string(&mut m, "kwargsrepr"),
             origin: take_string(&mut m, "origin"),
-            ignore_result: m.shift_remove("ignore_result").and_then(|v| v.as_bool()).unwrap_or(false),
-            replaced_task_nesting: m.shift_remove("replaced_task_nesting").and_then(|v| v.as_i64()).unwrap_or(0),
+            ignore_result: m
+                .shift_remove("ignore_result")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            replaced_task_nesting: m
+                .shift_remove("replaced_task_nesting")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(0),
             stamped_headers: m.shift_remove("stamped_headers").filter(|v| !v.is_null()),
             stamps: match m.shift_remove("stamps") {
                 Some(Value::Object(s)) => s,
@@ -201,7 +215,12 @@ pub struct TaskMessage {
 
 impl TaskMessage {
     /// A new v2 message for `task` with these arguments; `argsrepr`/`kwargsrepr` are filled in.
-    pub fn new(task: impl Into<String>, id: impl Into<String>, args: Vec<Value>, kwargs: Map<String, Value>) -> Self {
+    pub fn new(
+        task: impl Into<String>,
+        id: impl Into<String>,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+    ) -> Self {
         let mut headers = TaskHeaders::new(task, id);
         headers.argsrepr = Some(repr::args_repr(&args));
         headers.kwargsrepr = Some(repr::kwargs_repr(&kwargs));
@@ -245,7 +264,9 @@ impl TaskMessage {
         if headers.contains_key("task") {
             let headers = TaskHeaders::from_map(headers)?;
             match payload {
-                Value::Object(map) if map.contains_key("args") => Self::from_hybrid(headers, properties, map),
+                Value::Object(map) if map.contains_key("args") => {
+                    Self::from_hybrid(headers, properties, map)
+                }
                 payload => Self::from_v2(headers, properties, payload),
             }
         } else {
@@ -259,13 +280,23 @@ impl TaskMessage {
         }
     }
 
-    fn from_v2(headers: TaskHeaders, properties: TaskProperties, payload: Value) -> Result<Self, ProtocolError> {
+    fn from_v2(
+        headers: TaskHeaders,
+        properties: TaskProperties,
+        payload: Value,
+    ) -> Result<Self, ProtocolError> {
         let Value::Array(parts) = payload else {
-            return Err(ProtocolError::malformed("body", "expected [args, kwargs, embed]"));
+            return Err(ProtocolError::malformed(
+                "body",
+                "expected [args, kwargs, embed]",
+            ));
         };
-        let [args, kwargs, embed]: [Value; 3] = parts
-            .try_into()
-            .map_err(|p: Vec<Value>| ProtocolError::malformed("body", format!("expected 3 items [args, kwargs, embed], got {}", p.len())))?;
+        let [args, kwargs, embed]: [Value; 3] = parts.try_into().map_err(|p: Vec<Value>| {
+            ProtocolError::malformed(
+                "body",
+                format!("expected 3 items [args, kwargs, embed], got {}", p.len()),
+            )
+        })?;
         let Value::Array(args) = args else {
             return Err(ProtocolError::malformed("body", "args is not a list"));
         };
@@ -315,14 +346,21 @@ impl TaskMessage {
         })
     }
 
-    fn from_v1(mut body: Map<String, Value>, properties: TaskProperties) -> Result<Self, ProtocolError> {
+    fn from_v1(
+        mut body: Map<String, Value>,
+        properties: TaskProperties,
+    ) -> Result<Self, ProtocolError> {
         let mut h = Map::new();
         for key in ["task", "id", "eta", "expires", "retries", "timelimit"] {
             if let Some(v) = body.shift_remove(key) {
                 h.insert(key.into(), v);
             }
         }
-        if let Some(g) = body.shift_remove("taskset").filter(|v| !v.is_null()).or_else(|| body.shift_remove("group")) {
+        if let Some(g) = body
+            .shift_remove("taskset")
+            .filter(|v| !v.is_null())
+            .or_else(|| body.shift_remove("group"))
+        {
             h.insert("group".into(), g);
         }
         if let Some(gi) = body.shift_remove("group_index") {
@@ -332,12 +370,22 @@ impl TaskMessage {
         let args = match body.shift_remove("args") {
             Some(Value::Array(a)) => a,
             Some(Value::Null) | None => Vec::new(),
-            _ => return Err(ProtocolError::malformed("body", "protocol 1 args is not a list")),
+            _ => {
+                return Err(ProtocolError::malformed(
+                    "body",
+                    "protocol 1 args is not a list",
+                ));
+            }
         };
         let kwargs = match body.shift_remove("kwargs") {
             Some(Value::Object(k)) => k,
             Some(Value::Null) | None => Map::new(),
-            _ => return Err(ProtocolError::malformed("body", "protocol 1 kwargs is not a dict")),
+            _ => {
+                return Err(ProtocolError::malformed(
+                    "body",
+                    "protocol 1 kwargs is not a dict",
+                ));
+            }
         };
         headers.argsrepr = Some(repr::args_repr(&args));
         headers.kwargsrepr = Some(repr::kwargs_repr(&kwargs));
@@ -363,7 +411,10 @@ fn list_or_none(v: Option<Value>) -> Result<Option<Vec<Value>>, ProtocolError> {
     match v {
         Some(Value::Array(a)) => Ok(Some(a)),
         Some(Value::Null) | None => Ok(None),
-        Some(_) => Err(ProtocolError::malformed("embed", "callbacks/errbacks/chain must be lists")),
+        Some(_) => Err(ProtocolError::malformed(
+            "embed",
+            "callbacks/errbacks/chain must be lists",
+        )),
     }
 }
 
@@ -395,9 +446,24 @@ mod tests {
     #[test]
     fn bodies_that_are_not_args_kwargs_embed_are_rejected() {
         let h = json!({"task": "t", "id": "1"}).as_object().unwrap().clone();
-        for body in [r#"{"a": 1}"#, r#"[1, 2, 3]"#, r#"[[], {}]"#, r#""text""#, r#"[[], [], {}]"#] {
-            let err = TaskMessage::decode(h.clone(), TaskProperties::new("1"), "application/json", "utf-8", body.as_bytes());
-            assert!(matches!(err, Err(ProtocolError::Malformed { .. })), "{body}: {err:?}");
+        for body in [
+            r#"{"a": 1}"#,
+            r#"[1, 2, 3]"#,
+            r#"[[], {}]"#,
+            r#""text""#,
+            r#"[[], [], {}]"#,
+        ] {
+            let err = TaskMessage::decode(
+                h.clone(),
+                TaskProperties::new("1"),
+                "application/json",
+                "utf-8",
+                body.as_bytes(),
+            );
+            assert!(
+                matches!(err, Err(ProtocolError::Malformed { .. })),
+                "{body}: {err:?}"
+            );
         }
     }
 

@@ -91,7 +91,11 @@ fn value_repr(out: &mut String, value: &Value) {
 
 /// Python's string repr: single quotes unless the text has `'` and no `"`; printable non-ASCII kept.
 fn str_repr(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     out.push(quote);
     for ch in s.chars() {
         match ch {
@@ -122,13 +126,19 @@ mod tests {
         assert_eq!(args_repr(&[]), "()");
         assert_eq!(args_repr(&[json!("boom")]), "('boom',)");
         assert_eq!(args_repr(&[json!(2), json!(3)]), "(2, 3)");
-        assert_eq!(args_repr(&[json!(null), json!(true), json!(1.5)]), "(None, True, 1.5)");
+        assert_eq!(
+            args_repr(&[json!(null), json!(true), json!(1.5)]),
+            "(None, True, 1.5)"
+        );
     }
 
     #[test]
     fn kwargs_as_python_dict() {
         let kw = json!({"k": [1, 2], "u": "ü"});
-        assert_eq!(kwargs_repr(kw.as_object().unwrap()), "{'k': [1, 2], 'u': 'ü'}");
+        assert_eq!(
+            kwargs_repr(kw.as_object().unwrap()),
+            "{'k': [1, 2], 'u': 'ü'}"
+        );
         let kw = json!({"q": "it's", "d": "say \"hi\" it's", "n": "a\nb\\"});
         assert_eq!(
             kwargs_repr(kw.as_object().unwrap()),

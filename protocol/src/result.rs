@@ -89,7 +89,11 @@ impl ExceptionInfo {
 
     /// The Python `repr()` Celery shows in events and logs: `ValueError('boom')`.
     pub fn repr(&self) -> String {
-        format!("{}{}", self.exc_type, crate::repr::args_repr(&self.exc_message).replace(",)", ")"))
+        format!(
+            "{}{}",
+            self.exc_type,
+            crate::repr::args_repr(&self.exc_message).replace(",)", ")")
+        )
     }
 
     /// A Python-style traceback text for the `traceback` field.
@@ -102,9 +106,16 @@ impl ExceptionInfo {
         let msg: Vec<String> = self
             .exc_message
             .iter()
-            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
             .collect();
-        format!("Traceback (most recent call last):\n  celeriac task {task:?}\n{name}: {}\n", msg.join(", "))
+        format!(
+            "Traceback (most recent call last):\n  celeriac task {task:?}\n{name}: {}\n",
+            msg.join(", ")
+        )
     }
 }
 
@@ -148,7 +159,11 @@ impl ResultMeta {
     }
 
     /// A FAILURE meta for an exception.
-    pub fn failure(task_id: impl Into<String>, exc: &ExceptionInfo, traceback: Option<String>) -> Self {
+    pub fn failure(
+        task_id: impl Into<String>,
+        exc: &ExceptionInfo,
+        traceback: Option<String>,
+    ) -> Self {
         let mut m = Self::new(task_id, State::Failure, json!(exc));
         m.traceback = traceback;
         m
@@ -190,7 +205,11 @@ mod tests {
 
     #[test]
     fn success_meta_bytes_match_capture() {
-        let mut m = ResultMeta::new("fc5ef3d7-36f4-4d5c-8b4d-e8ea13c72231", State::Success, json!(5));
+        let mut m = ResultMeta::new(
+            "fc5ef3d7-36f4-4d5c-8b4d-e8ea13c72231",
+            State::Success,
+            json!(5),
+        );
         m.date_done = Some("2026-11-21T04:17:15.930178+00:00".into());
         assert_eq!(
             String::from_utf8(m.to_json()).unwrap(),

@@ -12,32 +12,76 @@ use std::time::Duration;
 /// Registers every bench task.
 pub fn register(registry: &mut Registry) {
     let opts = TaskOptions::default;
-    registry.variadic_task("bench.noop", opts(), |_ctx, _args, _kwargs| async { Ok(Value::Null) });
-    registry.task("bench.add", &["x", "y"], opts(), |_ctx, (x, y): (Value, Value)| async move { py_add(&x, &y) });
-    registry.task("bench.echo", &["x"], opts(), |_ctx, (x,): (Value,)| async move { Ok(x) });
-    registry.task("bench.sleep", &["seconds"], opts(), |_ctx, (seconds,): (f64,)| async move {
-        if !(seconds.is_finite() && seconds >= 0.0) {
-            return Err(TaskError::value_error(format!("sleep length must be non-negative, got {seconds}")));
-        }
-        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    registry.variadic_task("bench.noop", opts(), |_ctx, _args, _kwargs| async {
         Ok(Value::Null)
     });
-    registry.task("bench.xsum", &["numbers"], opts(), |_ctx, (numbers,): (Vec<Value>,)| async move {
-        numbers.iter().try_fold(Value::from(0), |acc, n| py_add(&acc, n))
-    });
-    registry.task("bench.mark", &["i", "key", "redis_url"], opts(), |_ctx, (i, key, url): (Value, String, String)| async move {
-        mark(&i, &key, &url).await?;
-        Ok(i)
-    });
-    registry.task("bench.fail", &["message"], opts(), |_ctx, (message,): (Value,)| async move {
-        let text = message.as_str().map(str::to_string).unwrap_or_else(|| message.to_string());
-        Err::<Value, _>(TaskError::value_error(text))
-    });
-    registry.task("bench.panic", &[], opts(), |_ctx, _: Vec<Value>| async move {
-        panic!("bench.panic was called");
-        #[allow(unreachable_code)]
-        Ok(Value::Null)
-    });
+    registry.task(
+        "bench.add",
+        &["x", "y"],
+        opts(),
+        |_ctx, (x, y): (Value, Value)| async move { py_add(&x, &y) },
+    );
+    registry.task(
+        "bench.echo",
+        &["x"],
+        opts(),
+        |_ctx, (x,): (Value,)| async move { Ok(x) },
+    );
+    registry.task(
+        "bench.sleep",
+        &["seconds"],
+        opts(),
+        |_ctx, (seconds,): (f64,)| async move {
+            if !(seconds.is_finite() && seconds >= 0.0) {
+                return Err(TaskError::value_error(format!(
+                    "sleep length must be non-negative, got {seconds}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+            Ok(Value::Null)
+        },
+    );
+    registry.task(
+        "bench.xsum",
+        &["numbers"],
+        opts(),
+        |_ctx, (numbers,): (Vec<Value>,)| async move {
+            numbers
+                .iter()
+                .try_fold(Value::from(0), |acc, n| py_add(&acc, n))
+        },
+    );
+    registry.task(
+        "bench.mark",
+        &["i", "key", "redis_url"],
+        opts(),
+        |_ctx, (i, key, url): (Value, String, String)| async move {
+            mark(&i, &key, &url).await?;
+            Ok(i)
+        },
+    );
+    registry.task(
+        "bench.fail",
+        &["message"],
+        opts(),
+        |_ctx, (message,): (Value,)| async move {
+            let text = message
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| message.to_string());
+            Err::<Value, _>(TaskError::value_error(text))
+        },
+    );
+    registry.task(
+        "bench.panic",
+        &[],
+        opts(),
+        |_ctx, _: Vec<Value>| async move {
+            panic!("bench.panic was called");
+            #[allow(unreachable_code)]
+            Ok(Value::Null)
+        },
+    );
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -56,10 +100,10 @@ fn type_name(v: &Value) -> &'static str {
 pub fn py_add(x: &Value, y: &Value) -> Result<Value, TaskError> {
     match (x, y) {
         (Value::Number(a), Value::Number(b)) => {
-            if let (Some(a), Some(b)) = (a.as_i64(), b.as_i64()) {
-                if let Some(s) = a.checked_add(b) {
-                    return Ok(Value::from(s));
-                }
+            if let (Some(a), Some(b)) = (a.as_i64(), b.as_i64())
+                && let Some(s) = a.checked_add(b)
+            {
+                return Ok(Value::from(s));
             }
             let s = a.as_f64().unwrap_or(f64::NAN) + b.as_f64().unwrap_or(f64::NAN);
             Number::from_f64(s)
@@ -67,12 +111,23 @@ pub fn py_add(x: &Value, y: &Value) -> Result<Value, TaskError> {
                 .ok_or_else(|| TaskError::builtin("OverflowError", "result is not a finite number"))
         }
         (Value::String(a), Value::String(b)) => Ok(Value::String(format!("{a}{b}"))),
-        (Value::Array(a), Value::Array(b)) => Ok(Value::Array(a.iter().chain(b).cloned().collect())),
+        (Value::Array(a), Value::Array(b)) => {
+            Ok(Value::Array(a.iter().chain(b).cloned().collect()))
+        }
         _ => {
             let msg = match (x, y) {
-                (Value::String(_), _) => format!("can only concatenate str (not \"{}\") to str", type_name(y)),
-                (Value::Array(_), _) => format!("can only concatenate list (not \"{}\") to list", type_name(y)),
-                _ => format!("unsupported operand type(s) for +: '{}' and '{}'", type_name(x), type_name(y)),
+                (Value::String(_), _) => {
+                    format!("can only concatenate str (not \"{}\") to str", type_name(y))
+                }
+                (Value::Array(_), _) => format!(
+                    "can only concatenate list (not \"{}\") to list",
+                    type_name(y)
+                ),
+                _ => format!(
+                    "unsupported operand type(s) for +: '{}' and '{}'",
+                    type_name(x),
+                    type_name(y)
+                ),
             };
             Err(TaskError::type_error(msg))
         }
@@ -84,18 +139,29 @@ static MARK_CONNECTIONS: LazyLock<Mutex<HashMap<String, MultiplexedConnection>>>
 
 /// `HINCRBY key i 1` on the Redis at `url` (connections cached per URL).
 async fn mark(i: &Value, key: &str, url: &str) -> Result<(), TaskError> {
-    let field = i.as_str().map(str::to_string).unwrap_or_else(|| i.to_string());
-    let cached = MARK_CONNECTIONS.lock().expect("mark connections").get(url).cloned();
+    let field = i
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| i.to_string());
+    let cached = MARK_CONNECTIONS
+        .lock()
+        .expect("mark connections")
+        .get(url)
+        .cloned();
     let mut conn = match cached {
         Some(c) => c,
         None => {
-            let client = redis::Client::open(url)
-                .map_err(|e| TaskError::value_error(format!("bench.mark: invalid redis_url {url:?}: {e}")))?;
+            let client = redis::Client::open(url).map_err(|e| {
+                TaskError::value_error(format!("bench.mark: invalid redis_url {url:?}: {e}"))
+            })?;
             let c = client
                 .get_multiplexed_async_connection()
                 .await
                 .map_err(|e| TaskError::builtin("ConnectionError", format!("bench.mark: {e}")))?;
-            MARK_CONNECTIONS.lock().expect("mark connections").insert(url.to_string(), c.clone());
+            MARK_CONNECTIONS
+                .lock()
+                .expect("mark connections")
+                .insert(url.to_string(), c.clone());
             c
         }
     };
@@ -120,10 +186,22 @@ mod tests {
         assert_eq!(py_add(&json!(2), &json!(0.5)).unwrap(), json!(2.5));
         assert_eq!(py_add(&json!("a"), &json!("b")).unwrap(), json!("ab"));
         assert_eq!(py_add(&json!([1]), &json!([2])).unwrap(), json!([1, 2]));
-        let TaskError::Failed(e) = py_add(&json!("a"), &json!([])).unwrap_err() else { panic!() };
+        let TaskError::Failed(e) = py_add(&json!("a"), &json!([])).unwrap_err() else {
+            panic!()
+        };
         assert_eq!(e.exc_type, "TypeError");
-        assert_eq!(e.exc_message, vec![json!("can only concatenate str (not \"list\") to str")]);
-        let TaskError::Failed(e) = py_add(&json!(1), &json!(null)).unwrap_err() else { panic!() };
-        assert_eq!(e.exc_message, vec![json!("unsupported operand type(s) for +: 'int' and 'NoneType'")]);
+        assert_eq!(
+            e.exc_message,
+            vec![json!("can only concatenate str (not \"list\") to str")]
+        );
+        let TaskError::Failed(e) = py_add(&json!(1), &json!(null)).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(
+            e.exc_message,
+            vec![json!(
+                "unsupported operand type(s) for +: 'int' and 'NoneType'"
+            )]
+        );
     }
 }

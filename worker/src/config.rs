@@ -144,7 +144,8 @@ impl CeleryConfig {
 
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -156,7 +157,8 @@ impl CeleryConfig {
         if self.worker_concurrency == Some(0) {
             return Err("worker_concurrency must be at least 1".into());
         }
-        if !(self.broker_transport_options.visibility_timeout > 0.0) {
+        let vt = self.broker_transport_options.visibility_timeout;
+        if vt.is_nan() || vt <= 0.0 {
             return Err("broker_transport_options.visibility_timeout must be positive".into());
         }
         match self.broker_transport_options.queue_order_strategy.as_str() {
@@ -169,7 +171,10 @@ impl CeleryConfig {
 
     /// The queue a task is routed to.
     pub fn queue_for(&self, task: &str) -> &str {
-        self.task_routes.get(task).map(Route::queue).unwrap_or(&self.task_default_queue)
+        self.task_routes
+            .get(task)
+            .map(Route::queue)
+            .unwrap_or(&self.task_default_queue)
     }
 }
 

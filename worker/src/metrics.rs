@@ -46,7 +46,10 @@ pub struct QueueLabels {
 type RuntimeFamily = Family<TaskLabels, Histogram, fn() -> Histogram>;
 
 fn runtime_histogram() -> Histogram {
-    Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0])
+    Histogram::new([
+        0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        300.0,
+    ])
 }
 
 /// Which task counter to bump.
@@ -81,7 +84,9 @@ pub struct Metrics {
     counters: [Family<TaskLabels, Counter>; 7],
     runtime: RuntimeFamily,
     /// task name → queue → series; hits allocate nothing.
-    series: std::sync::RwLock<std::collections::HashMap<String, std::collections::HashMap<String, Arc<TaskSeries>>>>,
+    series: std::sync::RwLock<
+        std::collections::HashMap<String, std::collections::HashMap<String, Arc<TaskSeries>>>,
+    >,
     /// `celery_worker_up`.
     pub worker_up: Gauge,
     /// `celery_worker_tasks_active`.
@@ -98,7 +103,9 @@ pub struct Metrics {
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").field("hostname", &self.hostname).finish()
+        f.debug_struct("Metrics")
+            .field("hostname", &self.hostname)
+            .finish()
     }
 }
 
@@ -120,20 +127,50 @@ impl Metrics {
             registry.register(*name, *help, family.clone());
         }
         let runtime: RuntimeFamily = Family::new_with_constructor(runtime_histogram);
-        registry.register("celery_task_runtime", "Task runtime in seconds", runtime.clone());
-        let host = WorkerLabels { hostname: hostname.to_string() };
+        registry.register(
+            "celery_task_runtime",
+            "Task runtime in seconds",
+            runtime.clone(),
+        );
+        let host = WorkerLabels {
+            hostname: hostname.to_string(),
+        };
         let up_family = Family::<WorkerLabels, Gauge>::default();
-        registry.register("celery_worker_up", "1 while the worker runs", up_family.clone());
+        registry.register(
+            "celery_worker_up",
+            "1 while the worker runs",
+            up_family.clone(),
+        );
         let active_family = Family::<WorkerLabels, Gauge>::default();
-        registry.register("celery_worker_tasks_active", "Tasks running now", active_family.clone());
+        registry.register(
+            "celery_worker_tasks_active",
+            "Tasks running now",
+            active_family.clone(),
+        );
         let queue_length = Family::<QueueLabels, Gauge>::default();
-        registry.register("celery_queue_length", "Messages waiting in the queue", queue_length.clone());
+        registry.register(
+            "celery_queue_length",
+            "Messages waiting in the queue",
+            queue_length.clone(),
+        );
         let prefetched_family = Family::<WorkerLabels, Gauge>::default();
-        registry.register("celeriac_worker_prefetched", "Messages held unacknowledged", prefetched_family.clone());
+        registry.register(
+            "celeriac_worker_prefetched",
+            "Messages held unacknowledged",
+            prefetched_family.clone(),
+        );
         let limit_family = Family::<WorkerLabels, Gauge>::default();
-        registry.register("celeriac_worker_prefetch_limit", "Most messages held unacknowledged", limit_family.clone());
+        registry.register(
+            "celeriac_worker_prefetch_limit",
+            "Most messages held unacknowledged",
+            limit_family.clone(),
+        );
         let dead_lettered = Counter::default();
-        registry.register("celeriac_worker_dead_lettered", "Messages moved to a dead-letter list", dead_lettered.clone());
+        registry.register(
+            "celeriac_worker_dead_lettered",
+            "Messages moved to a dead-letter list",
+            dead_lettered.clone(),
+        );
         // Per-worker gauges share one series each; keep handles to them.
         let worker_up = up_family.get_or_create(&host).clone();
         let tasks_active = active_family.get_or_create(&host).clone();
@@ -163,7 +200,13 @@ impl Metrics {
     }
 
     fn series(&self, name: &str, queue: &str) -> Arc<TaskSeries> {
-        if let Some(s) = self.series.read().expect("series").get(name).and_then(|q| q.get(queue)) {
+        if let Some(s) = self
+            .series
+            .read()
+            .expect("series")
+            .get(name)
+            .and_then(|q| q.get(queue))
+        {
             return Arc::clone(s);
         }
         let labels = self.labels(name, queue);
@@ -172,7 +215,9 @@ impl Metrics {
             runtime: self.runtime.get_or_create(&labels).clone(),
         });
         let mut map = self.series.write().expect("series");
-        map.entry(name.to_string()).or_default().insert(queue.to_string(), Arc::clone(&s));
+        map.entry(name.to_string())
+            .or_default()
+            .insert(queue.to_string(), Arc::clone(&s));
         s
     }
 
@@ -203,13 +248,19 @@ pub struct Health {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 impl Health {
     /// Unhealthy until the first contact.
     pub fn new(max_silence: Duration) -> Self {
-        Self { last_contact_ms: AtomicU64::new(0), max_silence }
+        Self {
+            last_contact_ms: AtomicU64::new(0),
+            max_silence,
+        }
     }
 
     /// Records a successful round trip to the broker.
@@ -244,7 +295,10 @@ pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
 
 async fn serve_metrics(State(s): State<HttpState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
 }
@@ -252,7 +306,10 @@ async fn serve_metrics(State(s): State<HttpState>) -> impl IntoResponse {
 async fn serve_health(State(s): State<HttpState>) -> impl IntoResponse {
     let silence = s.health.silence().as_secs_f64();
     if s.health.is_healthy() {
-        (StatusCode::OK, format!("ok: broker reached {silence:.1}s ago\n"))
+        (
+            StatusCode::OK,
+            format!("ok: broker reached {silence:.1}s ago\n"),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -273,7 +330,11 @@ mod tests {
         m.task(TaskEvent::Succeeded, "bench.add", "realtime");
         m.runtime("bench.add", "realtime", 0.002);
         m.worker_up.set(1);
-        m.queue_length.get_or_create(&QueueLabels { queue_name: "bulk".into() }).set(7);
+        m.queue_length
+            .get_or_create(&QueueLabels {
+                queue_name: "bulk".into(),
+            })
+            .set(7);
         let text = m.encode();
         assert!(text.contains(r#"celery_task_received_total{name="bench.add",hostname="w1@host",queue_name="realtime"} 1"#), "{text}");
         assert!(text.contains(r#"celery_task_succeeded_total{name="bench.add",hostname="w1@host",queue_name="realtime"} 2"#));

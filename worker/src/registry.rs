@@ -49,7 +49,8 @@ pub enum Params {
     Variadic,
 }
 
-type AsyncHandler = dyn Fn(TaskContext, Value) -> BoxFuture<'static, Result<Value, TaskError>> + Send + Sync;
+type AsyncHandler =
+    dyn Fn(TaskContext, Value) -> BoxFuture<'static, Result<Value, TaskError>> + Send + Sync;
 type BlockingHandler = dyn Fn(TaskContext, Value) -> Result<Value, TaskError> + Send + Sync;
 
 /// How a task runs.
@@ -76,16 +77,28 @@ pub struct RegisteredTask {
 
 impl std::fmt::Debug for RegisteredTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegisteredTask").field("name", &self.name).field("params", &self.params).finish()
+        f.debug_struct("RegisteredTask")
+            .field("name", &self.name)
+            .field("params", &self.params)
+            .finish()
     }
 }
 
 impl RegisteredTask {
     /// Binds Celery `args`/`kwargs` to this task's parameters (Python call semantics), giving the value the
     /// handler deserializes: an array in parameter order, or `[args, kwargs]` for variadic tasks.
-    pub fn bind(&self, args: Vec<Value>, mut kwargs: Map<String, Value>) -> Result<Value, TaskError> {
+    pub fn bind(
+        &self,
+        args: Vec<Value>,
+        mut kwargs: Map<String, Value>,
+    ) -> Result<Value, TaskError> {
         let names = match &self.params {
-            Params::Variadic => return Ok(Value::Array(vec![Value::Array(args), Value::Object(kwargs)])),
+            Params::Variadic => {
+                return Ok(Value::Array(vec![
+                    Value::Array(args),
+                    Value::Object(kwargs),
+                ]));
+            }
             Params::Named(names) => names,
         };
         let name = &self.name;
@@ -105,7 +118,9 @@ impl RegisteredTask {
             let pname = raw.trim_end_matches('?');
             if i < bound.len() {
                 if kwargs.contains_key(pname) {
-                    return Err(TaskError::type_error(format!("{name}() got multiple values for argument '{pname}'")));
+                    return Err(TaskError::type_error(format!(
+                        "{name}() got multiple values for argument '{pname}'"
+                    )));
                 }
                 continue;
             }
@@ -127,7 +142,9 @@ impl RegisteredTask {
             )));
         }
         if let Some(extra) = kwargs.keys().next() {
-            return Err(TaskError::type_error(format!("{name}() got an unexpected keyword argument '{extra}'")));
+            return Err(TaskError::type_error(format!(
+                "{name}() got an unexpected keyword argument '{extra}'"
+            )));
         }
         let _ = required;
         Ok(Value::Array(bound))
@@ -135,11 +152,20 @@ impl RegisteredTask {
 }
 
 fn decode_params<A: DeserializeOwned>(task: &str, v: Value) -> Result<A, TaskError> {
-    serde_json::from_value(v).map_err(|e| TaskError::type_error(format!("{task}() received arguments of the wrong type: {e}")))
+    serde_json::from_value(v).map_err(|e| {
+        TaskError::type_error(format!(
+            "{task}() received arguments of the wrong type: {e}"
+        ))
+    })
 }
 
 fn encode_result<R: Serialize>(task: &str, r: R) -> Result<Value, TaskError> {
-    serde_json::to_value(r).map_err(|e| TaskError::builtin("TypeError", format!("{task}() returned a value that cannot be serialized: {e}")))
+    serde_json::to_value(r).map_err(|e| {
+        TaskError::builtin(
+            "TypeError",
+            format!("{task}() returned a value that cannot be serialized: {e}"),
+        )
+    })
 }
 
 /// Tasks by name.
@@ -179,8 +205,13 @@ impl Registry {
     }
 
     /// Registers an async task. `A` is the parameter tuple (`(i64, i64)`), bound from `params` names.
-    pub fn task<A, R, F, Fut>(&mut self, name: &str, params: &[&'static str], options: TaskOptions, f: F)
-    where
+    pub fn task<A, R, F, Fut>(
+        &mut self,
+        name: &str,
+        params: &[&'static str],
+        options: TaskOptions,
+        f: F,
+    ) where
         A: DeserializeOwned + Send + 'static,
         R: Serialize + Send + 'static,
         F: Fn(TaskContext, A) -> Fut + Send + Sync + 'static,
@@ -196,12 +227,22 @@ impl Registry {
                 encode_result(&task, f(ctx, a).await?)
             })
         });
-        self.insert(name, Params::Named(params.to_vec()), options, Handler::Async(handler));
+        self.insert(
+            name,
+            Params::Named(params.to_vec()),
+            options,
+            Handler::Async(handler),
+        );
     }
 
     /// Registers a blocking task: it runs on the blocking pool, never on the async runtime.
-    pub fn blocking_task<A, R, F>(&mut self, name: &str, params: &[&'static str], options: TaskOptions, f: F)
-    where
+    pub fn blocking_task<A, R, F>(
+        &mut self,
+        name: &str,
+        params: &[&'static str],
+        options: TaskOptions,
+        f: F,
+    ) where
         A: DeserializeOwned + Send + 'static,
         R: Serialize + Send + 'static,
         F: Fn(TaskContext, A) -> Result<R, TaskError> + Send + Sync + 'static,
@@ -209,7 +250,12 @@ impl Registry {
         let task = name.to_string();
         let handler: Arc<BlockingHandler> =
             Arc::new(move |ctx, v| encode_result(&task, f(ctx, decode_params::<A>(&task, v)?)?));
-        self.insert(name, Params::Named(params.to_vec()), options, Handler::Blocking(handler));
+        self.insert(
+            name,
+            Params::Named(params.to_vec()),
+            options,
+            Handler::Blocking(handler),
+        );
     }
 
     /// Registers an async task taking `*args, **kwargs` as they come.
@@ -238,7 +284,9 @@ impl Registry {
             let t = Arc::make_mut(t);
             t.options.acks_late = options.acks_late.or(t.options.acks_late);
             t.options.ignore_result = options.ignore_result.or(t.options.ignore_result);
-            t.options.reject_on_worker_lost = options.reject_on_worker_lost.or(t.options.reject_on_worker_lost);
+            t.options.reject_on_worker_lost = options
+                .reject_on_worker_lost
+                .or(t.options.reject_on_worker_lost);
         }
     }
 }
@@ -250,9 +298,12 @@ mod tests {
 
     fn add_task() -> Arc<RegisteredTask> {
         let mut r = Registry::new();
-        r.task("t.add", &["x", "y", "z?"], TaskOptions::default(), |_ctx, (x, y, z): (i64, i64, Option<i64>)| async move {
-            Ok(x + y + z.unwrap_or(0))
-        });
+        r.task(
+            "t.add",
+            &["x", "y", "z?"],
+            TaskOptions::default(),
+            |_ctx, (x, y, z): (i64, i64, Option<i64>)| async move { Ok(x + y + z.unwrap_or(0)) },
+        );
         r.get("t.add").unwrap().clone()
     }
 
@@ -263,9 +314,18 @@ mod tests {
     #[test]
     fn binds_like_python() {
         let t = add_task();
-        assert_eq!(t.bind(vec![json!(1), json!(2)], Map::new()).unwrap(), json!([1, 2, null]));
-        assert_eq!(t.bind(vec![json!(1)], kw(json!({"y": 5}))).unwrap(), json!([1, 5, null]));
-        assert_eq!(t.bind(vec![], kw(json!({"z": 3, "y": 2, "x": 1}))).unwrap(), json!([1, 2, 3]));
+        assert_eq!(
+            t.bind(vec![json!(1), json!(2)], Map::new()).unwrap(),
+            json!([1, 2, null])
+        );
+        assert_eq!(
+            t.bind(vec![json!(1)], kw(json!({"y": 5}))).unwrap(),
+            json!([1, 5, null])
+        );
+        assert_eq!(
+            t.bind(vec![], kw(json!({"z": 3, "y": 2, "x": 1}))).unwrap(),
+            json!([1, 2, 3])
+        );
     }
 
     #[test]
@@ -277,26 +337,44 @@ mod tests {
         };
         assert_eq!(
             msg(t.bind(vec![json!(1)], Map::new()).unwrap_err()),
-            ("TypeError".into(), "t.add() missing 1 required positional argument: 'y'".into())
+            (
+                "TypeError".into(),
+                "t.add() missing 1 required positional argument: 'y'".into()
+            )
         );
         assert_eq!(
-            msg(t.bind(vec![json!(1), json!(2), json!(3), json!(4)], Map::new()).unwrap_err()),
-            ("TypeError".into(), "t.add() takes 3 positional arguments but 4 were given".into())
+            msg(t
+                .bind(vec![json!(1), json!(2), json!(3), json!(4)], Map::new())
+                .unwrap_err()),
+            (
+                "TypeError".into(),
+                "t.add() takes 3 positional arguments but 4 were given".into()
+            )
         );
         assert_eq!(
             msg(t.bind(vec![json!(1)], kw(json!({"x": 2}))).unwrap_err()),
-            ("TypeError".into(), "t.add() got multiple values for argument 'x'".into())
+            (
+                "TypeError".into(),
+                "t.add() got multiple values for argument 'x'".into()
+            )
         );
         assert_eq!(
-            msg(t.bind(vec![json!(1), json!(2)], kw(json!({"w": 2}))).unwrap_err()),
-            ("TypeError".into(), "t.add() got an unexpected keyword argument 'w'".into())
+            msg(t
+                .bind(vec![json!(1), json!(2)], kw(json!({"w": 2})))
+                .unwrap_err()),
+            (
+                "TypeError".into(),
+                "t.add() got an unexpected keyword argument 'w'".into()
+            )
         );
     }
 
     #[tokio::test]
     async fn wrong_types_are_type_errors() {
         let t = add_task();
-        let Handler::Async(h) = &t.handler else { panic!() };
+        let Handler::Async(h) = &t.handler else {
+            panic!()
+        };
         let ctx = TaskContext {
             id: "1".into(),
             name: "t.add".into(),
@@ -309,6 +387,8 @@ mod tests {
         let err = h(ctx, json!(["a", 2, null])).await.unwrap_err();
         let TaskError::Failed(e) = err else { panic!() };
         assert_eq!(e.exc_type, "TypeError");
-        assert!(e.exc_message[0].as_str().unwrap().starts_with("t.add() received arguments of the wrong type: invalid type: string \"a\""));
+        assert!(e.exc_message[0].as_str().unwrap().starts_with(
+            "t.add() received arguments of the wrong type: invalid type: string \"a\""
+        ));
     }
 }

@@ -88,7 +88,10 @@ enum Commit {
     /// Early ack (before the task starts).
     Ack(String, bool),
     /// A finished task: maybe a result to store, maybe a late ack after it.
-    Done { meta: Option<ResultMeta>, late_ack: Option<(String, bool)> },
+    Done {
+        meta: Option<Box<ResultMeta>>,
+        late_ack: Option<(String, bool)>,
+    },
 }
 
 /// The prefetch bound and the set of messages this worker holds unacked.
@@ -138,7 +141,13 @@ impl Shared {
             || job.task.options.ignore_result.unwrap_or(false))
     }
 
-    fn meta(&self, job: &Job, status: State, result: Value, args: Option<(Vec<Value>, Map<String, Value>)>) -> ResultMeta {
+    fn meta(
+        &self,
+        job: &Job,
+        status: State,
+        result: Value,
+        args: Option<(Vec<Value>, Map<String, Value>)>,
+    ) -> ResultMeta {
         let h = &job.message.headers;
         let mut m = ResultMeta::new(h.id.clone(), status, result);
         if m.status.is_ready() {
@@ -183,7 +192,12 @@ pub async fn run(
         held: Mutex::new(HashSet::new()),
         metrics: Arc::clone(&metrics),
     });
-    let committer = tokio::spawn(committer(Arc::clone(&slots), Arc::clone(&broker), Arc::clone(&backend), commit_rx));
+    let committer = tokio::spawn(committer(
+        Arc::clone(&slots),
+        Arc::clone(&broker),
+        Arc::clone(&backend),
+        commit_rx,
+    ));
     let shared = Arc::new(Shared {
         slots,
         settings,
@@ -200,12 +214,18 @@ pub async fn run(
     if let Some(addr) = shared.settings.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| WorkerError::Metrics { addr: addr.to_string(), source })?;
+            .map_err(|source| WorkerError::Metrics {
+                addr: addr.to_string(),
+                source,
+            })?;
         info!(%addr, "serving /metrics and /health");
         let app = crate::metrics::router(Arc::clone(&metrics), Arc::clone(&health));
         let stop = housekeeping_stop.clone();
         background.spawn(async move {
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
                 error!(error = %e, "metrics server failed");
             }
         });
@@ -224,8 +244,16 @@ pub async fn run(
     );
 
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
-    let fetcher = tokio::spawn(fetcher(Arc::clone(&shared), ready_tx, shutdown.warm.clone()));
-    let dispatcher = tokio::spawn(dispatcher(Arc::clone(&shared), ready_rx, shutdown.warm.clone()));
+    let fetcher = tokio::spawn(fetcher(
+        Arc::clone(&shared),
+        ready_tx,
+        shutdown.warm.clone(),
+    ));
+    let dispatcher = tokio::spawn(dispatcher(
+        Arc::clone(&shared),
+        ready_rx,
+        shutdown.warm.clone(),
+    ));
 
     let graceful = async {
         let _ = fetcher.await;
@@ -255,7 +283,11 @@ pub async fn run(
 }
 
 /// Takes messages while prefetch slots are free.
-async fn fetcher(shared: Arc<Shared>, ready: mpsc::UnboundedSender<Box<Job>>, warm: CancellationToken) {
+async fn fetcher(
+    shared: Arc<Shared>,
+    ready: mpsc::UnboundedSender<Box<Job>>,
+    warm: CancellationToken,
+) {
     let mut timers: JoinSet<(Box<Job>, bool)> = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -290,7 +322,11 @@ async fn fetcher(shared: Arc<Shared>, ready: mpsc::UnboundedSender<Box<Job>>, wa
             }
         }
         // Never cancel a fetch half-way: a popped message must reach us to be acked or given back.
-        match shared.broker.fetch(&shared.settings.queues, slots, Duration::from_secs(1)).await {
+        match shared
+            .broker
+            .fetch(&shared.settings.queues, slots, Duration::from_secs(1))
+            .await
+        {
             Ok(deliveries) => {
                 backoff = Duration::from_millis(100);
                 shared.health.contact();
@@ -356,19 +392,39 @@ async fn receive(
         meta.date_done = Some(time::isoformat(chrono::Utc::now()));
         meta.group_id = message.headers.group.clone();
         meta.parent_id = message.headers.parent_id.clone();
-        let _ = shared.commit.send(Commit::Done { meta: Some(meta), late_ack: Some((held.tag, true)) });
+        let _ = shared.commit.send(Commit::Done {
+            meta: Some(Box::new(meta)),
+            late_ack: Some((held.tag, true)),
+        });
         return;
     };
     debug!(task = %name, id = %message.id(), "Task received");
     let acks_late = task.options.acks_late.unwrap_or(shared.settings.acks_late);
     let now = chrono::Utc::now();
-    let expired = message.headers.expires.as_deref().and_then(time::parse_iso).is_some_and(|t| t <= now);
-    let mut job = Box::new(Job { held, message, task, acks_late, holds_slot: true });
+    let expired = message
+        .headers
+        .expires
+        .as_deref()
+        .and_then(time::parse_iso)
+        .is_some_and(|t| t <= now);
+    let mut job = Box::new(Job {
+        held,
+        message,
+        task,
+        acks_late,
+        holds_slot: true,
+    });
     if expired {
         revoke_expired(shared, job);
         return;
     }
-    let eta = job.message.headers.eta.as_deref().and_then(time::parse_iso).filter(|t| *t > now);
+    let eta = job
+        .message
+        .headers
+        .eta
+        .as_deref()
+        .and_then(time::parse_iso)
+        .filter(|t| *t > now);
     match eta {
         Some(eta) => {
             // Held in a timer; like Celery, an ETA task does not count against prefetch while it waits.
@@ -391,13 +447,21 @@ async fn receive(
 
 fn revoke_expired(shared: &Shared, job: Box<Job>) {
     info!(task = %job.message.task(), id = %job.message.id(), "Discarding expired task");
-    shared.metrics.task(TaskEvent::Revoked, job.message.task(), &job.held.queue);
+    shared
+        .metrics
+        .task(TaskEvent::Revoked, job.message.task(), &job.held.queue);
     let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "expired");
-    let meta = shared.store_results(&job).then(|| shared.meta(&job, State::Revoked, json!(exc), None));
-    let _ = shared.commit.send(Commit::Done { meta, late_ack: Some((job.held.tag, job.holds_slot)) });
+    let meta = shared
+        .store_results(&job)
+        .then(|| shared.meta(&job, State::Revoked, json!(exc), None));
+    let _ = shared.commit.send(Commit::Done {
+        meta: meta.map(Box::new),
+        late_ack: Some((job.held.tag, job.holds_slot)),
+    });
 }
 
 /// Puts never-started jobs back at the front of their queues.
+#[allow(clippy::vec_box)] // jobs travel boxed through channels; unboxing here would copy them
 async fn give_back(shared: &Shared, jobs: Vec<Box<Job>>) {
     if jobs.is_empty() {
         return;
@@ -405,7 +469,9 @@ async fn give_back(shared: &Shared, jobs: Vec<Box<Job>>) {
     let held: Vec<&Held> = jobs.iter().map(|j| &j.held).collect();
     match shared.broker.requeue(&held, true).await {
         Ok(n) => info!(restored = n, "Restoring {n} unacknowledged message(s)"),
-        Err(e) => error!(error = %e, "giving back prefetched messages failed; the visibility timeout will restore them"),
+        Err(e) => {
+            error!(error = %e, "giving back prefetched messages failed; the visibility timeout will restore them")
+        }
     }
     for j in &jobs {
         shared.release(&j.held.tag, j.holds_slot);
@@ -413,7 +479,11 @@ async fn give_back(shared: &Shared, jobs: Vec<Box<Job>>) {
 }
 
 /// Starts jobs while concurrency allows.
-async fn dispatcher(shared: Arc<Shared>, mut ready: mpsc::UnboundedReceiver<Box<Job>>, warm: CancellationToken) {
+async fn dispatcher(
+    shared: Arc<Shared>,
+    mut ready: mpsc::UnboundedReceiver<Box<Job>>,
+    warm: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
     let mut running = JoinSet::new();
     loop {
@@ -427,9 +497,15 @@ async fn dispatcher(shared: Arc<Shared>, mut ready: mpsc::UnboundedReceiver<Box<
             _ = warm.cancelled() => break,
         };
         if job.acks_late {
-            shared.running_late.lock().expect("running_late").insert(job.held.tag.clone(), job.held.clone());
+            shared
+                .running_late
+                .lock()
+                .expect("running_late")
+                .insert(job.held.tag.clone(), job.held.clone());
         } else {
-            let _ = shared.commit.send(Commit::Ack(job.held.tag.clone(), job.holds_slot));
+            let _ = shared
+                .commit
+                .send(Commit::Ack(job.held.tag.clone(), job.holds_slot));
         }
         let shared = Arc::clone(&shared);
         running.spawn(async move {
@@ -452,8 +528,17 @@ async fn dispatcher(shared: Arc<Shared>, mut ready: mpsc::UnboundedReceiver<Box<
     .await;
     if drained.is_err() {
         running.abort_all();
-        let abandoned: Vec<Held> = shared.running_late.lock().expect("running_late").drain().map(|(_, h)| h).collect();
-        warn!(abandoned = running.len(), "shutdown timeout: abandoning running tasks; acks_late ones are given back");
+        let abandoned: Vec<Held> = shared
+            .running_late
+            .lock()
+            .expect("running_late")
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        warn!(
+            abandoned = running.len(),
+            "shutdown timeout: abandoning running tasks; acks_late ones are given back"
+        );
         let refs: Vec<&Held> = abandoned.iter().collect();
         if let Err(e) = shared.broker.requeue(&refs, true).await {
             error!(error = %e, "giving back abandoned tasks failed; the visibility timeout will restore them");
@@ -489,7 +574,10 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     };
     let args = std::mem::take(&mut job.message.args);
     let kwargs = std::mem::take(&mut job.message.kwargs);
-    let extended = shared.settings.result_extended.then(|| (args.clone(), kwargs.clone()));
+    let extended = shared
+        .settings
+        .result_extended
+        .then(|| (args.clone(), kwargs.clone()));
     let outcome = match job.task.bind(args, kwargs) {
         Err(e) => Err(e),
         Ok(bound) => match &job.task.handler {
@@ -512,7 +600,9 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     shared.metrics.runtime(&name, &queue, runtime);
     let store = shared.store_results(&job);
     let id = job.message.id().to_string();
-    let late_ack = job.acks_late.then(|| (job.held.tag.clone(), job.holds_slot));
+    let late_ack = job
+        .acks_late
+        .then(|| (job.held.tag.clone(), job.holds_slot));
     let meta = match outcome {
         Ok(value) => {
             shared.metrics.task(TaskEvent::Succeeded, &name, &queue);
@@ -533,7 +623,11 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
             shared.metrics.task(TaskEvent::Rejected, &name, &queue);
             info!(task = %name, %id, requeue, %reason, "Task rejected");
             if requeue && job.acks_late {
-                shared.running_late.lock().expect("running_late").remove(&job.held.tag);
+                shared
+                    .running_late
+                    .lock()
+                    .expect("running_late")
+                    .remove(&job.held.tag);
                 if let Err(e) = shared.broker.requeue(&[&job.held], false).await {
                     error!(error = %e, "requeue failed; the visibility timeout will restore the message");
                 }
@@ -551,13 +645,24 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         }
     };
     if job.acks_late {
-        shared.running_late.lock().expect("running_late").remove(&job.held.tag);
+        shared
+            .running_late
+            .lock()
+            .expect("running_late")
+            .remove(&job.held.tag);
     }
-    let _ = shared.commit.send(Commit::Done { meta, late_ack });
+    let _ = shared.commit.send(Commit::Done {
+        meta: meta.map(Box::new),
+        late_ack,
+    });
 }
 
 fn panicked(message: String) -> TaskError {
-    TaskError::exception(Some("celeriac.exceptions"), "TaskPanicked", vec![Value::String(message)])
+    TaskError::exception(
+        Some("celeriac.exceptions"),
+        "TaskPanicked",
+        vec![Value::String(message)],
+    )
 }
 
 /// Batches stores and acks. Runs until every sender is gone and the channel is drained.
@@ -577,7 +682,7 @@ async fn committer(
                 Commit::Ack(tag, slot) => early.push((tag, slot)),
                 Commit::Done { meta, late_ack } => {
                     if let Some(m) = meta {
-                        metas.push(m);
+                        metas.push(*m);
                     }
                     if let Some(a) = late_ack {
                         late.push(a);
@@ -611,7 +716,9 @@ async fn ack_all(slots: &Slots, broker: &dyn Broker, acks: Vec<(String, bool)>) 
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
-            Err(e) => error!(error = %e, count = tags.len(), "ack failed; these messages will be redelivered"),
+            Err(e) => {
+                error!(error = %e, count = tags.len(), "ack failed; these messages will be redelivered")
+            }
         }
     }
     for (tag, slot) in acks {

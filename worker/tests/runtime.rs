@@ -25,14 +25,35 @@ struct Env {
 impl Env {
     async fn new() -> Self {
         let prefix = format!("t-{}:", uuid::Uuid::new_v4().simple());
-        let broker = celeriac_broker::connect(&url(), BrokerOptions { global_keyprefix: prefix.clone(), ..Default::default() })
+        let broker = celeriac_broker::connect(
+            &url(),
+            BrokerOptions {
+                global_keyprefix: prefix.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let backend = celeriac_backend::connect(
+            &url(),
+            BackendOptions {
+                global_keyprefix: prefix.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let conn = redis::Client::open(url())
+            .unwrap()
+            .get_multiplexed_async_connection()
             .await
             .unwrap();
-        let backend = celeriac_backend::connect(&url(), BackendOptions { global_keyprefix: prefix.clone(), ..Default::default() })
-            .await
-            .unwrap();
-        let conn = redis::Client::open(url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        Self { prefix, broker, backend, conn }
+        Self {
+            prefix,
+            broker,
+            backend,
+            conn,
+        }
     }
 
     fn settings(&self, concurrency: usize, multiplier: usize, acks_late: bool) -> WorkerSettings {
@@ -58,7 +79,11 @@ impl Env {
     }
 
     async fn result(&self, id: &str) -> Value {
-        self.backend.wait(id, Duration::from_secs(10)).await.unwrap().unwrap_or(Value::Null)
+        self.backend
+            .wait(id, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap_or(Value::Null)
     }
 
     async fn cleanup(mut self) {
@@ -71,23 +96,45 @@ impl Env {
 
 fn registry(running: Arc<AtomicUsize>, peak: Arc<AtomicUsize>) -> Registry {
     let mut r = Registry::new();
-    r.task("t.sleep", &["seconds"], TaskOptions::default(), move |_ctx, (s,): (f64,)| {
-        let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
-        async move {
-            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-            peak.fetch_max(now, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs_f64(s)).await;
-            running.fetch_sub(1, Ordering::SeqCst);
-            Ok(json!(s))
-        }
-    });
-    r.blocking_task("t.blocking_double", &["x"], TaskOptions::default(), |_ctx, (x,): (i64,)| Ok(x * 2));
-    r.task("t.fail", &[], TaskOptions::default(), |_ctx, _: Vec<Value>| async {
-        Err::<Value, _>(TaskError::exception(Some("tasks"), "MyError", vec![json!("cust"), json!(42)]))
-    });
-    r.blocking_task("t.blocking_panic", &[], TaskOptions::default(), |_ctx, _: Vec<Value>| -> Result<Value, TaskError> {
-        panic!("blocking boom")
-    });
+    r.task(
+        "t.sleep",
+        &["seconds"],
+        TaskOptions::default(),
+        move |_ctx, (s,): (f64,)| {
+            let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs_f64(s)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(json!(s))
+            }
+        },
+    );
+    r.blocking_task(
+        "t.blocking_double",
+        &["x"],
+        TaskOptions::default(),
+        |_ctx, (x,): (i64,)| Ok(x * 2),
+    );
+    r.task(
+        "t.fail",
+        &[],
+        TaskOptions::default(),
+        |_ctx, _: Vec<Value>| async {
+            Err::<Value, _>(TaskError::exception(
+                Some("tasks"),
+                "MyError",
+                vec![json!("cust"), json!(42)],
+            ))
+        },
+    );
+    r.blocking_task(
+        "t.blocking_panic",
+        &[],
+        TaskOptions::default(),
+        |_ctx, _: Vec<Value>| -> Result<Value, TaskError> { panic!("blocking boom") },
+    );
     r
 }
 
@@ -119,8 +166,14 @@ async fn prefetch_and_concurrency_are_bounds() {
     }
     shutdown.warm.cancel();
     worker.await.unwrap().unwrap();
-    assert!(max_unacked <= 4, "prefetch 2×2 exceeded: {max_unacked} unacked");
-    assert!(max_unacked >= 3, "worker should prefetch up to its limit, saw {max_unacked}");
+    assert!(
+        max_unacked <= 4,
+        "prefetch 2×2 exceeded: {max_unacked} unacked"
+    );
+    assert!(
+        max_unacked >= 3,
+        "worker should prefetch up to its limit, saw {max_unacked}"
+    );
     assert_eq!(peak.load(Ordering::SeqCst), 2, "concurrency 2");
     env.cleanup().await;
 }
@@ -144,12 +197,25 @@ async fn failures_panics_and_blocking_tasks() {
     assert_eq!(env.result(&ok).await["result"], json!(42));
     let f = env.result(&fail).await;
     assert_eq!(f["status"], json!("FAILURE"));
-    assert_eq!(f["result"], json!({"exc_type": "MyError", "exc_message": ["cust", 42], "exc_module": "tasks"}));
+    assert_eq!(
+        f["result"],
+        json!({"exc_type": "MyError", "exc_message": ["cust", 42], "exc_module": "tasks"})
+    );
     let p = env.result(&panic).await;
-    assert_eq!(p["result"], json!({"exc_type": "TaskPanicked", "exc_message": ["blocking boom"], "exc_module": "celeriac.exceptions"}));
-    assert_eq!(env.result(&after).await["result"], json!(10), "the worker keeps running after a panic");
+    assert_eq!(
+        p["result"],
+        json!({"exc_type": "TaskPanicked", "exc_message": ["blocking boom"], "exc_module": "celeriac.exceptions"})
+    );
+    assert_eq!(
+        env.result(&after).await["result"],
+        json!(10),
+        "the worker keeps running after a panic"
+    );
     let u = env.result(&unknown).await;
-    assert_eq!(u["result"], json!({"exc_type": "NotRegistered", "exc_message": ["t.nope"], "exc_module": "celery.exceptions"}));
+    assert_eq!(
+        u["result"],
+        json!({"exc_type": "NotRegistered", "exc_message": ["t.nope"], "exc_module": "celery.exceptions"})
+    );
     shutdown.warm.cancel();
     worker.await.unwrap().unwrap();
     let mut conn = env.conn.clone();
@@ -178,7 +244,10 @@ async fn warm_shutdown_gives_back_unstarted_and_finishes_running() {
     shutdown.warm.cancel();
     worker.await.unwrap().unwrap();
     // The running task finished and stored its result; the prefetched ones are back in the queue.
-    assert_eq!(env.backend.get(&ids[0]).await.unwrap().unwrap()["status"], json!("SUCCESS"));
+    assert_eq!(
+        env.backend.get(&ids[0]).await.unwrap().unwrap()["status"],
+        json!("SUCCESS")
+    );
     assert_eq!(env.broker.queue_length("q").await.unwrap(), 4);
     let mut conn = env.conn.clone();
     let n: usize = conn.hlen(format!("{}unacked", env.prefix)).await.unwrap();

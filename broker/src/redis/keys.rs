@@ -18,7 +18,9 @@ pub struct Keys {
 impl Keys {
     /// Keys under `global_keyprefix`.
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     /// The prefix.
@@ -29,7 +31,12 @@ impl Keys {
     /// The list holding messages of `queue` at this priority: the step is the largest of 0/3/6/9 not above
     /// `priority`; step 0 has no suffix (`celery`, `celery\x06\x163`, ...).
     pub fn queue_for_priority(&self, queue: &str, priority: u8) -> String {
-        let step = PRIORITY_STEPS.iter().rev().find(|s| **s <= priority).copied().unwrap_or(0);
+        let step = PRIORITY_STEPS
+            .iter()
+            .rev()
+            .find(|s| **s <= priority)
+            .copied()
+            .unwrap_or(0);
         if step == 0 {
             format!("{}{queue}", self.prefix)
         } else {
@@ -90,15 +97,28 @@ mod tests {
     #[test]
     fn priority_lists_match_kombu() {
         let k = Keys::default();
-        let got: Vec<_> = [0u8, 1, 2, 3, 5, 6, 8, 9, 255].iter().map(|p| k.queue_for_priority("celery", *p)).collect();
+        let got: Vec<_> = [0u8, 1, 2, 3, 5, 6, 8, 9, 255]
+            .iter()
+            .map(|p| k.queue_for_priority("celery", *p))
+            .collect();
         assert_eq!(
             got,
             [
-                "celery", "celery", "celery", "celery\x06\x163", "celery\x06\x163", "celery\x06\x166", "celery\x06\x166",
-                "celery\x06\x169", "celery\x06\x169"
+                "celery",
+                "celery",
+                "celery",
+                "celery\x06\x163",
+                "celery\x06\x163",
+                "celery\x06\x166",
+                "celery\x06\x166",
+                "celery\x06\x169",
+                "celery\x06\x169"
             ]
         );
-        assert_eq!(Keys::binding_member("celery", "celery"), "celery\x06\x16\x06\x16celery");
+        assert_eq!(
+            Keys::binding_member("celery", "celery"),
+            "celery\x06\x16\x06\x16celery"
+        );
     }
 
     #[test]

@@ -23,7 +23,10 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Connects Redis clients with the timeouts a broker needs; `response` bounds every command.
-pub async fn connection(target: &RedisTarget, response: Option<Duration>) -> Result<ConnectionManager> {
+pub async fn connection(
+    target: &RedisTarget,
+    response: Option<Duration>,
+) -> Result<ConnectionManager> {
     let client = Client::open(target.info.clone())?;
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(response)
@@ -44,12 +47,17 @@ pub struct RedisBroker {
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBroker").field("prefix", &self.keys.prefix()).finish()
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.keys.prefix())
+            .finish()
     }
 }
 
 fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 impl RedisBroker {
@@ -114,7 +122,14 @@ impl RedisBroker {
         Ok((dead, out))
     }
 
-    async fn restore_raw(&self, tag: &str, raw: &[u8], exchange: &str, routing_key: &str, front: bool) -> Result<bool> {
+    async fn restore_raw(
+        &self,
+        tag: &str,
+        raw: &[u8],
+        exchange: &str,
+        routing_key: &str,
+        front: bool,
+    ) -> Result<bool> {
         let _ = exchange; // Celery routes tasks through the anonymous exchange: the routing key is the queue.
         let marked = envelope::mark_redelivered(raw).unwrap_or_else(|_| raw.to_vec());
         let priority = Envelope::parse(&marked).map(|e| e.priority()).unwrap_or(0);
@@ -138,9 +153,14 @@ fn caps(order: &QueueOrder, queues: usize, max: usize) -> (Vec<usize>, u8) {
     match order {
         QueueOrder::Priority => (vec![max; queues], 1),
         QueueOrder::Weighted(weights) => {
-            let w: Vec<u64> = (0..queues).map(|i| u64::from(weights.get(i).copied().unwrap_or(1))).collect();
+            let w: Vec<u64> = (0..queues)
+                .map(|i| u64::from(weights.get(i).copied().unwrap_or(1)))
+                .collect();
             let total: u64 = w.iter().sum::<u64>().max(1);
-            let caps = w.iter().map(|wi| ((max as u64 * wi).div_ceil(total)) as usize).collect();
+            let caps = w
+                .iter()
+                .map(|wi| ((max as u64 * wi).div_ceil(total)) as usize)
+                .collect();
             (caps, 2)
         }
     }
@@ -150,7 +170,14 @@ fn decode_delivery(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
     let (exchange, routing_key, redelivered, message) = match Envelope::parse(&raw) {
         Ok(env) => {
             let (ex, rk) = env.route();
-            let (ex, rk) = (ex.to_string(), if rk.is_empty() { queue.clone() } else { rk.to_string() });
+            let (ex, rk) = (
+                ex.to_string(),
+                if rk.is_empty() {
+                    queue.clone()
+                } else {
+                    rk.to_string()
+                },
+            );
             let redelivered = env.redelivered();
             (ex, rk, redelivered, env.into_task())
         }
@@ -175,12 +202,17 @@ impl Broker for RedisBroker {
         let mut pipe = redis::pipe();
         for q in queues {
             let member = Keys::binding_member(q, q);
-            pipe.sadd(self.keys.binding(keys::DEFAULT_EXCHANGE), &member).ignore();
-            pipe.sadd(self.keys.binding_permanent(keys::DEFAULT_EXCHANGE), &member).ignore();
+            pipe.sadd(self.keys.binding(keys::DEFAULT_EXCHANGE), &member)
+                .ignore();
+            pipe.sadd(self.keys.binding_permanent(keys::DEFAULT_EXCHANGE), &member)
+                .ignore();
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
-        self.declared.lock().expect("declared set").extend(queues.iter().cloned());
+        self.declared
+            .lock()
+            .expect("declared set")
+            .extend(queues.iter().cloned());
         Ok(())
     }
 
@@ -192,7 +224,10 @@ impl Broker for RedisBroker {
         let (dead, got) = self.run_fetch(queues, max, None).await?;
         if !got.is_empty() || dead > 0 {
             if dead > 0 {
-                tracing::warn!(count = dead, "moved undecodable envelopes to the dead-letter list");
+                tracing::warn!(
+                    count = dead,
+                    "moved undecodable envelopes to the dead-letter list"
+                );
             }
             return Ok(got);
         }
@@ -208,10 +243,17 @@ impl Broker for RedisBroker {
         let Some((key, raw)) = popped else {
             return Ok(Vec::new());
         };
-        let idx = keys.iter().position(|k| *k == key).map(|i| i / 4).unwrap_or(0);
+        let idx = keys
+            .iter()
+            .position(|k| *k == key)
+            .map(|i| i / 4)
+            .unwrap_or(0);
         let (dead, got) = self.run_fetch(queues, max, Some((idx, raw))).await?;
         if dead > 0 {
-            tracing::warn!(count = dead, "moved undecodable envelopes to the dead-letter list");
+            tracing::warn!(
+                count = dead,
+                "moved undecodable envelopes to the dead-letter list"
+            );
         }
         Ok(got)
     }
@@ -235,7 +277,10 @@ impl Broker for RedisBroker {
     async fn requeue(&self, held: &[&Held], front: bool) -> Result<usize> {
         let mut n = 0;
         for d in held {
-            if self.restore_raw(&d.tag, &d.raw, &d.exchange, &d.routing_key, front).await? {
+            if self
+                .restore_raw(&d.tag, &d.raw, &d.exchange, &d.routing_key, front)
+                .await?
+            {
                 n += 1;
             }
         }
@@ -247,7 +292,10 @@ impl Broker for RedisBroker {
             Ok(s) => (s.to_string(), None),
             Err(_) => {
                 use base64::Engine;
-                (base64::engine::general_purpose::STANDARD.encode(&delivery.raw), Some("base64"))
+                (
+                    base64::engine::general_purpose::STANDARD.encode(&delivery.raw),
+                    Some("base64"),
+                )
             }
         };
         let mut entry = serde_json::Map::new();
@@ -334,7 +382,10 @@ impl Broker for RedisBroker {
             .await?;
         let restored = result?;
         if restored > 0 {
-            tracing::warn!(restored, "restored unacknowledged messages whose visibility timeout passed");
+            tracing::warn!(
+                restored,
+                "restored unacknowledged messages whose visibility timeout passed"
+            );
         }
         Ok(restored)
     }
@@ -342,7 +393,9 @@ impl Broker for RedisBroker {
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
         let tag = uuid::Uuid::new_v4().to_string();
         let body = envelope::encode_task(message, "", queue, &tag);
-        let key = self.keys.queue_for_priority(queue, message.properties.priority);
+        let key = self
+            .keys
+            .queue_for_priority(queue, message.properties.priority);
         let first = !self.declared.lock().expect("declared set").contains(queue);
         if first {
             self.declare(&[queue.to_string()]).await?;
@@ -395,7 +448,13 @@ mod tests {
     #[test]
     fn weighted_caps_split_the_batch() {
         assert_eq!(caps(&QueueOrder::Priority, 2, 16), (vec![16, 16], 1));
-        assert_eq!(caps(&QueueOrder::Weighted(vec![3, 1]), 2, 16), (vec![12, 4], 2));
-        assert_eq!(caps(&QueueOrder::Weighted(vec![1, 0]), 2, 5), (vec![5, 0], 2));
+        assert_eq!(
+            caps(&QueueOrder::Weighted(vec![3, 1]), 2, 16),
+            (vec![12, 4], 2)
+        );
+        assert_eq!(
+            caps(&QueueOrder::Weighted(vec![1, 0]), 2, 5),
+            (vec![5, 0], 2)
+        );
     }
 }

@@ -1,0 +1,68 @@
+# celeriac: the two commands a newcomer needs are `make up` and `make test`.
+# Build outputs and the Python venv live outside the clone so repeated runs (and CI) stay fast.
+
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/celeriac
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+VENV ?= $(CACHE)/venv
+PYTHON := $(VENV)/bin/python
+REDIS_URL ?= redis://127.0.0.1:6379/0
+METRICS_ADDR ?= 127.0.0.1:9091
+CELERIAC_DEBUG := $(CARGO_TARGET_DIR)/debug/celeriac
+CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
+
+.PHONY: up test lint fmt unit interop bench build release redis venv clean help
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+up: redis release ## Start a worker on realtime,bulk against local Redis (Ctrl-C stops it).
+	@echo "celeriac worker on queues realtime,bulk; broker and results at $(REDIS_URL); metrics at http://$(METRICS_ADDR)/metrics"
+	@echo "Send a task from another shell:"
+	@echo "  $(CELERIAC_RELEASE) call bench.add --args '[2, 3]' -Q realtime   # prints the task id"
+	@echo "  $(CELERIAC_RELEASE) result <task id>                              # prints the result meta"
+	@echo "or from Python:  Celery(broker='$(REDIS_URL)', backend='$(REDIS_URL)').send_task('bench.add', (2, 3), queue='realtime').get()"
+	exec $(CELERIAC_RELEASE) --broker $(REDIS_URL) worker -Q realtime,bulk -l info --metrics-addr $(METRICS_ADDR)
+
+test: redis venv build ## Run every test: unit, integration (real Redis) and interop (real Python Celery).
+	cargo test --workspace --all-targets
+	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
+
+unit: ## Only the Rust tests.
+	cargo test --workspace --all-targets
+
+interop: redis venv build ## Only the Python interop tests.
+	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
+
+lint: ## cargo fmt --check and clippy with warnings as errors.
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code.
+	cargo fmt --all
+
+bench: redis venv release ## Drain 50,000 bench.noop tasks with celeriac and with Python Celery, same run.
+	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/drain.py $(BENCH_ARGS)
+
+build: require-cargo
+	cargo build --workspace
+
+release: require-cargo
+	cargo build --release -p celeriac
+
+require-cargo:
+	@command -v cargo >/dev/null || { echo "missing: cargo (install Rust from https://rustup.rs)"; exit 1; }
+
+redis: ## Make sure a Redis answers on 127.0.0.1:6379 (starts a local redis-server if one is installed).
+	@scripts/ensure-redis.sh
+
+venv: $(VENV)/.installed ## The Python venv with the pinned Celery used by interop tests and benchmarks.
+
+$(VENV)/.installed: tests/interop/requirements.txt
+	@command -v python3 >/dev/null || { echo "missing: python3 (apt-get install python3 python3-venv)"; exit 1; }
+	python3 -m venv $(VENV) || { echo "missing: python3 venv support (apt-get install python3-venv)"; exit 1; }
+	$(VENV)/bin/pip install -q -r tests/interop/requirements.txt
+	touch $@
+
+clean: ## Remove build outputs and the venv.
+	rm -rf $(CARGO_TARGET_DIR) $(VENV)
