@@ -55,8 +55,8 @@ pub struct TaskHeaders {
     pub kwargsrepr: Option<String>,
     /// Publisher node name.
     pub origin: Option<String>,
-    /// Do not store a result.
-    pub ignore_result: bool,
+    /// Do not store a result (`null` from `send_task`, `false`/`true` from `apply_async`).
+    pub ignore_result: Option<bool>,
     /// Depth of `self.replace()`.
     pub replaced_task_nesting: i64,
     /// Names of stamp headers.
@@ -88,7 +88,7 @@ impl TaskHeaders {
             argsrepr: None,
             kwargsrepr: None,
             origin: None,
-            ignore_result: false,
+            ignore_result: Some(false),
             replaced_task_nesting: 0,
             stamped_headers: None,
             stamps: Map::new(),
@@ -132,10 +132,7 @@ impl TaskHeaders {
             argsrepr: take_string(&mut m, "argsrepr"),
             kwargsrepr: take_string(&mut m, "kwargsrepr"),
             origin: take_string(&mut m, "origin"),
-            ignore_result: m
-                .shift_remove("ignore_result")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+            ignore_result: m.shift_remove("ignore_result").and_then(|v| v.as_bool()),
             replaced_task_nesting: m
                 .shift_remove("replaced_task_nesting")
                 .and_then(|v| v.as_i64())

@@ -94,6 +94,14 @@ enum Commit {
     },
 }
 
+/// What is needed to settle an acks_late job the worker loses (abandoned at the shutdown timeout).
+struct LateJob {
+    held: Held,
+    meta: ResultMeta,
+    holds_slot: bool,
+    reject_on_worker_lost: bool,
+}
+
 /// The prefetch bound and the set of messages this worker holds unacked.
 struct Slots {
     prefetch: Arc<Semaphore>,
@@ -125,8 +133,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     slots: Arc<Slots>,
-    /// acks_late jobs running now, to give back if a shutdown abandons them.
-    running_late: Mutex<HashMap<String, Held>>,
+    /// acks_late jobs running now, for when a shutdown abandons them.
+    running_late: Mutex<HashMap<String, LateJob>>,
     commit: mpsc::UnboundedSender<Commit>,
 }
 
@@ -137,7 +145,7 @@ impl Shared {
 
     fn store_results(&self, job: &Job) -> bool {
         !(self.settings.ignore_result
-            || job.message.headers.ignore_result
+            || job.message.headers.ignore_result.unwrap_or(false)
             || job.task.options.ignore_result.unwrap_or(false))
     }
 
@@ -497,11 +505,26 @@ async fn dispatcher(
             _ = warm.cancelled() => break,
         };
         if job.acks_late {
+            let exc = ExceptionInfo::new(
+                "billiard.exceptions",
+                "WorkerLostError",
+                "Worker exited prematurely: abandoned at the warm-shutdown timeout",
+            );
+            let late = LateJob {
+                held: job.held.clone(),
+                meta: shared.meta(&job, State::Failure, json!(exc), None),
+                holds_slot: job.holds_slot,
+                reject_on_worker_lost: job
+                    .task
+                    .options
+                    .reject_on_worker_lost
+                    .unwrap_or(shared.settings.reject_on_worker_lost),
+            };
             shared
                 .running_late
                 .lock()
                 .expect("running_late")
-                .insert(job.held.tag.clone(), job.held.clone());
+                .insert(job.held.tag.clone(), late);
         } else {
             let _ = shared
                 .commit
@@ -528,22 +551,35 @@ async fn dispatcher(
     .await;
     if drained.is_err() {
         running.abort_all();
-        let abandoned: Vec<Held> = shared
+        while running.join_next().await.is_some() {}
+        let abandoned: Vec<LateJob> = shared
             .running_late
             .lock()
             .expect("running_late")
             .drain()
-            .map(|(_, h)| h)
+            .map(|(_, j)| j)
             .collect();
         warn!(
-            abandoned = running.len(),
-            "shutdown timeout: abandoning running tasks; acks_late ones are given back"
+            abandoned = abandoned.len(),
+            "warm-shutdown timeout: abandoning running tasks"
         );
-        let refs: Vec<&Held> = abandoned.iter().collect();
+        // As Celery treats a lost acks_late task: requeue it when task_reject_on_worker_lost, otherwise
+        // fail it with WorkerLostError and ack it.
+        let (requeue, fail): (Vec<LateJob>, Vec<LateJob>) =
+            abandoned.into_iter().partition(|j| j.reject_on_worker_lost);
+        let refs: Vec<&Held> = requeue.iter().map(|j| &j.held).collect();
         if let Err(e) = shared.broker.requeue(&refs, true).await {
             error!(error = %e, "giving back abandoned tasks failed; the visibility timeout will restore them");
         }
-        while running.join_next().await.is_some() {}
+        for j in requeue {
+            shared.release(&j.held.tag, j.holds_slot);
+        }
+        for j in fail {
+            let _ = shared.commit.send(Commit::Done {
+                meta: Some(Box::new(j.meta)),
+                late_ack: Some((j.held.tag, j.holds_slot)),
+            });
+        }
     }
 }
 

@@ -257,3 +257,103 @@ async fn warm_shutdown_gives_back_unstarted_and_finishes_running() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_extended_adds_request_fields() {
+    let env = Env::new().await;
+    let id = env.send("t.blocking_double", vec![json!(4)]).await;
+    let shutdown = Shutdown::default();
+    let mut settings = env.settings(1, 1, false);
+    settings.result_extended = true;
+    let worker = tokio::spawn(celeriac_worker::run(
+        settings,
+        registry(Default::default(), Default::default()),
+        Arc::clone(&env.broker),
+        Arc::clone(&env.backend),
+        shutdown.clone(),
+    ));
+    let meta = env.result(&id).await;
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+    let keys: Vec<&String> = meta.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "status",
+            "result",
+            "traceback",
+            "children",
+            "date_done",
+            "name",
+            "args",
+            "kwargs",
+            "worker",
+            "retries",
+            "queue",
+            "task_id"
+        ]
+    );
+    assert_eq!(
+        (
+            &meta["name"],
+            &meta["args"],
+            &meta["kwargs"],
+            &meta["worker"],
+            &meta["retries"],
+            &meta["queue"],
+            &meta["result"]
+        ),
+        (
+            &json!("t.blocking_double"),
+            &json!([4]),
+            &json!({}),
+            &json!("test@host"),
+            &json!(0),
+            &json!("q"),
+            &json!(8)
+        )
+    );
+    env.cleanup().await;
+}
+
+/// A warm shutdown that times out loses its acks_late tasks; Celery's rule decides their fate.
+async fn abandoned_at_shutdown(reject_on_worker_lost: bool) -> (Value, u64, usize) {
+    let env = Env::new().await;
+    let id = env.send("t.sleep", vec![json!(5.0)]).await;
+    let shutdown = Shutdown::default();
+    let mut settings = env.settings(1, 1, true);
+    settings.reject_on_worker_lost = reject_on_worker_lost;
+    settings.shutdown_timeout = Duration::from_millis(300);
+    let worker = tokio::spawn(celeriac_worker::run(
+        settings,
+        registry(Default::default(), Default::default()),
+        Arc::clone(&env.broker),
+        Arc::clone(&env.backend),
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+    let meta = env.backend.get(&id).await.unwrap().unwrap_or(Value::Null);
+    let waiting = env.broker.queue_length("q").await.unwrap();
+    let mut conn = env.conn.clone();
+    let unacked: usize = conn.hlen(format!("{}unacked", env.prefix)).await.unwrap();
+    env.cleanup().await;
+    (meta, waiting, unacked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_acks_late_task_fails_with_worker_lost_error() {
+    let (meta, waiting, unacked) = abandoned_at_shutdown(false).await;
+    assert_eq!(meta["status"], json!("FAILURE"));
+    assert_eq!(meta["result"]["exc_type"], json!("WorkerLostError"));
+    assert_eq!(meta["result"]["exc_module"], json!("billiard.exceptions"));
+    assert_eq!((waiting, unacked), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_acks_late_task_is_requeued_with_reject_on_worker_lost() {
+    let (meta, waiting, unacked) = abandoned_at_shutdown(true).await;
+    assert_eq!(meta, Value::Null);
+    assert_eq!((waiting, unacked), (1, 0));
+}
