@@ -87,9 +87,16 @@ pub trait Broker: Send + Sync + 'static {
     /// Declares queues so that Celery tools and publishers find them (kombu binding tables).
     async fn declare(&self, queues: &[String]) -> Result<()>;
 
-    /// Takes up to `max` messages from `queues`, recording each as unacked before returning it. When all
-    /// queues are empty, waits up to `wait` for one. Returns an empty list on timeout.
-    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>>;
+    /// Acknowledges `acks`, then takes up to `max` messages from `queues`, recording each as unacked before
+    /// returning it. When nothing was acknowledged and all queues are empty, waits up to `wait` for a
+    /// message. Returns an empty list on timeout. Acks and fetch share one round trip where the transport can.
+    async fn fetch(
+        &self,
+        queues: &[String],
+        max: usize,
+        acks: &[String],
+        wait: Duration,
+    ) -> Result<Vec<Delivery>>;
 
     /// Acknowledges deliveries: they are gone for good.
     async fn ack(&self, tags: &[String]) -> Result<()>;

@@ -99,7 +99,7 @@ async fn publish_fetch_ack_in_kombu_layout() {
         json!({"exchange": "", "routing_key": "q"})
     );
 
-    let got = f.broker.fetch(&q, 10, WAIT).await.unwrap();
+    let got = f.broker.fetch(&q, 10, &[], WAIT).await.unwrap();
     assert_eq!(got.len(), 1);
     let d = &got[0];
     assert_eq!(d.message.as_ref().unwrap().id(), m.id());
@@ -150,7 +150,7 @@ async fn priorities_and_queue_order() {
     let queues = vec!["realtime".to_string(), "bulk".to_string()];
     let mut order = Vec::new();
     for _ in 0..4 {
-        let got = f.broker.fetch(&queues, 1, WAIT).await.unwrap();
+        let got = f.broker.fetch(&queues, 1, &[], WAIT).await.unwrap();
         let d = &got[0];
         let id = d.message.as_ref().unwrap().id().to_string();
         order.push(sent.iter().find(|s| s.2 == id).map(|s| (s.0, s.1)).unwrap());
@@ -192,7 +192,7 @@ async fn weighted_order_gives_each_queue_its_share() {
     }
     let got = f
         .broker
-        .fetch(&["a".to_string(), "b".to_string()], 8, WAIT)
+        .fetch(&["a".to_string(), "b".to_string()], 8, &[], WAIT)
         .await
         .unwrap();
     let from_a = got.iter().filter(|d| d.held.queue == "a").count();
@@ -209,7 +209,11 @@ async fn batch_fetch_is_bounded_and_fifo() {
         ids.push(m.id().to_string());
         f.broker.publish(&m, "q").await.unwrap();
     }
-    let got = f.broker.fetch(&["q".to_string()], 10, WAIT).await.unwrap();
+    let got = f
+        .broker
+        .fetch(&["q".to_string()], 10, &[], WAIT)
+        .await
+        .unwrap();
     let got_ids: Vec<String> = got
         .iter()
         .map(|d| d.message.as_ref().unwrap().id().to_string())
@@ -224,7 +228,7 @@ async fn batch_fetch_is_bounded_and_fifo() {
 async fn idle_fetch_blocks_then_wakes() {
     let f = Fixture::new(BrokerOptions::default()).await;
     let q = vec!["q".to_string()];
-    assert!(f.broker.fetch(&q, 4, WAIT).await.unwrap().is_empty());
+    assert!(f.broker.fetch(&q, 4, &[], WAIT).await.unwrap().is_empty());
     let publisher = RedisBroker::connect(
         target(),
         BrokerOptions {
@@ -240,7 +244,11 @@ async fn idle_fetch_blocks_then_wakes() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         publisher.publish(&m, "q").await.unwrap();
     });
-    let got = f.broker.fetch(&q, 4, Duration::from_secs(5)).await.unwrap();
+    let got = f
+        .broker
+        .fetch(&q, 4, &[], Duration::from_secs(5))
+        .await
+        .unwrap();
     send.await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message.as_ref().unwrap().id(), id);
@@ -266,11 +274,11 @@ async fn requeue_back_and_restore_front_mark_redelivered() {
     );
     f.broker.publish(&a, "q").await.unwrap();
     f.broker.publish(&b, "q").await.unwrap();
-    let got = f.broker.fetch(&q, 1, WAIT).await.unwrap();
+    let got = f.broker.fetch(&q, 1, &[], WAIT).await.unwrap();
     assert_eq!(got[0].message.as_ref().unwrap().id(), a.id());
     // reject(requeue=True): LPUSH, behind b.
     assert_eq!(f.broker.requeue(&[&got[0].held], false).await.unwrap(), 1);
-    let got = f.broker.fetch(&q, 2, WAIT).await.unwrap();
+    let got = f.broker.fetch(&q, 2, &[], WAIT).await.unwrap();
     let ids: Vec<&str> = got
         .iter()
         .map(|d| d.message.as_ref().unwrap().id())
@@ -307,7 +315,7 @@ async fn visibility_timeout_restores_only_expired_leases() {
         .publish(&task("bench.noop", vec![json!(2)]), "q")
         .await
         .unwrap();
-    let got = f.broker.fetch(&q, 2, WAIT).await.unwrap();
+    let got = f.broker.fetch(&q, 2, &[], WAIT).await.unwrap();
     assert_eq!(got.len(), 2);
     assert_eq!(
         f.broker.restore_visible().await.unwrap(),
@@ -322,7 +330,7 @@ async fn visibility_timeout_restores_only_expired_leases() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     // The renewed one is still ours; the other (as from a crashed worker) goes back.
     assert_eq!(f.broker.restore_visible().await.unwrap(), 1);
-    let again = f.broker.fetch(&q, 2, WAIT).await.unwrap();
+    let again = f.broker.fetch(&q, 2, &[], WAIT).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].message.as_ref().unwrap().args, vec![json!(2)]);
     assert!(again[0].held.redelivered);
@@ -342,7 +350,7 @@ async fn garbage_is_dead_lettered_not_dropped() {
         .lpush(f.key("q"), serde_json::to_vec(&bad_body).unwrap())
         .await
         .unwrap();
-    let got = f.broker.fetch(&q, 10, WAIT).await.unwrap();
+    let got = f.broker.fetch(&q, 10, &[], WAIT).await.unwrap();
     // The non-JSON envelope never reaches the worker: it is already in the dead-letter list.
     assert_eq!(got.len(), 1);
     let err = got[0].message.as_ref().unwrap_err().to_string();

@@ -85,8 +85,6 @@ struct Job {
 }
 
 enum Commit {
-    /// Early ack (before the task starts).
-    Ack(String, bool),
     /// A finished task: maybe a result to store, maybe a late ack after it.
     Done {
         meta: Option<Box<ResultMeta>>,
@@ -108,9 +106,35 @@ struct Slots {
     /// Tags held unacked by this worker (their leases are renewed).
     held: Mutex<HashSet<String>>,
     metrics: Arc<Metrics>,
+    /// Early acks not yet applied, with whether each frees a prefetch slot. The fetcher applies them in its
+    /// next fetch script (one round trip for both); the ack flusher applies them if the fetcher does not
+    /// pick them up within a couple of milliseconds (it is idle in BRPOP, for instance).
+    pending_acks: Mutex<Vec<(String, bool)>>,
+    wake_fetcher: tokio::sync::Notify,
+    wake_flusher: tokio::sync::Notify,
 }
 
 impl Slots {
+    /// Queues an early ack.
+    fn queue_ack(&self, tag: String, slot: bool) {
+        self.pending_acks
+            .lock()
+            .expect("pending_acks")
+            .push((tag, slot));
+        self.wake_fetcher.notify_one();
+        self.wake_flusher.notify_one();
+    }
+
+    fn take_acks(&self) -> Vec<(String, bool)> {
+        std::mem::take(&mut *self.pending_acks.lock().expect("pending_acks"))
+    }
+
+    /// Forgets an acknowledged message without returning its prefetch slot (the caller accounts for it).
+    fn forget(&self, tag: &str) {
+        self.held.lock().expect("held").remove(tag);
+        self.metrics.prefetched.dec();
+    }
+
     fn hold(&self, tag: &str) {
         self.held.lock().expect("held").insert(tag.to_string());
         self.metrics.prefetched.inc();
@@ -199,7 +223,16 @@ pub async fn run(
         prefetch: Arc::new(Semaphore::new(settings.prefetch())),
         held: Mutex::new(HashSet::new()),
         metrics: Arc::clone(&metrics),
+        pending_acks: Mutex::new(Vec::new()),
+        wake_fetcher: tokio::sync::Notify::new(),
+        wake_flusher: tokio::sync::Notify::new(),
     });
+    let flusher_stop = CancellationToken::new();
+    let flusher = tokio::spawn(ack_flusher(
+        Arc::clone(&slots),
+        Arc::clone(&broker),
+        flusher_stop.clone(),
+    ));
     let committer = tokio::spawn(committer(
         Arc::clone(&slots),
         Arc::clone(&broker),
@@ -266,6 +299,8 @@ pub async fn run(
     let graceful = async {
         let _ = fetcher.await;
         let _ = dispatcher.await;
+        flusher_stop.cancel();
+        let _ = flusher.await;
         // Everything that could commit is gone except `shared`'s sender: close by dropping our handle.
         Ok::<_, WorkerError>(())
     };
@@ -309,17 +344,36 @@ async fn fetcher(
                 let _ = ready.send(job);
                 continue;
             }
-            p = tokio::time::timeout(Duration::from_secs(2), Arc::clone(&shared.slots.prefetch).acquire_owned()) => p,
+            p = tokio::time::timeout(Duration::from_secs(2), Arc::clone(&shared.slots.prefetch).acquire_owned()) => Some(p),
+            _ = shared.slots.wake_fetcher.notified() => None,
         };
-        let Ok(Ok(first)) = first else {
-            // All slots busy: still prove the broker connection is alive for /health.
-            if shared.broker.ping().await.is_ok() {
-                shared.health.contact();
+        if first.is_none() {
+            // Woken by an ack: let the tasks being started right now queue theirs too, so one fetch
+            // carries a batch of acks rather than one.
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
             }
+        }
+        let acks = shared.slots.take_acks();
+        let mut slots = 0;
+        match first {
+            Some(Ok(Ok(permit))) => {
+                permit.forget();
+                slots = 1;
+            }
+            Some(_) if acks.is_empty() => {
+                // All slots busy: still prove the broker connection is alive for /health.
+                if shared.broker.ping().await.is_ok() {
+                    shared.health.contact();
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if acks.is_empty() && slots == 0 {
             continue;
-        };
-        first.forget();
-        let mut slots = 1;
+        }
+        let freed = acks.iter().filter(|(_, slot)| *slot).count();
         while slots < 1024 {
             match shared.slots.prefetch.try_acquire() {
                 Ok(p) => {
@@ -329,22 +383,40 @@ async fn fetcher(
                 Err(_) => break,
             }
         }
+        let ack_tags: Vec<String> = acks.iter().map(|(t, _)| t.clone()).collect();
+        let max = slots + freed;
         // Never cancel a fetch half-way: a popped message must reach us to be acked or given back.
         match shared
             .broker
-            .fetch(&shared.settings.queues, slots, Duration::from_secs(1))
+            .fetch(
+                &shared.settings.queues,
+                max,
+                &ack_tags,
+                Duration::from_secs(1),
+            )
             .await
         {
             Ok(deliveries) => {
                 backoff = Duration::from_millis(100);
                 shared.health.contact();
-                shared.slots.prefetch.add_permits(slots - deliveries.len());
+                for (tag, _) in &acks {
+                    shared.slots.forget(tag);
+                }
+                shared.slots.prefetch.add_permits(max - deliveries.len());
                 for d in deliveries {
                     receive(&shared, d, &ready, &mut timers, &warm).await;
                 }
             }
             Err(e) => {
                 shared.slots.prefetch.add_permits(slots);
+                // Not known to be applied: hand the acks back (acking twice is harmless).
+                shared
+                    .slots
+                    .pending_acks
+                    .lock()
+                    .expect("pending_acks")
+                    .extend(acks);
+                shared.slots.wake_flusher.notify_one();
                 error!(error = %e, retry_in = ?backoff, "fetching from the broker failed");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -526,9 +598,7 @@ async fn dispatcher(
                 .expect("running_late")
                 .insert(job.held.tag.clone(), late);
         } else {
-            let _ = shared
-                .commit
-                .send(Commit::Ack(job.held.tag.clone(), job.holds_slot));
+            shared.slots.queue_ack(job.held.tag.clone(), job.holds_slot);
         }
         let shared = Arc::clone(&shared);
         running.spawn(async move {
@@ -701,6 +771,21 @@ fn panicked(message: String) -> TaskError {
     )
 }
 
+/// Applies early acks the fetcher did not take within 2 ms; on stop, applies whatever is left.
+async fn ack_flusher(slots: Arc<Slots>, broker: Arc<dyn Broker>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = slots.wake_flusher.notified() => {}
+            _ = stop.cancelled() => break,
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let acks = slots.take_acks();
+        ack_all(&slots, broker.as_ref(), acks).await;
+    }
+    let acks = slots.take_acks();
+    ack_all(&slots, broker.as_ref(), acks).await;
+}
+
 /// Batches stores and acks. Runs until every sender is gone and the channel is drained.
 async fn committer(
     slots: Arc<Slots>,
@@ -710,23 +795,16 @@ async fn committer(
 ) {
     let mut buf = Vec::with_capacity(1024);
     while rx.recv_many(&mut buf, 1024).await > 0 {
-        let mut early = Vec::new();
         let mut metas = Vec::new();
         let mut late = Vec::new();
-        for c in buf.drain(..) {
-            match c {
-                Commit::Ack(tag, slot) => early.push((tag, slot)),
-                Commit::Done { meta, late_ack } => {
-                    if let Some(m) = meta {
-                        metas.push(*m);
-                    }
-                    if let Some(a) = late_ack {
-                        late.push(a);
-                    }
-                }
+        for Commit::Done { meta, late_ack } in buf.drain(..) {
+            if let Some(m) = meta {
+                metas.push(*m);
+            }
+            if let Some(a) = late_ack {
+                late.push(a);
             }
         }
-        ack_all(&slots, broker.as_ref(), early).await;
         if store_all(backend.as_ref(), &metas).await {
             ack_all(&slots, broker.as_ref(), late).await;
         } else {

@@ -83,6 +83,7 @@ impl RedisBroker {
         &self,
         queues: &[String],
         max: usize,
+        acks: &[String],
         pre_popped: Option<(usize, Vec<u8>)>,
     ) -> Result<(i64, Vec<Delivery>)> {
         let script = &*scripts::FETCH;
@@ -104,7 +105,11 @@ impl RedisBroker {
             .arg(time::rfc3339_micros(chrono::Utc::now()))
             .arg(pre_raw)
             .arg(pre_idx)
-            .arg(passes);
+            .arg(passes)
+            .arg(acks.len());
+        for tag in acks {
+            inv.arg(tag);
+        }
         for (q, cap) in queues.iter().zip(caps) {
             inv.arg(q).arg(cap);
         }
@@ -216,13 +221,22 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+    async fn fetch(
+        &self,
+        queues: &[String],
+        max: usize,
+        acks: &[String],
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
         if queues.is_empty() || max == 0 {
-            tokio::time::sleep(wait).await;
+            self.ack(acks).await?;
+            if acks.is_empty() {
+                tokio::time::sleep(wait).await;
+            }
             return Ok(Vec::new());
         }
-        let (dead, got) = self.run_fetch(queues, max, None).await?;
-        if !got.is_empty() || dead > 0 {
+        let (dead, got) = self.run_fetch(queues, max, acks, None).await?;
+        if !got.is_empty() || dead > 0 || !acks.is_empty() {
             if dead > 0 {
                 tracing::warn!(
                     count = dead,
@@ -248,7 +262,7 @@ impl Broker for RedisBroker {
             .position(|k| *k == key)
             .map(|i| i / 4)
             .unwrap_or(0);
-        let (dead, got) = self.run_fetch(queues, max, Some((idx, raw))).await?;
+        let (dead, got) = self.run_fetch(queues, max, &[], Some((idx, raw))).await?;
         if dead > 0 {
             tracing::warn!(
                 count = dead,

@@ -9,9 +9,12 @@ use std::sync::LazyLock;
 /// caps, pass 2 fills what is left), and records each as unacked. Envelopes that are not JSON are moved to
 /// the queue's dead-letter list instead. A message already popped by BRPOP can be passed in to be recorded.
 ///
+/// Deliveries to acknowledge first can be passed along: they are removed from `unacked` before anything is
+/// popped, so the worker never holds more than its prefetch even for an instant.
+///
 /// KEYS: `unacked`, `unacked_index`, then 4 priority lists per queue.
 /// ARGV: now, max, dead-letter prefix, timestamp, pre-popped raw (or ""), its queue index (or 0),
-/// two-pass flag, then per queue: name, cap.
+/// two-pass flag, number of acks N, N delivery tags, then per queue: name, cap.
 /// Returns `{dead_lettered, {queue, tag, raw, ...}}`.
 pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -20,12 +23,23 @@ local out = {}
 local dead = 0
 local n = 0
 local max = tonumber(ARGV[2])
-local nq = (#ARGV - 7) / 2
+local nacks = tonumber(ARGV[8])
+local base = 8 + nacks
+local nq = (#ARGV - base) / 2
+for i = 9, base do
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[1], ARGV[i])
+end
 
 local function record(qi, raw)
-  local qname = ARGV[7 + 2 * qi - 1]
-  local tag = string.match(raw, '.*"delivery_tag": "([^"]+)"')
-  local ex, rk = string.match(raw, '"delivery_info": {"exchange": "([^"]*)", "routing_key": "([^"]*)"')
+  local qname = ARGV[base + 2 * qi - 1]
+  -- kombu writes properties last and delivery_tag last among them: look in the tail first.
+  local tail = string.sub(raw, -400)
+  local tag = string.match(tail, '"delivery_tag": "([^"]+)"}}$') or string.match(raw, '.*"delivery_tag": "([^"]+)"')
+  local ex, rk = string.match(tail, '"delivery_info": {"exchange": "([^"]*)", "routing_key": "([^"]*)"')
+  if not ex then
+    ex, rk = string.match(raw, '"delivery_info": {"exchange": "([^"]*)", "routing_key": "([^"]*)"')
+  end
   if not tag then
     local ok, env = pcall(cjson.decode, raw)
     if not ok or type(env) ~= 'table' then
@@ -56,7 +70,7 @@ local passes = tonumber(ARGV[7])
 for pass = 1, passes do
   for qi = 1, nq do
     local cap = max
-    if pass == 1 then cap = tonumber(ARGV[7 + 2 * qi]) end
+    if pass == 1 then cap = tonumber(ARGV[base + 2 * qi]) end
     local taken = 0
     for k = 1, 4 do
       local key = KEYS[2 + (qi - 1) * 4 + k]
