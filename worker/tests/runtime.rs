@@ -72,6 +72,22 @@ impl Env {
         }
     }
 
+    /// Runs a worker in the background until `shutdown`.
+    fn spawn(
+        &self,
+        settings: WorkerSettings,
+        registry: Registry,
+        shutdown: &Shutdown,
+    ) -> tokio::task::JoinHandle<Result<(), celeriac_worker::WorkerError>> {
+        tokio::spawn(celeriac_worker::run(
+            settings,
+            registry,
+            Arc::clone(&self.broker),
+            Arc::clone(&self.backend),
+            shutdown.clone(),
+        ))
+    }
+
     async fn send(&self, task: &str, args: Vec<Value>) -> String {
         let m = TaskMessage::new(task, uuid::Uuid::new_v4().to_string(), args, Map::new());
         self.broker.publish(&m, "q").await.unwrap();
@@ -147,13 +163,11 @@ async fn prefetch_and_concurrency_are_bounds() {
         ids.push(env.send("t.sleep", vec![json!(0.15)]).await);
     }
     let shutdown = Shutdown::default();
-    let worker = tokio::spawn(celeriac_worker::run(
+    let worker = env.spawn(
         env.settings(2, 2, true),
         registry(Arc::clone(&running), Arc::clone(&peak)),
-        Arc::clone(&env.broker),
-        Arc::clone(&env.backend),
-        shutdown.clone(),
-    ));
+        &shutdown,
+    );
     let mut conn = env.conn.clone();
     let mut max_unacked = 0;
     for _ in 0..40 {
@@ -187,13 +201,11 @@ async fn failures_panics_and_blocking_tasks() {
     let after = env.send("t.blocking_double", vec![json!(5)]).await;
     let unknown = env.send("t.nope", vec![]).await;
     let shutdown = Shutdown::default();
-    let worker = tokio::spawn(celeriac_worker::run(
+    let worker = env.spawn(
         env.settings(2, 4, false),
         registry(Default::default(), Default::default()),
-        Arc::clone(&env.broker),
-        Arc::clone(&env.backend),
-        shutdown.clone(),
-    ));
+        &shutdown,
+    );
     assert_eq!(env.result(&ok).await["result"], json!(42));
     let f = env.result(&fail).await;
     assert_eq!(f["status"], json!("FAILURE"));
@@ -233,13 +245,11 @@ async fn warm_shutdown_gives_back_unstarted_and_finishes_running() {
         ids.push(env.send("t.sleep", vec![json!(0.5)]).await);
     }
     let shutdown = Shutdown::default();
-    let worker = tokio::spawn(celeriac_worker::run(
+    let worker = env.spawn(
         env.settings(1, 4, false),
         registry(Arc::clone(&running), Arc::clone(&peak)),
-        Arc::clone(&env.broker),
-        Arc::clone(&env.backend),
-        shutdown.clone(),
-    ));
+        &shutdown,
+    );
     tokio::time::sleep(Duration::from_millis(250)).await;
     shutdown.warm.cancel();
     worker.await.unwrap().unwrap();
@@ -265,13 +275,11 @@ async fn result_extended_adds_request_fields() {
     let shutdown = Shutdown::default();
     let mut settings = env.settings(1, 1, false);
     settings.result_extended = true;
-    let worker = tokio::spawn(celeriac_worker::run(
+    let worker = env.spawn(
         settings,
         registry(Default::default(), Default::default()),
-        Arc::clone(&env.broker),
-        Arc::clone(&env.backend),
-        shutdown.clone(),
-    ));
+        &shutdown,
+    );
     let meta = env.result(&id).await;
     shutdown.warm.cancel();
     worker.await.unwrap().unwrap();
@@ -324,13 +332,11 @@ async fn abandoned_at_shutdown(reject_on_worker_lost: bool) -> (Value, u64, usiz
     let mut settings = env.settings(1, 1, true);
     settings.reject_on_worker_lost = reject_on_worker_lost;
     settings.shutdown_timeout = Duration::from_millis(300);
-    let worker = tokio::spawn(celeriac_worker::run(
+    let worker = env.spawn(
         settings,
         registry(Default::default(), Default::default()),
-        Arc::clone(&env.broker),
-        Arc::clone(&env.backend),
-        shutdown.clone(),
-    ));
+        &shutdown,
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     shutdown.warm.cancel();
     worker.await.unwrap().unwrap();
