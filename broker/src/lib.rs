@@ -115,6 +115,30 @@ pub trait Broker: Send + Sync + 'static {
     /// Gives back every unacked message whose lease expired (a crashed consumer's). Returns how many.
     async fn restore_visible(&self) -> Result<usize>;
 
+    /// Parks a held message until `due` (ETA tasks far in the future): it leaves `unacked` atomically, so no
+    /// visibility timeout redelivers it, and [`Broker::unpark_due`] on any worker republishes it when due.
+    /// Returns false when the message was no longer held (already restored elsewhere).
+    async fn park(&self, held: &Held, due: chrono::DateTime<chrono::Utc>) -> Result<bool>;
+
+    /// Republishes parked messages of `queues` due by `by` to the front of their queues; returns how many.
+    async fn unpark_due(
+        &self,
+        queues: &[String],
+        by: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize>;
+
+    /// Number of parked messages of a queue.
+    async fn parked(&self, queue: &str) -> Result<u64>;
+
+    /// Takes one token from a rate limiter shared by all workers (`interval` between tokens, bursts of
+    /// `burst`). `None`: go ahead; `Some(wait)`: try again after `wait`.
+    async fn take_shared_token(
+        &self,
+        key: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Option<Duration>>;
+
     /// Publishes a task to a queue (Celery's anonymous-exchange routing: routing key = queue name).
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()>;
 

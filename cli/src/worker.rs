@@ -3,7 +3,7 @@
 
 use crate::settings::{GlobalArgs, split_queues};
 use anyhow::Context;
-use celeriac_worker::{Registry, Shutdown, TaskOptions, WorkerSettings};
+use celeriac_worker::{Registry, Shutdown, WorkerSettings};
 use clap::Args;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -87,20 +87,24 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
             args.shutdown_timeout.unwrap_or(cfg.worker_shutdown_timeout),
         ),
         metrics_addr: args.metrics_addr,
+        time_limit: cfg.task_time_limit,
+        soft_time_limit: cfg.task_soft_time_limit,
+        track_started: cfg.task_track_started,
+        acks_on_failure_or_timeout: cfg.task_acks_on_failure_or_timeout,
+        // ETA tasks held in memory must be due well within the visibility timeout.
+        eta_horizon: Duration::from_secs_f64(
+            cfg.worker_eta_horizon
+                .max(0.0)
+                .min(cfg.broker_transport_options.visibility_timeout / 2.0),
+        ),
+        eta_max_in_memory: cfg.worker_eta_max_in_memory,
     };
     let mut registry = Registry::new();
     if cfg.worker_bench_tasks && !args.without_bench_tasks {
         celeriac_tasks::bench::register(&mut registry);
     }
     for (name, a) in &cfg.task_annotations {
-        registry.annotate(
-            name,
-            TaskOptions {
-                acks_late: a.acks_late,
-                ignore_result: a.ignore_result,
-                reject_on_worker_lost: a.reject_on_worker_lost,
-            },
-        );
+        registry.annotate(name, a.to_options(name).map_err(anyhow::Error::msg)?);
     }
     let broker = resolved.broker().await?;
     let backend = resolved.backend().await?;

@@ -61,6 +61,48 @@ pub fn register(registry: &mut Registry) {
         },
     );
     registry.task(
+        "bench.flaky",
+        &["times", "countdown"],
+        opts(),
+        |ctx, (times, countdown): (i64, f64)| async move {
+            if ctx.retries < times {
+                return Err(TaskError::retry_in(countdown));
+            }
+            Ok(ctx.retries)
+        },
+    );
+    registry.blocking_task(
+        "bench.slow",
+        &["seconds"],
+        opts(),
+        |ctx, (seconds,): (f64,)| {
+            // Blocking work that checks for its soft time limit between small steps.
+            let deadline = std::time::Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
+            while std::time::Instant::now() < deadline {
+                if ctx.is_cancelled() {
+                    return Ok(true);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(false)
+        },
+    );
+    registry.task(
+        "bench.progress",
+        &["steps"],
+        opts(),
+        |ctx, (steps,): (i64,)| async move {
+            for done in 1..=steps {
+                ctx.update_state(
+                    "PROGRESS",
+                    serde_json::json!({"done": done, "total": steps}),
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(steps)
+        },
+    );
+    registry.task(
         "bench.fail",
         &["message"],
         opts(),

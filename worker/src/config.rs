@@ -42,6 +42,19 @@ pub struct CeleryConfig {
     pub worker_shutdown_timeout: f64,
     /// Register the built-in `bench.*` tasks (celeriac).
     pub worker_bench_tasks: bool,
+    /// Hard time limit in seconds for every task.
+    pub task_time_limit: Option<f64>,
+    /// Soft time limit in seconds for every task.
+    pub task_soft_time_limit: Option<f64>,
+    /// Store STARTED (with pid and hostname) when a task starts.
+    pub task_track_started: bool,
+    /// acks_late tasks that fail or time out are acknowledged (true) or rejected (false; on Redis both
+    /// remove the message).
+    pub task_acks_on_failure_or_timeout: bool,
+    /// Seconds: ETA tasks due later than this are parked in the broker, not held in worker memory (celeriac).
+    pub worker_eta_horizon: f64,
+    /// At most this many ETA tasks wait in worker memory; more are parked (celeriac).
+    pub worker_eta_max_in_memory: usize,
 }
 
 impl Default for CeleryConfig {
@@ -63,6 +76,12 @@ impl Default for CeleryConfig {
             result_backend_transport_options: BackendTransportOptions::default(),
             worker_shutdown_timeout: 60.0,
             worker_bench_tasks: true,
+            task_time_limit: None,
+            task_soft_time_limit: None,
+            task_track_started: false,
+            task_acks_on_failure_or_timeout: true,
+            worker_eta_horizon: 60.0,
+            worker_eta_max_in_memory: 10_000,
         }
     }
 }
@@ -99,6 +118,81 @@ pub struct Annotation {
     pub ignore_result: Option<bool>,
     /// Overrides `task_reject_on_worker_lost`.
     pub reject_on_worker_lost: Option<bool>,
+    /// Overrides `task_acks_on_failure_or_timeout`.
+    pub acks_on_failure_or_timeout: Option<bool>,
+    /// Overrides `task_track_started`.
+    pub track_started: Option<bool>,
+    /// Retries before giving up (Celery default 3; -1: unlimited).
+    pub max_retries: Option<i64>,
+    /// Seconds before a retry without countdown (Celery default 180).
+    pub default_retry_delay: Option<f64>,
+    /// Exception class names retried automatically (`["ValueError"]`, `["Exception"]` for all).
+    pub autoretry_for: Option<Vec<String>>,
+    /// Exponential backoff for automatic retries: `true` (factor 1 s) or a factor in seconds.
+    pub retry_backoff: Option<BoolOrNumber>,
+    /// Cap of the backoff in seconds (default 600).
+    pub retry_backoff_max: Option<f64>,
+    /// Full jitter on the backoff (default true).
+    pub retry_jitter: Option<bool>,
+    /// Hard time limit in seconds.
+    pub time_limit: Option<f64>,
+    /// Soft time limit in seconds.
+    pub soft_time_limit: Option<f64>,
+    /// `"10/s"`, `"100/m"`, `"1000/h"`.
+    pub rate_limit: Option<String>,
+    /// `"worker"` (default: each worker has its own limit) or `"cluster"` (one limit shared by all workers).
+    pub rate_limit_scope: Option<String>,
+}
+
+/// `true`/`false` or a number (Celery's `retry_backoff`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum BoolOrNumber {
+    /// `true` = 1, `false` = off.
+    Bool(bool),
+    /// A factor.
+    Number(f64),
+}
+
+impl Annotation {
+    /// The task options this annotation sets; `task` names the task in errors.
+    pub fn to_options(&self, task: &str) -> Result<crate::registry::TaskOptions, String> {
+        let cluster = match self.rate_limit_scope.as_deref() {
+            None | Some("worker") => false,
+            Some("cluster") => true,
+            Some(other) => {
+                return Err(format!(
+                    "task_annotations.{task}.rate_limit_scope: unknown value {other:?} (expected \"worker\" or \"cluster\")"
+                ));
+            }
+        };
+        let rate_limit = self
+            .rate_limit
+            .as_deref()
+            .map(|r| crate::registry::RateLimit::parse(r, cluster))
+            .transpose()
+            .map_err(|e| format!("task_annotations.{task}.rate_limit: {e}"))?;
+        Ok(crate::registry::TaskOptions {
+            acks_late: self.acks_late,
+            ignore_result: self.ignore_result,
+            reject_on_worker_lost: self.reject_on_worker_lost,
+            acks_on_failure_or_timeout: self.acks_on_failure_or_timeout,
+            track_started: self.track_started,
+            max_retries: self.max_retries,
+            default_retry_delay: self.default_retry_delay,
+            autoretry_for: self.autoretry_for.clone(),
+            retry_backoff: self.retry_backoff.map(|b| match b {
+                BoolOrNumber::Bool(true) => 1.0,
+                BoolOrNumber::Bool(false) => 0.0,
+                BoolOrNumber::Number(n) => n,
+            }),
+            retry_backoff_max: self.retry_backoff_max,
+            retry_jitter: self.retry_jitter,
+            time_limit: self.time_limit,
+            soft_time_limit: self.soft_time_limit,
+            rate_limit,
+        })
+    }
 }
 
 /// `broker_transport_options`.
@@ -154,6 +248,9 @@ impl CeleryConfig {
         if self.worker_prefetch_multiplier == 0 {
             return Err("worker_prefetch_multiplier must be at least 1".into());
         }
+        for (task, a) in &self.task_annotations {
+            a.to_options(task)?;
+        }
         if self.worker_concurrency == Some(0) {
             return Err("worker_concurrency must be at least 1".into());
         }
@@ -207,6 +304,30 @@ global_keyprefix = "x:"
         assert_eq!(c.queue_for("bench.echo"), "echoes");
         assert_eq!(c.queue_for("other"), "bulk");
         assert_eq!(c.task_annotations["bench.mark"].acks_late, Some(false));
+    }
+
+    #[test]
+    fn annotations_become_task_options() {
+        let c = CeleryConfig::from_toml(
+            r#"
+task_annotations = { "bench.fail" = { autoretry_for = ["ValueError"], retry_backoff = true, max_retries = 5, rate_limit = "10/m", rate_limit_scope = "cluster" } }
+"#,
+        )
+        .unwrap();
+        let o = c.task_annotations["bench.fail"]
+            .to_options("bench.fail")
+            .unwrap();
+        assert_eq!(o.autoretry_for, Some(vec!["ValueError".to_string()]));
+        assert_eq!(o.retry_backoff, Some(1.0));
+        assert_eq!(o.max_retries, Some(5));
+        let rate = o.rate_limit.unwrap();
+        assert_eq!(
+            (rate.interval, rate.cluster),
+            (std::time::Duration::from_secs(6), true)
+        );
+        let e = CeleryConfig::from_toml(r#"task_annotations = { "t" = { rate_limit = "fast" } }"#)
+            .unwrap_err();
+        assert!(e.contains("task_annotations.t.rate_limit"), "{e}");
     }
 
     #[test]

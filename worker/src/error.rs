@@ -21,6 +21,19 @@ pub enum TaskError {
     /// `Ignore`: nothing is stored, the message is acknowledged.
     #[error("ignored")]
     Ignore,
+    /// `self.retry(...)`: the task is republished (same id, `retries + 1`, an ETA) and RETRY is stored, or
+    /// FAILURE when `max_retries` is exceeded.
+    #[error("retry requested")]
+    Retry {
+        /// Seconds from now (default: the task's `default_retry_delay`).
+        countdown: Option<f64>,
+        /// Absolute time instead of a countdown.
+        eta: Option<chrono::DateTime<chrono::Utc>>,
+        /// The exception that caused the retry (stored with RETRY; re-raised when retries run out).
+        exc: Option<ExceptionInfo>,
+        /// Overrides the task's `max_retries` (negative: unlimited).
+        max_retries: Option<i64>,
+    },
 }
 
 impl TaskError {
@@ -37,6 +50,35 @@ impl TaskError {
     /// `TypeError(message)`.
     pub fn type_error(message: impl Into<String>) -> Self {
         Self::builtin("TypeError", message)
+    }
+
+    /// `self.retry(countdown=...)`.
+    pub fn retry_in(countdown: f64) -> Self {
+        Self::Retry {
+            countdown: Some(countdown),
+            eta: None,
+            exc: None,
+            max_retries: None,
+        }
+    }
+
+    /// `self.retry(exc=exc, countdown=...)`.
+    pub fn retry_with(exc: ExceptionInfo, countdown: Option<f64>) -> Self {
+        Self::Retry {
+            countdown,
+            eta: None,
+            exc: Some(exc),
+            max_retries: None,
+        }
+    }
+
+    /// `SoftTimeLimitExceeded()`, for a task that gives up when told its soft time limit passed.
+    pub fn soft_time_limit_exceeded() -> Self {
+        Self::exception(
+            Some("celery.exceptions"),
+            "SoftTimeLimitExceeded",
+            Vec::new(),
+        )
     }
 
     /// An exception with any module and class, and arbitrary args.

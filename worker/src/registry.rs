@@ -11,9 +11,13 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
-/// What a running task knows about its request.
-#[derive(Debug, Clone)]
+/// Stores an intermediate state (`update_state`) for the running task.
+pub type StateSink = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+/// What a running task knows about its request, and how it talks back (custom states, cancellation).
+#[derive(Clone)]
 pub struct TaskContext {
     /// Task id.
     pub id: String,
@@ -27,9 +31,96 @@ pub struct TaskContext {
     pub queue: String,
     /// Whether the transport delivered it before.
     pub redelivered: bool,
+    /// Cancelled when the soft time limit passes (or the hard one, for blocking tasks that keep running).
+    pub cancel: CancellationToken,
+    /// Where `update_state` goes; `None` outside a worker.
+    pub state: Option<StateSink>,
 }
 
-/// Per-task options (Celery's task decorator options).
+impl std::fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("retries", &self.retries)
+            .finish()
+    }
+}
+
+impl TaskContext {
+    /// A context for calling a task outside a worker (tests).
+    pub fn detached(id: &str, name: &str) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            retries: 0,
+            hostname: String::new(),
+            queue: String::new(),
+            redelivered: false,
+            cancel: CancellationToken::new(),
+            state: None,
+        }
+    }
+
+    /// True once the soft time limit passed: the task should clean up and return (Celery raises
+    /// `SoftTimeLimitExceeded` at this point; return [`TaskError::soft_time_limit_exceeded`] to do the same).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Resolves when the soft time limit passes.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// `self.update_state(state=..., meta=...)`: stores a custom state that Python's `AsyncResult.state` and
+    /// `.info` show while the task runs.
+    pub fn update_state(&self, state: &str, meta: Value) {
+        if let Some(sink) = &self.state {
+            sink(state, meta);
+        }
+    }
+}
+
+/// A rate limit (`"10/s"`, `"100/m"`, `"1000/h"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Time between two tasks.
+    pub interval: std::time::Duration,
+    /// Shared by all workers through the broker instead of per worker.
+    pub cluster: bool,
+}
+
+impl RateLimit {
+    /// Parses Celery's rate strings; a bare number is per second.
+    pub fn parse(s: &str, cluster: bool) -> Result<Self, String> {
+        let (n, unit) = s.trim().split_once('/').unwrap_or((s.trim(), "s"));
+        let n: f64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("rate limit {s:?}: expected N/s, N/m or N/h"))?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => 1.0,
+            "m" | "min" | "minute" => 60.0,
+            "h" | "hour" => 3600.0,
+            other => {
+                return Err(format!(
+                    "rate limit {s:?}: unknown unit {other:?} (use s, m or h)"
+                ));
+            }
+        };
+        if !(n.is_finite() && n > 0.0) {
+            return Err(format!("rate limit {s:?}: the rate must be positive"));
+        }
+        Ok(Self {
+            interval: std::time::Duration::from_secs_f64(per / n),
+            cluster,
+        })
+    }
+}
+
+/// Per-task options (Celery's task decorator options). `None` means: use the worker-wide setting or
+/// Celery's default.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskOptions {
     /// Overrides `task_acks_late`.
@@ -38,6 +129,41 @@ pub struct TaskOptions {
     pub ignore_result: Option<bool>,
     /// Overrides `task_reject_on_worker_lost`.
     pub reject_on_worker_lost: Option<bool>,
+    /// Overrides `task_acks_on_failure_or_timeout`.
+    pub acks_on_failure_or_timeout: Option<bool>,
+    /// Overrides `task_track_started`.
+    pub track_started: Option<bool>,
+    /// Retries before giving up (Celery default 3; negative: unlimited).
+    pub max_retries: Option<i64>,
+    /// Seconds before a retry without countdown (Celery default 180).
+    pub default_retry_delay: Option<f64>,
+    /// Exception class names (`"ValueError"`, or `"Exception"` for any) retried automatically.
+    pub autoretry_for: Option<Vec<String>>,
+    /// Exponential backoff factor in seconds for automatic retries (0: use `default_retry_delay`).
+    pub retry_backoff: Option<f64>,
+    /// Cap of the backoff (Celery default 600).
+    pub retry_backoff_max: Option<f64>,
+    /// Full jitter on the backoff (Celery default true).
+    pub retry_jitter: Option<bool>,
+    /// Hard time limit in seconds.
+    pub time_limit: Option<f64>,
+    /// Soft time limit in seconds.
+    pub soft_time_limit: Option<f64>,
+    /// Rate limit.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Celery's `get_exponential_backoff_interval`: `min(max, factor * 2^retries)`, then with full jitter a
+/// uniform draw in `[0, countdown]` (`unit` is that draw's position in `[0, 1)`).
+pub fn backoff(factor: f64, retries: i64, max: f64, jitter: bool, unit: f64) -> f64 {
+    let exp = factor * 2f64.powi(retries.clamp(0, 62) as i32);
+    let countdown = exp.min(max);
+    let countdown = if jitter {
+        (unit * (countdown + 1.0)).floor().min(countdown)
+    } else {
+        countdown
+    };
+    countdown.max(0.0)
 }
 
 /// How a parameter list binds.
@@ -280,14 +406,31 @@ impl Registry {
 
     /// Applies per-task option overrides (from `task_annotations`) to a registered task.
     pub fn annotate(&mut self, name: &str, options: TaskOptions) {
+        let o = options;
         if let Some(t) = self.tasks.get_mut(name) {
-            let t = Arc::make_mut(t);
-            t.options.acks_late = options.acks_late.or(t.options.acks_late);
-            t.options.ignore_result = options.ignore_result.or(t.options.ignore_result);
-            t.options.reject_on_worker_lost = options
-                .reject_on_worker_lost
-                .or(t.options.reject_on_worker_lost);
+            let t = &mut Arc::make_mut(t).options;
+            t.acks_late = o.acks_late.or(t.acks_late);
+            t.ignore_result = o.ignore_result.or(t.ignore_result);
+            t.reject_on_worker_lost = o.reject_on_worker_lost.or(t.reject_on_worker_lost);
+            t.acks_on_failure_or_timeout = o
+                .acks_on_failure_or_timeout
+                .or(t.acks_on_failure_or_timeout);
+            t.track_started = o.track_started.or(t.track_started);
+            t.max_retries = o.max_retries.or(t.max_retries);
+            t.default_retry_delay = o.default_retry_delay.or(t.default_retry_delay);
+            t.autoretry_for = o.autoretry_for.or(t.autoretry_for.take());
+            t.retry_backoff = o.retry_backoff.or(t.retry_backoff);
+            t.retry_backoff_max = o.retry_backoff_max.or(t.retry_backoff_max);
+            t.retry_jitter = o.retry_jitter.or(t.retry_jitter);
+            t.time_limit = o.time_limit.or(t.time_limit);
+            t.soft_time_limit = o.soft_time_limit.or(t.soft_time_limit);
+            t.rate_limit = o.rate_limit.or(t.rate_limit);
         }
+    }
+
+    /// Every registered task.
+    pub fn tasks(&self) -> impl Iterator<Item = &Arc<RegisteredTask>> {
+        self.tasks.values()
     }
 }
 
@@ -369,20 +512,55 @@ mod tests {
         );
     }
 
+    #[test]
+    fn rate_limits_parse_like_celery() {
+        use std::time::Duration;
+        assert_eq!(
+            RateLimit::parse("10/s", false).unwrap().interval,
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            RateLimit::parse("100/m", false).unwrap().interval,
+            Duration::from_millis(600)
+        );
+        assert_eq!(
+            RateLimit::parse("1000/h", true).unwrap().interval,
+            Duration::from_millis(3600)
+        );
+        assert_eq!(
+            RateLimit::parse("4", false).unwrap().interval,
+            Duration::from_millis(250)
+        );
+        assert!(
+            RateLimit::parse("10/d", false)
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(RateLimit::parse("0/s", false).is_err());
+    }
+
+    #[test]
+    fn backoff_matches_celery_formula() {
+        // No jitter: factor * 2^retries, capped.
+        assert_eq!(backoff(1.0, 0, 600.0, false, 0.5), 1.0);
+        assert_eq!(backoff(1.0, 3, 600.0, false, 0.5), 8.0);
+        assert_eq!(backoff(2.0, 10, 600.0, false, 0.5), 600.0);
+        // Full jitter: randrange(countdown + 1), so a whole number within [0, countdown].
+        assert_eq!(backoff(1.0, 3, 600.0, true, 0.0), 0.0);
+        assert_eq!(backoff(1.0, 3, 600.0, true, 0.999), 8.0);
+        for i in 0..100 {
+            let c = backoff(1.0, 5, 20.0, true, f64::from(i) / 100.0);
+            assert!((0.0..=20.0).contains(&c) && c.fract() == 0.0, "{c}");
+        }
+    }
+
     #[tokio::test]
     async fn wrong_types_are_type_errors() {
         let t = add_task();
         let Handler::Async(h) = &t.handler else {
             panic!()
         };
-        let ctx = TaskContext {
-            id: "1".into(),
-            name: "t.add".into(),
-            retries: 0,
-            hostname: "h".into(),
-            queue: "q".into(),
-            redelivered: false,
-        };
+        let ctx = TaskContext::detached("1", "t.add");
         assert_eq!(h(ctx.clone(), json!([1, 2, 3])).await.unwrap(), json!(6));
         let err = h(ctx, json!(["a", 2, null])).await.unwrap_err();
         let TaskError::Failed(e) = err else { panic!() };

@@ -13,9 +13,10 @@
 
 use crate::error::{TaskError, WorkerError};
 use crate::metrics::{Health, Metrics, QueueLabels, TaskEvent};
-use crate::registry::{Handler, RegisteredTask, Registry, TaskContext};
+use crate::registry::{Handler, RateLimit, RegisteredTask, Registry, TaskContext, backoff};
 use celeriac_backend::ResultBackend;
 use celeriac_broker::{Broker, Delivery, Held};
+use celeriac_protocol::envelope::Envelope;
 use celeriac_protocol::result::{ExceptionInfo, ResultMeta, State};
 use celeriac_protocol::{TaskMessage, time};
 use futures::FutureExt;
@@ -55,6 +56,18 @@ pub struct WorkerSettings {
     pub shutdown_timeout: Duration,
     /// Where `/metrics` and `/health` listen.
     pub metrics_addr: Option<SocketAddr>,
+    /// `task_time_limit` (hard, seconds).
+    pub time_limit: Option<f64>,
+    /// `task_soft_time_limit` (seconds).
+    pub soft_time_limit: Option<f64>,
+    /// `task_track_started`.
+    pub track_started: bool,
+    /// `task_acks_on_failure_or_timeout` (on Redis a rejected message is removed like an acked one).
+    pub acks_on_failure_or_timeout: bool,
+    /// ETA tasks due later than this are parked in the broker instead of worker memory.
+    pub eta_horizon: Duration,
+    /// At most this many ETA tasks wait in memory; more are parked.
+    pub eta_max_in_memory: usize,
 }
 
 impl WorkerSettings {
@@ -160,6 +173,50 @@ struct Shared {
     /// acks_late jobs running now, for when a shutdown abandons them.
     running_late: Mutex<HashMap<String, LateJob>>,
     commit: mpsc::UnboundedSender<Commit>,
+    /// Rate limiters by task name.
+    limiters: HashMap<String, Limiter>,
+}
+
+/// A task's rate limiter: per worker (governor) or shared by every worker through the broker.
+enum Limiter {
+    Local(governor::DefaultDirectRateLimiter),
+    Cluster { key: String, interval: Duration },
+}
+
+impl Limiter {
+    fn new(name: &str, rate: RateLimit) -> Self {
+        if rate.cluster {
+            Self::Cluster {
+                key: name.to_string(),
+                interval: rate.interval,
+            }
+        } else {
+            let quota = governor::Quota::with_period(rate.interval.max(Duration::from_nanos(1)))
+                .expect("non-zero period");
+            Self::Local(governor::RateLimiter::direct(quota))
+        }
+    }
+
+    /// `None`: run now; `Some(wait)`: not before `wait` from now.
+    async fn check(&self, broker: &dyn Broker) -> Option<Duration> {
+        match self {
+            Self::Local(l) => {
+                use governor::clock::Clock;
+                l.check().err().map(|not_until| {
+                    not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+                })
+            }
+            Self::Cluster { key, interval } => {
+                match broker.take_shared_token(key, *interval, 1).await {
+                    Ok(wait) => wait,
+                    Err(e) => {
+                        warn!(error = %e, task = %key, "shared rate limiter unavailable; running without it");
+                        None
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -219,6 +276,14 @@ pub async fn run(
     broker.restore_visible().await?;
 
     let (commit_tx, commit_rx) = mpsc::unbounded_channel();
+    let limiters: HashMap<String, Limiter> = registry
+        .tasks()
+        .filter_map(|t| {
+            t.options
+                .rate_limit
+                .map(|r| (t.name.clone(), Limiter::new(&t.name, r)))
+        })
+        .collect();
     let slots = Arc::new(Slots {
         prefetch: Arc::new(Semaphore::new(settings.prefetch())),
         held: Mutex::new(HashSet::new()),
@@ -248,6 +313,7 @@ pub async fn run(
         health: Arc::clone(&health),
         running_late: Mutex::new(HashMap::new()),
         commit: commit_tx,
+        limiters,
     });
 
     let housekeeping_stop = CancellationToken::new();
@@ -335,13 +401,13 @@ async fn fetcher(
     let mut backoff = Duration::from_millis(100);
     loop {
         while let Some(Ok((job, _))) = timers.try_join_next() {
-            let _ = ready.send(job);
+            eta_fired(&shared, job, &ready);
         }
         let first = tokio::select! {
             biased;
             _ = warm.cancelled() => break,
             Some(Ok((job, _))) = timers.join_next(), if !timers.is_empty() => {
-                let _ = ready.send(job);
+                eta_fired(&shared, job, &ready);
                 continue;
             }
             p = tokio::time::timeout(Duration::from_secs(2), Arc::clone(&shared.slots.prefetch).acquire_owned()) => Some(p),
@@ -507,10 +573,24 @@ async fn receive(
         .filter(|t| *t > now);
     match eta {
         Some(eta) => {
+            let wait = (eta - now).to_std().unwrap_or_default();
+            if wait > shared.settings.eta_horizon
+                || timers.len() >= shared.settings.eta_max_in_memory
+            {
+                // Far in the future (or too many waiting): park it in the broker, out of `unacked`, so no
+                // visibility timeout redelivers it and memory stays flat; any worker republishes it when due.
+                match shared.broker.park(&job.held, eta).await {
+                    Ok(parked) => {
+                        debug!(id = %job.message.id(), %eta, parked, "ETA task parked");
+                        shared.release(&job.held.tag, true);
+                        return;
+                    }
+                    Err(e) => warn!(error = %e, "parking an ETA task failed; holding it in memory"),
+                }
+            }
             // Held in a timer; like Celery, an ETA task does not count against prefetch while it waits.
             job.holds_slot = false;
             shared.slots.prefetch.add_permits(1);
-            let wait = (eta - now).to_std().unwrap_or_default();
             let warm = warm.clone();
             timers.spawn(async move {
                 tokio::select! {
@@ -522,6 +602,22 @@ async fn receive(
         None => {
             let _ = ready.send(job);
         }
+    }
+}
+
+/// An ETA came due: run the task unless it expired meanwhile (Celery checks `expires` again here).
+fn eta_fired(shared: &Shared, job: Box<Job>, ready: &mpsc::UnboundedSender<Box<Job>>) {
+    let expired = job
+        .message
+        .headers
+        .expires
+        .as_deref()
+        .and_then(time::parse_iso)
+        .is_some_and(|t| t <= chrono::Utc::now());
+    if expired {
+        revoke_expired(shared, job);
+    } else {
+        let _ = ready.send(job);
     }
 }
 
@@ -566,15 +662,60 @@ async fn dispatcher(
 ) {
     let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
     let mut running = JoinSet::new();
+    // Rate-limited jobs waiting for their turn; they give their prefetch slot back while they wait, and at
+    // most `prefetch` of one task wait in memory (the rest are parked in the broker until their turn).
+    let mut delayed: JoinSet<(Box<Job>, bool)> = JoinSet::new();
+    let mut waiting: HashMap<String, usize> = HashMap::new();
+    let mut unstarted = Vec::new();
     loop {
         while running.try_join_next().is_some() {}
+        let mut job = tokio::select! {
+            biased;
+            _ = warm.cancelled() => break,
+            Some(Ok((job, _))) = delayed.join_next(), if !delayed.is_empty() => {
+                if let Some(n) = waiting.get_mut(job.message.task()) {
+                    *n = n.saturating_sub(1);
+                }
+                job
+            }
+            j = ready.recv() => match j { Some(j) => j, None => break },
+        };
+        if let Some(limiter) = shared.limiters.get(job.message.task())
+            && let Some(wait) = limiter.check(shared.broker.as_ref()).await
+        {
+            if job.holds_slot {
+                job.holds_slot = false;
+                shared.slots.prefetch.add_permits(1);
+            }
+            let n = waiting.entry(job.message.task().to_string()).or_default();
+            if *n >= shared.settings.prefetch() {
+                let due = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                match shared.broker.park(&job.held, due).await {
+                    Ok(_) => {
+                        shared.release(&job.held.tag, false);
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "parking a rate-limited task failed; holding it in memory")
+                    }
+                }
+            }
+            *n += 1;
+            let warm = warm.clone();
+            delayed.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => (job, true),
+                    _ = warm.cancelled() => (job, false),
+                }
+            });
+            continue;
+        }
         let permit = tokio::select! {
             p = Arc::clone(&slots).acquire_owned() => p.expect("never closed"),
-            _ = warm.cancelled() => break,
-        };
-        let job = tokio::select! {
-            j = ready.recv() => match j { Some(j) => j, None => break },
-            _ = warm.cancelled() => break,
+            _ = warm.cancelled() => {
+                unstarted.push(job);
+                break;
+            }
         };
         if job.acks_late {
             let exc = ExceptionInfo::new(
@@ -607,7 +748,9 @@ async fn dispatcher(
         });
     }
     // Warm shutdown. Messages that never started go back (the fetcher closes the channel when it stops).
-    let mut unstarted = Vec::new();
+    while let Some(Ok((job, _))) = delayed.join_next().await {
+        unstarted.push(job);
+    }
     while let Some(job) = ready.recv().await {
         unstarted.push(job);
     }
@@ -653,23 +796,23 @@ async fn dispatcher(
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "task panicked".into()
-    }
-}
-
 /// Runs one job and hands its outcome to the committer.
 async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     let started = Instant::now();
     let name = job.message.task().to_string();
     let queue = job.held.queue.clone();
+    let opts = &job.task.options;
     shared.metrics.task(TaskEvent::Started, &name, &queue);
     shared.metrics.tasks_active.inc();
+    if opts.track_started.unwrap_or(shared.settings.track_started) {
+        let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
+        let meta = shared.meta(&job, State::Started, info, None);
+        let _ = shared.commit.send(Commit::Done {
+            meta: Some(Box::new(meta)),
+            late_ack: None,
+        });
+    }
+    let cancel = CancellationToken::new();
     let ctx = TaskContext {
         id: job.message.id().to_string(),
         name: name.clone(),
@@ -677,7 +820,19 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         hostname: shared.settings.hostname.clone(),
         queue: queue.clone(),
         redelivered: job.held.redelivered,
+        cancel: cancel.clone(),
+        state: Some(state_sink(shared, &job)),
     };
+    // Limits: the message's `timelimit` header, then the task's options, then the worker's settings.
+    let (h_hard, h_soft) = job.message.headers.time_limits();
+    let hard = h_hard
+        .or(opts.time_limit)
+        .or(shared.settings.time_limit)
+        .filter(|t| *t > 0.0);
+    let soft = h_soft
+        .or(opts.soft_time_limit)
+        .or(shared.settings.soft_time_limit)
+        .filter(|t| *t > 0.0);
     let args = std::mem::take(&mut job.message.args);
     let kwargs = std::mem::take(&mut job.message.kwargs);
     let extended = shared
@@ -686,24 +841,39 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         .then(|| (args.clone(), kwargs.clone()));
     let outcome = match job.task.bind(args, kwargs) {
         Err(e) => Err(e),
-        Ok(bound) => match &job.task.handler {
-            Handler::Async(h) => AssertUnwindSafe(h(ctx, bound))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|p| Err(panicked(panic_message(p)))),
-            Handler::Blocking(h) => {
-                let h = Arc::clone(h);
-                match tokio::task::spawn_blocking(move || h(ctx, bound)).await {
-                    Ok(r) => r,
-                    Err(e) if e.is_panic() => Err(panicked(panic_message(e.into_panic()))),
-                    Err(e) => Err(panicked(e.to_string())),
+        Ok(bound) => {
+            let run = async {
+                match &job.task.handler {
+                    Handler::Async(h) => AssertUnwindSafe(h(ctx, bound))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|p| Err(panicked(panic_message(p)))),
+                    Handler::Blocking(h) => {
+                        let h = Arc::clone(h);
+                        match tokio::task::spawn_blocking(move || h(ctx, bound)).await {
+                            Ok(r) => r,
+                            Err(e) if e.is_panic() => Err(panicked(panic_message(e.into_panic()))),
+                            Err(e) => Err(panicked(e.to_string())),
+                        }
+                    }
                 }
-            }
-        },
+            };
+            with_time_limits(run, hard, soft, &cancel).await
+        }
     };
     let runtime = started.elapsed().as_secs_f64();
     shared.metrics.tasks_active.dec();
     shared.metrics.runtime(&name, &queue, runtime);
+    let outcome = autoretry(&job, outcome);
+    let outcome = match outcome {
+        Err(TaskError::Retry {
+            countdown,
+            eta,
+            exc,
+            max_retries,
+        }) => retry(shared, &job, countdown, eta, exc, max_retries).await,
+        other => other,
+    };
     let store = shared.store_results(&job);
     let id = job.message.id().to_string();
     let late_ack = job
@@ -723,6 +893,16 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
                 m.traceback = Some(exc.traceback(&name));
                 m
             })
+        }
+        Err(TaskError::Retry { exc, countdown, .. }) => {
+            // Republished: store RETRY with the exception; the retry message is this task's child.
+            shared.metrics.task(TaskEvent::Retried, &name, &queue);
+            info!(task = %name, %id, countdown, "Task retry scheduled");
+            let result = exc.as_ref().map(|e| json!(e)).unwrap_or(Value::Null);
+            let mut m = shared.meta(&job, State::Retry, result, None);
+            m.traceback = exc.as_ref().map(|e| e.traceback(&name));
+            m.children = Some(vec![json!([[id, null], null])]);
+            Some(m)
         }
         Err(TaskError::Ignore) => None,
         Err(TaskError::Reject { requeue, reason }) => {
@@ -761,6 +941,182 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         meta: meta.map(Box::new),
         late_ack,
     });
+}
+
+/// `update_state` for one job: custom states go through the committer, in order with the final result.
+fn state_sink(shared: &Arc<Shared>, job: &Job) -> crate::registry::StateSink {
+    let tx = shared.commit.clone();
+    let (id, group, parent) = (
+        job.message.headers.id.clone(),
+        job.message.headers.group.clone(),
+        job.message.headers.parent_id.clone(),
+    );
+    Arc::new(move |state: &str, meta: Value| {
+        let mut m = ResultMeta::new(id.clone(), State::parse(state), meta);
+        if m.status.is_ready() {
+            m.date_done = Some(time::isoformat(chrono::Utc::now()));
+        }
+        m.group_id = group.clone();
+        m.parent_id = parent.clone();
+        let _ = tx.send(Commit::Done {
+            meta: Some(Box::new(m)),
+            late_ack: None,
+        });
+    })
+}
+
+/// Runs a task under its time limits: at the soft limit the task's cancellation token fires (it may clean
+/// up and return); at the hard limit it is abandoned with `TimeLimitExceeded` and its slot freed.
+async fn with_time_limits<F>(
+    run: F,
+    hard: Option<f64>,
+    soft: Option<f64>,
+    cancel: &CancellationToken,
+) -> Result<Value, TaskError>
+where
+    F: std::future::Future<Output = Result<Value, TaskError>>,
+{
+    if hard.is_none() && soft.is_none() {
+        return run.await;
+    }
+    let sleep_for = |s: Option<f64>| async move {
+        match s {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(run);
+    let soft_timer = sleep_for(soft);
+    let hard_timer = sleep_for(hard);
+    tokio::pin!(soft_timer, hard_timer);
+    let mut soft_fired = false;
+    loop {
+        tokio::select! {
+            r = &mut run => return r,
+            _ = &mut soft_timer, if !soft_fired => {
+                soft_fired = true;
+                cancel.cancel();
+            }
+            _ = &mut hard_timer => {
+                cancel.cancel();
+                return Err(TaskError::exception(
+                    Some("celery.exceptions"),
+                    "TimeLimitExceeded",
+                    vec![json!(hard.unwrap_or_default())],
+                ));
+            }
+        }
+    }
+}
+
+/// `autoretry_for`: a failure of a listed class becomes a retry, with exponential backoff when configured.
+fn autoretry(job: &Job, outcome: Result<Value, TaskError>) -> Result<Value, TaskError> {
+    let o = &job.task.options;
+    let Err(TaskError::Failed(exc)) = &outcome else {
+        return outcome;
+    };
+    let Some(kinds) = &o.autoretry_for else {
+        return outcome;
+    };
+    if !kinds
+        .iter()
+        .any(|k| k == &exc.exc_type || k == "Exception" || k == "BaseException")
+    {
+        return outcome;
+    }
+    let countdown = o.retry_backoff.filter(|f| *f > 0.0).map(|factor| {
+        backoff(
+            factor,
+            job.message.headers.retries,
+            o.retry_backoff_max.unwrap_or(600.0),
+            o.retry_jitter.unwrap_or(true),
+            random_unit(),
+        )
+    });
+    let Err(TaskError::Failed(exc)) = outcome else {
+        unreachable!()
+    };
+    Err(TaskError::retry_with(exc, countdown))
+}
+
+/// A uniform draw in `[0, 1)` (from a v4 uuid's random bits; no extra RNG dependency).
+fn random_unit() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
+}
+
+/// Celery's `Task.retry`: past `max_retries` the task fails with its exception (or
+/// `MaxRetriesExceededError`); otherwise the message is republished with the same id, `retries + 1`, an ETA
+/// and this task as parent, routed back to the queue it came from. The retry is returned unchanged when it
+/// was published, so the caller stores RETRY.
+async fn retry(
+    shared: &Shared,
+    job: &Job,
+    countdown: Option<f64>,
+    eta: Option<chrono::DateTime<chrono::Utc>>,
+    exc: Option<ExceptionInfo>,
+    max_retries: Option<i64>,
+) -> Result<Value, TaskError> {
+    let o = &job.task.options;
+    let h = &job.message.headers;
+    let max = max_retries.or(o.max_retries).unwrap_or(3);
+    if max >= 0 && h.retries + 1 > max {
+        return Err(TaskError::Failed(exc.unwrap_or_else(|| {
+            ExceptionInfo::new(
+                "celery.exceptions",
+                "MaxRetriesExceededError",
+                format!(
+                    "Can't retry {}[{}] args:{} kwargs:{}",
+                    h.task,
+                    h.id,
+                    h.argsrepr.as_deref().unwrap_or("()"),
+                    h.kwargsrepr.as_deref().unwrap_or("{}")
+                ),
+            )
+        })));
+    }
+    let delay = countdown.unwrap_or_else(|| o.default_retry_delay.unwrap_or(180.0));
+    let when = eta.unwrap_or_else(|| {
+        chrono::Utc::now() + chrono::Duration::microseconds((delay * 1e6) as i64)
+    });
+    let republish = async {
+        let mut msg = Envelope::parse(&job.held.raw)
+            .and_then(Envelope::into_task)
+            .map_err(|e| e.to_string())?;
+        msg.headers.retries += 1;
+        msg.headers.eta = Some(time::isoformat(when));
+        msg.headers.parent_id = Some(msg.headers.id.clone());
+        msg.headers.extra.shift_remove("redelivered");
+        shared
+            .broker
+            .publish(&msg, &job.held.routing_key)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match republish.await {
+        Ok(()) => Err(TaskError::Retry {
+            countdown: Some(delay),
+            eta: Some(when),
+            exc,
+            max_retries,
+        }),
+        Err(e) => {
+            // As Celery: a retry that cannot be published fails the task.
+            error!(task = %h.task, id = %h.id, error = %e, "publishing the retry failed");
+            Err(TaskError::Failed(exc.unwrap_or_else(|| {
+                ExceptionInfo::new("celery.exceptions", "Reject", e)
+            })))
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "task panicked".into()
+    }
 }
 
 fn panicked(message: String) -> TaskError {
@@ -867,6 +1223,8 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
     let mut renew = tokio::time::interval(renew_every);
     let mut sweep = tokio::time::interval(sweep_every);
     let mut lengths = tokio::time::interval(Duration::from_secs(5));
+    let mut unpark = tokio::time::interval(Duration::from_millis(500));
+    unpark.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -881,6 +1239,16 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
                     warn!(error = %e, "visibility-timeout sweep failed");
                 }
             }
+            _ = unpark.tick() => {
+                // Parked ETA tasks due within the horizon come back; the last stretch waits in memory.
+                let lookahead = shared.settings.eta_horizon.min(Duration::from_secs(1));
+                let by = chrono::Utc::now() + chrono::Duration::from_std(lookahead).unwrap_or_default();
+                match shared.broker.unpark_due(&shared.settings.queues, by).await {
+                    Ok(0) => {}
+                    Ok(n) => debug!(n, "republished parked ETA tasks"),
+                    Err(e) => warn!(error = %e, "republishing parked ETA tasks failed"),
+                }
+            }
             _ = lengths.tick() => {
                 for q in &shared.settings.queues {
                     match shared.broker.queue_length(q).await {
@@ -889,6 +1257,99 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper(
+        secs: u64,
+        cancel: CancellationToken,
+    ) -> impl std::future::Future<Output = Result<Value, TaskError>> {
+        async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(secs)) => Ok(json!("finished")),
+                _ = cancel.cancelled() => Ok(json!("cleaned up")),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn soft_limit_signals_the_task_which_may_return() {
+        let cancel = CancellationToken::new();
+        let t0 = tokio::time::Instant::now();
+        let r =
+            with_time_limits(sleeper(100, cancel.clone()), Some(10.0), Some(2.0), &cancel).await;
+        assert_eq!(r.unwrap(), json!("cleaned up"));
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hard_limit_abandons_the_task() {
+        let cancel = CancellationToken::new();
+        let ignores_cancel = async {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            Ok(json!("too late"))
+        };
+        let t0 = tokio::time::Instant::now();
+        let r = with_time_limits(ignores_cancel, Some(3.0), Some(1.0), &cancel).await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(3));
+        assert!(cancel.is_cancelled());
+        let Err(TaskError::Failed(e)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            (e.exc_type.as_str(), e.exc_module.as_deref(), e.exc_message),
+            (
+                "TimeLimitExceeded",
+                Some("celery.exceptions"),
+                vec![json!(3.0)]
+            )
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_limits_no_timers() {
+        let cancel = CancellationToken::new();
+        let r = with_time_limits(sleeper(50, cancel.clone()), None, None, &cancel).await;
+        assert_eq!(r.unwrap(), json!("finished"));
+        assert!(!cancel.is_cancelled());
+    }
+
+    #[test]
+    fn local_rate_limit_spaces_tasks() {
+        let limiter = Limiter::new(
+            "t",
+            RateLimit {
+                interval: Duration::from_millis(250),
+                cluster: false,
+            },
+        );
+        let Limiter::Local(l) = &limiter else {
+            panic!()
+        };
+        assert!(l.check().is_ok(), "the first task runs at once");
+        let wait = match l.check() {
+            Err(not_until) => {
+                use governor::clock::Clock;
+                not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+            }
+            Ok(()) => panic!("a second task within 250 ms must wait"),
+        };
+        assert!(
+            wait > Duration::from_millis(200) && wait <= Duration::from_millis(250),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn random_unit_is_in_range() {
+        for _ in 0..1000 {
+            let u = random_unit();
+            assert!((0.0..1.0).contains(&u), "{u}");
         }
     }
 }

@@ -69,6 +69,12 @@ impl Env {
             visibility_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
             metrics_addr: None,
+            time_limit: None,
+            soft_time_limit: None,
+            track_started: false,
+            acks_on_failure_or_timeout: true,
+            eta_horizon: Duration::from_secs(60),
+            eta_max_in_memory: 10_000,
         }
     }
 

@@ -84,6 +84,16 @@ impl Keys {
         format!("{}celeriac.deadletter.", self.prefix)
     }
 
+    /// celeriac's set of parked ETA messages of a queue (scored by due time).
+    pub fn eta(&self, queue: &str) -> String {
+        format!("{}celeriac.eta.{queue}", self.prefix)
+    }
+
+    /// A shared rate limiter's state.
+    pub fn rate_limit(&self, name: &str) -> String {
+        format!("{}celeriac.ratelimit.{name}", self.prefix)
+    }
+
     /// The dead-letter list of a queue.
     pub fn deadletter(&self, queue: &str) -> String {
         format!("{}celeriac.deadletter.{queue}", self.prefix)

@@ -404,6 +404,64 @@ impl Broker for RedisBroker {
         Ok(restored)
     }
 
+    async fn park(&self, held: &Held, due: chrono::DateTime<chrono::Utc>) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let parked: i64 = scripts::PARK
+            .key(self.keys.unacked())
+            .key(self.keys.unacked_index())
+            .key(self.keys.eta(&held.routing_key))
+            .arg(&held.tag)
+            .arg(due.timestamp_micros() as f64 / 1e6)
+            .arg(&held.raw)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(parked == 1)
+    }
+
+    async fn unpark_due(
+        &self,
+        queues: &[String],
+        by: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize> {
+        let mut conn = self.conn.clone();
+        let mut total = 0;
+        for q in queues {
+            let mut inv = scripts::UNPARK.prepare_invoke();
+            inv.key(self.keys.eta(q));
+            for k in self.keys.queue_lists(q) {
+                inv.key(k);
+            }
+            let moved: i64 = inv
+                .arg(by.timestamp_micros() as f64 / 1e6)
+                .arg(1000)
+                .invoke_async(&mut conn)
+                .await?;
+            total += moved as usize;
+        }
+        Ok(total)
+    }
+
+    async fn parked(&self, queue: &str) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zcard(self.keys.eta(queue)).await?)
+    }
+
+    async fn take_shared_token(
+        &self,
+        key: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Option<Duration>> {
+        let mut conn = self.conn.clone();
+        let wait_ms: i64 = scripts::RATE_LIMIT
+            .key(self.keys.rate_limit(key))
+            .arg(interval.as_millis().max(1) as u64)
+            .arg(burst.max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((wait_ms >= 0).then(|| Duration::from_millis(wait_ms as u64)))
+    }
+
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
         let tag = uuid::Uuid::new_v4().to_string();
         let body = envelope::encode_task(message, "", queue, &tag);

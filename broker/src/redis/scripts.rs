@@ -116,3 +116,61 @@ return 0
 "#,
     )
 });
+
+/// Moves a held message out of `unacked` into the queue's ETA set (scored by when it is due), atomically:
+/// from then on no visibility timeout can redeliver it, and any worker republishes it when due.
+/// KEYS: `unacked`, `unacked_index`, ETA set. ARGV: tag, due (unix seconds), envelope.
+pub static PARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+/// Republishes parked messages due by ARGV[1] to the front of their queue (priority sub-list from the
+/// envelope). Each message is moved by exactly one caller (ZREM decides). KEYS: ETA set, then the 4 priority
+/// lists of the queue. ARGV: due-by (unix seconds), limit. Returns how many moved.
+pub static UNPARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local moved = 0
+for _, m in ipairs(due) do
+  if redis.call('ZREM', KEYS[1], m) == 1 then
+    local p = tonumber(string.match(string.sub(m, -400), '"priority": (%d+)')) or 0
+    local k = 2
+    if p >= 9 then k = 5 elseif p >= 6 then k = 4 elseif p >= 3 then k = 3 end
+    redis.call('RPUSH', KEYS[k], m)
+    moved = moved + 1
+  end
+end
+return moved
+"#,
+    )
+});
+
+/// A GCRA token bucket shared by every worker: returns -1 when a call may proceed now, otherwise how many
+/// milliseconds to wait. KEYS: the limiter key. ARGV: emission interval (ms), burst.
+pub static RATE_LIMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tolerance = interval * (tonumber(ARGV[2]) - 1)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local allow_at = tat - tolerance
+if now < allow_at then return allow_at - now end
+local new = tat + interval
+redis.call('SET', KEYS[1], new, 'PX', math.ceil(new - now + 1000))
+return -1
+"#,
+    )
+});
