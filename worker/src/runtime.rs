@@ -1265,15 +1265,10 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
 mod tests {
     use super::*;
 
-    fn sleeper(
-        secs: u64,
-        cancel: CancellationToken,
-    ) -> impl std::future::Future<Output = Result<Value, TaskError>> {
-        async move {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(secs)) => Ok(json!("finished")),
-                _ = cancel.cancelled() => Ok(json!("cleaned up")),
-            }
+    async fn sleeper(secs: u64, cancel: CancellationToken) -> Result<Value, TaskError> {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(secs)) => Ok(json!("finished")),
+            _ = cancel.cancelled() => Ok(json!("cleaned up")),
         }
     }
 
