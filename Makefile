@@ -11,7 +11,7 @@ METRICS_ADDR ?= 127.0.0.1:9091
 CELERIAC_DEBUG := $(CARGO_TARGET_DIR)/debug/celeriac
 CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
 
-.PHONY: up test lint fmt unit interop bench build release redis venv clean help
+.PHONY: up test lint fmt unit interop bench bench-eta build release redis venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,6 +43,9 @@ fmt: ## Format the code.
 
 bench: redis venv release ## Drain 50,000 bench.noop tasks with celeriac and with Python Celery, same run.
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/drain.py $(BENCH_ARGS)
+
+bench-eta: redis venv release ## ETA soak: 100,000 tasks due in 1 h (RSS), due after the visibility timeout, worker killed.
+	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/eta_soak.py $(BENCH_ARGS)
 
 build: require-cargo
 	cargo build --workspace
