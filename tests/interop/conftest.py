@@ -202,19 +202,63 @@ def _toml_str(value):
     return json.dumps(value, ensure_ascii=True)
 
 
-def write_celeriac_config(path, prefix, acks_late=None, visibility_timeout=None):
-    """Write the TOML config celeriac reads (Celery's own key names)."""
+def _toml_key(key):
+    """A bare TOML key when it can be one (``rate_limit``), else quoted (``"bench.add"``)."""
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_str(key)
+
+
+def _toml_value(value):
+    """A TOML literal for a scalar, a list, or a dict (as an inline table)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"no TOML literal for {value!r} in the interop config")
+        return repr(value)  # '0.2', '1e-05': both valid TOML floats
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} to the celeriac TOML config")
+
+
+def write_celeriac_config(path, prefix, acks_late=None, visibility_timeout=None,
+                          settings=None, annotations=None):
+    """Write the TOML config celeriac reads (Celery's own key names).
+
+    ``settings``: extra top-level keys (``task_time_limit = 2``, ...); a
+    ``broker_transport_options`` dict in it is merged into that table.
+    ``annotations``: ``{task name: {option: value}}``, written as Celery's
+    ``task_annotations = { "bench.add" = { rate_limit = "4/s" } }``.
+    """
+    settings = dict(settings or {})
+    broker_opts = dict(settings.pop("broker_transport_options", None) or {})
+    backend_opts = dict(settings.pop("result_backend_transport_options", None) or {})
+    if visibility_timeout is not None:
+        broker_opts["visibility_timeout"] = visibility_timeout
+    broker_opts["global_keyprefix"] = prefix
+    backend_opts["global_keyprefix"] = prefix
+
     lines = ["# written by tests/interop/conftest.py"]
-    if acks_late is not None:
+    if acks_late is not None and "task_acks_late" not in settings:  # settings win
         lines.append(f"task_acks_late = {'true' if acks_late else 'false'}")
+    for key, value in settings.items():
+        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    if annotations:
+        lines.append(f"task_annotations = {_toml_value(annotations)}")
     lines.append("")
     lines.append("[broker_transport_options]")
-    if visibility_timeout is not None:
-        lines.append(f"visibility_timeout = {visibility_timeout}")
-    lines.append(f"global_keyprefix = {_toml_str(prefix)}")
+    for key, value in broker_opts.items():
+        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
     lines.append("")
     lines.append("[result_backend_transport_options]")
-    lines.append(f"global_keyprefix = {_toml_str(prefix)}")
+    for key, value in backend_opts.items():
+        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -296,8 +340,15 @@ class Fleet:
 
     # -- workers --------------------------------------------------------
     def start(self, kind=None, *, concurrency=2, prefetch=4, acks_late=False,
-              visibility_timeout=None, queues=None, wait_ready=True):
+              visibility_timeout=None, queues=None, wait_ready=True, settings=None, annotations=None):
         """Start a worker consuming ``queues`` (default: the test's queue).
+
+        ``settings`` (Celery setting name -> value) and ``annotations`` (task
+        name -> per-task options, i.e. ``task_annotations``) configure either
+        kind the same way: celeriac gets them in its TOML file, the Python
+        worker through ``INTEROP_CONF_JSON`` / ``INTEROP_TASK_ANNOTATIONS_JSON``
+        (pyapp.py drops the celeriac-only ones and turns ``autoretry_for``
+        names into exception classes).
 
         ``kind`` defaults to the worker under test (``INTEROP_WORKER``). Each
         worker also consumes a private ``<queue>.ready.<n>`` queue: readiness
@@ -317,12 +368,14 @@ class Fleet:
                   "--prefetch-multiplier", str(prefetch), "--loglevel", "info"]
         if kind == "celeriac":
             config = write_celeriac_config(self.log_dir / f"{name.split('@')[0]}.toml", self.iso.prefix,
-                                           acks_late=acks_late, visibility_timeout=visibility_timeout)
+                                           acks_late=acks_late, visibility_timeout=visibility_timeout,
+                                           settings=settings, annotations=annotations)
             argv = [celeriac_bin(), "worker", "--broker", self.iso.redis_url,
                     "--result-backend", self.iso.redis_url, *common, "--config", str(config)]
             cwd = self.log_dir
         else:
-            env.update(self._pyapp_env(acks_late=acks_late, visibility_timeout=visibility_timeout))
+            env.update(self._pyapp_env(acks_late=acks_late, visibility_timeout=visibility_timeout,
+                                       settings=settings, annotations=annotations))
             argv = [sys.executable, "-m", "celery", "-A", "pyapp", "worker", *common,
                     "--pool", "prefork", "--without-mingle", "--without-gossip", "--without-heartbeat"]
             cwd = HERE
@@ -383,7 +436,7 @@ class Fleet:
             self._client_config = write_celeriac_config(self.log_dir / "celeriac-client.toml", self.iso.prefix)
         return self._client_config
 
-    def _pyapp_env(self, acks_late=False, visibility_timeout=None):
+    def _pyapp_env(self, acks_late=False, visibility_timeout=None, settings=None, annotations=None):
         env = {
             "INTEROP_BROKER": self.iso.redis_url,
             "INTEROP_BACKEND": self.iso.redis_url,
@@ -393,6 +446,10 @@ class Fleet:
         }
         if visibility_timeout is not None:
             env["INTEROP_VISIBILITY_TIMEOUT"] = str(visibility_timeout)
+        if settings:
+            env["INTEROP_CONF_JSON"] = json.dumps(settings)
+        if annotations:
+            env["INTEROP_TASK_ANNOTATIONS_JSON"] = json.dumps(annotations)
         return env
 
 

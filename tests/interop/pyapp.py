@@ -18,6 +18,15 @@ test isolation (key prefix, acks_late, visibility timeout):
                                 kombu's 3600)
     INTEROP_QUEUE               task_default_queue (default "celery"), used by
                                 ``celery -A pyapp call`` when --queue is omitted
+    INTEROP_CONF_JSON           JSON object of extra Celery settings (e.g.
+                                ``{"task_track_started": true}``); the
+                                ``*_transport_options`` dicts are merged, not
+                                replaced; celeriac-only keys are dropped
+    INTEROP_TASK_ANNOTATIONS_JSON
+                                JSON ``task_annotations`` (task name -> options);
+                                ``autoretry_for`` holds exception class *names*
+                                (as in celeriac's TOML), resolved here to classes;
+                                celeriac-only options are dropped
 
 Task contract (same names as celeriac's built-in tasks):
 
@@ -29,17 +38,35 @@ Task contract (same names as celeriac's built-in tasks):
     bench.mark(i, key, url)      -> i, after HINCRBY key i 1 on Redis ``url``
     bench.fail(message)          -> raises ValueError(message)
     bench.panic()                -> raises TaskPanicked
+    bench.flaky(times, countdown) -> self.retry(countdown=countdown) while
+                                 request.retries < times, then returns
+                                 request.retries (max_retries: Celery's 3)
+    bench.slow(seconds)          -> loops in small sleeps for ``seconds``; True
+                                 when stopped early by the soft time limit
+                                 (SoftTimeLimitExceeded), else False
+    bench.progress(steps)        -> steps, after update_state(PROGRESS,
+                                 {"done": i, "total": steps}) + 0.2 s sleep
+                                 for i in 1..=steps
 
 Extra side effect, Python-only: ``bench.mark`` also does
 ``HINCRBY <key>:workers <node name> 1`` so mixed-fleet tests can tell which
 Python node ran how many marks (celeriac is not required to do this; its share
 is "total minus the Python nodes' shares").
 """
+import builtins
+import json
 import os
 import time
 
 import redis
 from celery import Celery
+from celery import exceptions as celery_exceptions
+from celery.exceptions import SoftTimeLimitExceeded
+
+#: Settings / per-task options only celeriac knows; Python Celery has no equivalent.
+CELERIAC_ONLY_SETTINGS = frozenset({"worker_eta_horizon", "worker_shutdown_timeout", "worker_bench_tasks"})
+CELERIAC_ONLY_TRANSPORT_OPTIONS = frozenset({"queue_order_strategy", "queue_weights"})
+CELERIAC_ONLY_TASK_OPTIONS = frozenset({"rate_limit_scope"})
 
 
 def celery_settings(broker, backend, keyprefix="", acks_late=False,
@@ -90,8 +117,46 @@ def _settings_from_env():
     )
 
 
+def _exception_class(name):
+    """``"ValueError"`` -> ValueError (builtins, celery.exceptions, or this module)."""
+    for namespace in (builtins, celery_exceptions):
+        cls = getattr(namespace, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            return cls
+    cls = globals().get(name)
+    if isinstance(cls, type) and issubclass(cls, BaseException):
+        return cls
+    raise ValueError(f"pyapp: unknown exception class in autoretry_for: {name!r}")
+
+
+def _extra_settings_from_env(settings):
+    """Apply INTEROP_CONF_JSON / INTEROP_TASK_ANNOTATIONS_JSON on top of ``settings``."""
+    extra = json.loads(os.environ.get("INTEROP_CONF_JSON") or "{}")
+    for key, value in extra.items():
+        if key in CELERIAC_ONLY_SETTINGS:
+            continue
+        if key.endswith("_transport_options"):
+            merged = dict(settings.get(key) or {})
+            merged.update({k: v for k, v in value.items() if k not in CELERIAC_ONLY_TRANSPORT_OPTIONS})
+            settings[key] = merged
+        else:
+            settings[key] = value
+    annotations = json.loads(os.environ.get("INTEROP_TASK_ANNOTATIONS_JSON") or "{}")
+    if annotations:
+        prepared = {}
+        for task_name, options in annotations.items():
+            options = {k: v for k, v in options.items() if k not in CELERIAC_ONLY_TASK_OPTIONS}
+            if "autoretry_for" in options:
+                options["autoretry_for"] = tuple(_exception_class(n) for n in options["autoretry_for"])
+            prepared[task_name] = options
+        settings["task_annotations"] = prepared
+    return settings
+
+
 app = Celery("pyapp")
-app.conf.update(_settings_from_env())
+# Before any task is defined: annotations (autoretry_for above all) are applied
+# when a task class is bound to the app.
+app.conf.update(_extra_settings_from_env(_settings_from_env()))
 
 
 class TaskPanicked(Exception):
@@ -150,3 +215,34 @@ def fail(message):
 @app.task(name="bench.panic")
 def panic():
     raise TaskPanicked("task panicked")
+
+
+@app.task(name="bench.flaky", bind=True)
+def flaky(self, times, countdown):
+    """Retry (no exception) ``times`` times, ``countdown`` seconds apart; return the retry count."""
+    if self.request.retries < times:
+        raise self.retry(countdown=countdown)
+    return self.request.retries
+
+
+@app.task(name="bench.slow")
+def slow(seconds):
+    """Busy for ``seconds`` in 50 ms sleeps; True when the soft time limit stopped it early."""
+    deadline = time.monotonic() + seconds
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.05, left))
+    except SoftTimeLimitExceeded:
+        return True
+
+
+@app.task(name="bench.progress", bind=True)
+def progress(self, steps):
+    """Store PROGRESS {"done": i, "total": steps} for i in 1..=steps, 0.2 s apart; return steps."""
+    for i in range(1, steps + 1):
+        self.update_state(state="PROGRESS", meta={"done": i, "total": steps})
+        time.sleep(0.2)
+    return steps

@@ -999,8 +999,9 @@ where
             }
             _ = &mut hard_timer => {
                 cancel.cancel();
+                // As Python Celery stores it (billiard's class, re-exported by celery.exceptions).
                 return Err(TaskError::exception(
-                    Some("celery.exceptions"),
+                    Some("billiard.exceptions"),
                     "TimeLimitExceeded",
                     vec![json!(hard.unwrap_or_default())],
                 ));
@@ -1024,9 +1025,10 @@ fn autoretry(job: &Job, outcome: Result<Value, TaskError>) -> Result<Value, Task
     {
         return outcome;
     }
+    // Celery: factor = int(max(1.0, retry_backoff)).
     let countdown = o.retry_backoff.filter(|f| *f > 0.0).map(|factor| {
         backoff(
-            factor,
+            factor.max(1.0).trunc(),
             job.message.headers.retries,
             o.retry_backoff_max.unwrap_or(600.0),
             o.retry_jitter.unwrap_or(true),
