@@ -1302,7 +1302,7 @@ mod tests {
             (e.exc_type.as_str(), e.exc_module.as_deref(), e.exc_message),
             (
                 "TimeLimitExceeded",
-                Some("celery.exceptions"),
+                Some("billiard.exceptions"),
                 vec![json!(3.0)]
             )
         );
