@@ -591,17 +591,20 @@ async fn receive(
             // Held in a timer; like Celery, an ETA task does not count against prefetch while it waits.
             job.holds_slot = false;
             shared.slots.prefetch.add_permits(1);
-            let warm = warm.clone();
-            timers.spawn(async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => (job, true),
-                    _ = warm.cancelled() => (job, false),
-                }
-            });
+            timers.spawn(hold(job, wait, warm.clone()));
         }
         None => {
             let _ = ready.send(job);
         }
+    }
+}
+
+/// Holds `item` for `wait`: `(item, true)` when the time came, `(item, false)` when a warm shutdown came
+/// first (the caller gives it back to the broker). Used for ETA timers and rate-limited jobs.
+async fn hold<T>(item: T, wait: Duration, warm: CancellationToken) -> (T, bool) {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => (item, true),
+        _ = warm.cancelled() => (item, false),
     }
 }
 
@@ -701,13 +704,7 @@ async fn dispatcher(
                 }
             }
             *n += 1;
-            let warm = warm.clone();
-            delayed.spawn(async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => (job, true),
-                    _ = warm.cancelled() => (job, false),
-                }
-            });
+            delayed.spawn(hold(job, wait, warm.clone()));
             continue;
         }
         let permit = tokio::select! {
@@ -1340,6 +1337,31 @@ mod tests {
             wait > Duration::from_millis(200) && wait <= Duration::from_millis(250),
             "{wait:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eta_timers_fire_in_due_order_and_shutdown_returns_the_rest() {
+        let warm = CancellationToken::new();
+        let mut timers = JoinSet::new();
+        for (name, secs) in [("c", 30), ("a", 10), ("b", 20), ("late", 3600)] {
+            timers.spawn(hold(name, Duration::from_secs(secs), warm.clone()));
+        }
+        let t0 = tokio::time::Instant::now();
+        let mut fired = Vec::new();
+        for _ in 0..3 {
+            let (name, due) = timers.join_next().await.unwrap().unwrap();
+            assert!(due);
+            fired.push((name, t0.elapsed().as_secs()));
+        }
+        assert_eq!(fired, [("a", 10), ("b", 20), ("c", 30)]);
+        warm.cancel();
+        let (name, due) = timers.join_next().await.unwrap().unwrap();
+        assert_eq!(
+            (name, due),
+            ("late", false),
+            "a warm shutdown hands back what has not fired"
+        );
+        assert_eq!(t0.elapsed().as_secs(), 30);
     }
 
     #[test]

@@ -369,3 +369,74 @@ async fn lost_acks_late_task_is_requeued_with_reject_on_worker_lost() {
     assert_eq!(meta, Value::Null);
     assert_eq!((waiting, unacked), (1, 0));
 }
+
+fn outcomes_registry() -> Registry {
+    let mut r = Registry::new();
+    let late = TaskOptions {
+        acks_late: Some(true),
+        ..Default::default()
+    };
+    r.task(
+        "t.reject_requeue",
+        &[],
+        late.clone(),
+        |ctx, _: Vec<Value>| async move {
+            // Requeued once, then accepted: the second delivery is flagged redelivered.
+            if ctx.redelivered {
+                Ok(json!("second delivery"))
+            } else {
+                Err(TaskError::Reject {
+                    requeue: true,
+                    reason: "not yet".into(),
+                })
+            }
+        },
+    );
+    r.task("t.reject", &[], late, |_ctx, _: Vec<Value>| async move {
+        Err::<Value, _>(TaskError::Reject {
+            requeue: false,
+            reason: "rejected-reason".into(),
+        })
+    });
+    r.task(
+        "t.ignore",
+        &[],
+        TaskOptions::default(),
+        |_ctx, _: Vec<Value>| async move { Err::<Value, _>(TaskError::Ignore) },
+    );
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_and_ignore_follow_celery() {
+    let env = Env::new().await;
+    let requeued = env.send("t.reject_requeue", vec![]).await;
+    let rejected = env.send("t.reject", vec![]).await;
+    let ignored = env.send("t.ignore", vec![]).await;
+    let shutdown = Shutdown::default();
+    let worker = env.spawn(env.settings(1, 1, false), outcomes_registry(), &shutdown);
+    assert_eq!(
+        env.result(&requeued).await["result"],
+        json!("second delivery")
+    );
+    let r = env.result(&rejected).await;
+    assert_eq!(r["status"], json!("FAILURE"));
+    assert_eq!(
+        r["result"],
+        json!({"exc_type": "Reject", "exc_message": ["rejected-reason", false], "exc_module": "celery.exceptions"})
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
+    assert!(
+        env.backend.get(&ignored).await.unwrap().is_none(),
+        "Ignore stores nothing"
+    );
+    let mut conn = env.conn.clone();
+    let unacked: usize = conn.hlen(format!("{}unacked", env.prefix)).await.unwrap();
+    assert_eq!(
+        (env.broker.queue_length("q").await.unwrap(), unacked),
+        (0, 0)
+    );
+    env.cleanup().await;
+}
