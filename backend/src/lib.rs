@@ -58,9 +58,45 @@ impl Default for BackendOptions {
     }
 }
 
+/// A chord whose header just completed and whose body this worker must now apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordReady {
+    /// Header results in `group_index` order, each `(task_id, state, result)`.
+    pub results: Vec<(String, String, Value)>,
+    /// The dispatch claim; pass it to [`ResultBackend::chord_finish`].
+    pub token: String,
+}
+
 /// Where task results go.
 #[async_trait]
 pub trait ResultBackend: Send + Sync + 'static {
+    /// Records a chord header task's outcome (Celery 5.7's join: a redelivered header task counts once) and,
+    /// when it completes the chord and this caller wins the dispatch claim, returns the header results.
+    async fn chord_part_return(
+        &self,
+        group_id: &str,
+        task_id: &str,
+        group_index: Option<i64>,
+        state: &str,
+        result: &Value,
+    ) -> Result<Option<ChordReady>> {
+        let _ = (group_id, task_id, group_index, state, result);
+        Ok(None)
+    }
+
+    /// After the body was applied: releases the claim, deletes the join state and marks the chord done (so
+    /// late duplicates are ignored). With `failed`, only the chord size is dropped, as Celery does.
+    async fn chord_finish(&self, group_id: &str, token: &str, failed: bool) -> Result<()> {
+        let _ = (group_id, token, failed);
+        Ok(())
+    }
+
+    /// Records a chord's header size before its last header task is published (5.7 clients' order).
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<()> {
+        let _ = (group_id, size);
+        Ok(())
+    }
+
     /// Stores metas (one round trip for the batch). A task whose stored state is already SUCCESS is not
     /// overwritten (a redelivered task that ran twice does not change its result). Returns how many were
     /// written.

@@ -3,7 +3,7 @@
 //! same name, skipping tasks already stored as SUCCESS. The check-and-write runs as one Lua script per task,
 //! pipelined for a batch, where Celery needs a GET round trip before each MULTI.
 
-use crate::{BackendError, BackendOptions, Result, ResultBackend};
+use crate::{BackendError, BackendOptions, ChordReady, Result, ResultBackend};
 use async_trait::async_trait;
 use celeriac_broker::url::RedisTarget;
 use celeriac_protocol::{ResultMeta, State};
@@ -37,6 +37,54 @@ return 1
     )
 });
 
+/// Celery 5.7's chord join. KEYS: `.j .t .s .d`, the group key, `.c`. ARGV: task id, encoded member,
+/// ordered ("1"), group index (score), expiry, group expiry, claim expiry, claim token.
+/// Returns `{readycount, totaldiff, size, claimed}` (readycount -1: the chord is already done).
+static CHORD_PART_RETURN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local jkey, tkey, skey, dkey, gkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local tid, value, score = ARGV[1], ARGV[2], ARGV[4]
+local expires, group_expires = tonumber(ARGV[5]), tonumber(ARGV[6])
+if redis.call('GET', ckey) == 'done' then
+  return {-1, false, false, 0}
+end
+local member = tid .. ':' .. score
+if redis.call('SISMEMBER', dkey, member) == 0 then
+  redis.call('ZADD', jkey, score, value)
+  redis.call('SADD', dkey, member)
+end
+local readycount = redis.call('ZCOUNT', jkey, '-inf', '+inf')
+if expires > 0 then
+  for _, key in ipairs({jkey, tkey, skey, dkey}) do redis.call('EXPIRE', key, expires) end
+  if group_expires > 0 then redis.call('EXPIRE', gkey, group_expires) end
+end
+local totaldiff = redis.call('GET', tkey)
+local size = redis.call('GET', skey)
+local claimed = 0
+if size and readycount == tonumber(size) + tonumber(totaldiff or 0) then
+  if redis.call('SET', ckey, ARGV[8], 'NX', 'EX', tonumber(ARGV[7])) then claimed = 1 end
+end
+return {readycount, totaldiff, size, claimed}
+"#,
+    )
+});
+
+/// Celery 5.7's cleanup: if we hold the claim, delete the join state and mark the chord done.
+/// KEYS: `.c .j .t .s .d`. ARGV: token, done expiry.
+static CHORD_CLEANUP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"#,
+    )
+});
+
 /// The Redis result backend.
 pub struct RedisBackend {
     target: RedisTarget,
@@ -51,6 +99,10 @@ impl std::fmt::Debug for RedisBackend {
             .field("prefix", &self.prefix)
             .finish()
     }
+}
+
+fn uuid_hex() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// Celery's `_add_global_keyprefix`: `_` is appended unless the prefix already ends in one of `:_-.`.
@@ -83,6 +135,11 @@ impl RedisBackend {
         })
     }
 
+    /// A chord key: `celery-taskset-meta-<gid>` plus a suffix (`.j`, `.s`, ...).
+    pub fn group_key(&self, group_id: &str, suffix: &str) -> String {
+        format!("{}celery-taskset-meta-{group_id}{suffix}", self.prefix)
+    }
+
     /// The key (and Pub/Sub channel) of a task's meta.
     pub fn key_for(&self, task_id: &str) -> String {
         format!("{}celery-task-meta-{task_id}", self.prefix)
@@ -105,6 +162,99 @@ impl RedisBackend {
 
 #[async_trait]
 impl ResultBackend for RedisBackend {
+    async fn chord_part_return(
+        &self,
+        group_id: &str,
+        task_id: &str,
+        group_index: Option<i64>,
+        state: &str,
+        result: &Value,
+    ) -> Result<Option<ChordReady>> {
+        let k = |s| self.group_key(group_id, s);
+        let member =
+            celeriac_protocol::json::to_vec(&serde_json::json!([1, task_id, state, result]));
+        let score = group_index
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "+inf".into());
+        let token = uuid_hex();
+        let mut conn = self.conn.clone();
+        let (ready, diff, size, claimed): (i64, Option<i64>, Option<i64>, i64) = CHORD_PART_RETURN
+            .key(k(".j"))
+            .key(k(".t"))
+            .key(k(".s"))
+            .key(k(".d"))
+            .key(k(""))
+            .key(k(".c"))
+            .arg(task_id)
+            .arg(member)
+            .arg("1")
+            .arg(score)
+            .arg(self.expires)
+            .arg(self.expires)
+            .arg(10)
+            .arg(&token)
+            .invoke_async(&mut conn)
+            .await?;
+        let Some(size) = size else { return Ok(None) };
+        if ready < 0 || claimed != 1 || ready != size + diff.unwrap_or(0) {
+            return Ok(None);
+        }
+        let raw: Vec<Vec<u8>> = conn.zrange(k(".j"), 0, -1).await?;
+        let mut results = Vec::with_capacity(raw.len());
+        for r in raw {
+            let v: Value = serde_json::from_slice(&r).map_err(|source| BackendError::Corrupt {
+                task_id: group_id.into(),
+                source,
+            })?;
+            let tid = v
+                .get(1)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let state = v
+                .get(2)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            results.push((tid, state, v.get(3).cloned().unwrap_or(Value::Null)));
+        }
+        Ok(Some(ChordReady { results, token }))
+    }
+
+    async fn chord_finish(&self, group_id: &str, token: &str, failed: bool) -> Result<()> {
+        let k = |s| self.group_key(group_id, s);
+        let mut conn = self.conn.clone();
+        if failed {
+            let _: () = conn.del(k(".s")).await?;
+            return Ok(());
+        }
+        let _: i64 = CHORD_CLEANUP
+            .key(k(".c"))
+            .key(k(".j"))
+            .key(k(".t"))
+            .key(k(".s"))
+            .key(k(".d"))
+            .arg(token)
+            .arg(300)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.del(self.group_key(group_id, ".c")).ignore();
+        if self.expires > 0 {
+            pipe.set_ex(self.group_key(group_id, ".s"), size, self.expires)
+                .ignore();
+        } else {
+            pipe.set(self.group_key(group_id, ".s"), size).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
     async fn store(&self, metas: &[ResultMeta]) -> Result<usize> {
         if metas.is_empty() {
             return Ok(0);

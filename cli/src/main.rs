@@ -1,6 +1,7 @@
 //! `celeriac`: the command line. Parses arguments, sets up logging, resolves settings (flag, then
 //! `CELERY_*` environment variable, then `--config` file, then default) and runs one subcommand.
 
+mod apply;
 mod call;
 mod purge;
 mod result;
@@ -26,6 +27,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Send a task (like `celery call`); prints its id.
     Call(call::CallArgs),
+    /// Apply a canvas (chain, group, chord) given as Celery signature JSON; prints the result id(s).
+    Apply(apply::ApplyArgs),
     /// Wait for a task's result and print its meta as JSON.
     Result(result::ResultArgs),
     /// Delete all waiting messages from queues.
@@ -112,6 +115,7 @@ fn main() {
         let outcome = match cli.command {
             Command::Worker(args) => worker::run(&cli.global, args).await,
             Command::Call(args) => call::run(&cli.global, args).await,
+            Command::Apply(args) => apply::run(&cli.global, args).await,
             Command::Result(args) => result::run(&cli.global, args).await,
             Command::Purge(args) => purge::run(&cli.global, args).await,
         };

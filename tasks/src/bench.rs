@@ -22,6 +22,12 @@ pub fn register(registry: &mut Registry) {
         |_ctx, (x, y): (Value, Value)| async move { py_add(&x, &y) },
     );
     registry.task(
+        "bench.mul",
+        &["x", "y"],
+        opts(),
+        |_ctx, (x, y): (Value, Value)| async move { py_mul(&x, &y) },
+    );
+    registry.task(
         "bench.echo",
         &["x"],
         opts(),
@@ -173,6 +179,34 @@ pub fn py_add(x: &Value, y: &Value) -> Result<Value, TaskError> {
             };
             Err(TaskError::type_error(msg))
         }
+    }
+}
+
+/// Python's `x * y` for numbers (and `str`/`list` times an int).
+pub fn py_mul(x: &Value, y: &Value) -> Result<Value, TaskError> {
+    match (x, y) {
+        (Value::Number(a), Value::Number(b)) => {
+            if let (Some(a), Some(b)) = (a.as_i64(), b.as_i64())
+                && let Some(p) = a.checked_mul(b)
+            {
+                return Ok(Value::from(p));
+            }
+            Number::from_f64(a.as_f64().unwrap_or(f64::NAN) * b.as_f64().unwrap_or(f64::NAN))
+                .map(Value::Number)
+                .ok_or_else(|| TaskError::builtin("OverflowError", "result is not a finite number"))
+        }
+        (Value::String(s), Value::Number(n)) | (Value::Number(n), Value::String(s))
+            if n.is_i64() =>
+        {
+            Ok(Value::String(
+                s.repeat(n.as_i64().unwrap_or(0).max(0) as usize),
+            ))
+        }
+        _ => Err(TaskError::type_error(format!(
+            "unsupported operand type(s) for *: '{}' and '{}'",
+            type_name(x),
+            type_name(y)
+        ))),
     }
 }
 

@@ -3,6 +3,6 @@
 //!
 //! # Layout
 //! - [`bench`]: `bench.noop`, `bench.add`, `bench.echo`, `bench.sleep`, `bench.xsum`, `bench.mark`,
-//!   `bench.fail`, `bench.panic`, `bench.flaky`, `bench.slow`, `bench.progress`.
+//!   `bench.fail`, `bench.panic`, `bench.flaky`, `bench.slow`, `bench.progress`, `bench.mul`.
 
 pub mod bench;

@@ -4,11 +4,13 @@
 //!
 //! # Layout
 //! - [`config`]: Celery-named settings read from TOML.
+//! - [`builtins`]: Celery's built-in `celery.map` / `celery.starmap`.
 //! - [`registry`]: tasks, typed parameter binding, task context.
 //! - [`runtime`]: the worker loop (fetcher, dispatcher, committer, housekeeping) and shutdown.
 //! - [`metrics`]: celery-exporter-compatible metrics, `/metrics` and `/health`.
 //! - [`error`]: task outcomes ([`TaskError`]) and [`WorkerError`].
 
+pub mod builtins;
 pub mod config;
 pub mod error;
 pub mod metrics;

@@ -16,6 +16,7 @@ use crate::metrics::{Health, Metrics, QueueLabels, TaskEvent};
 use crate::registry::{Handler, RateLimit, RegisteredTask, Registry, TaskContext, backoff};
 use celeriac_backend::ResultBackend;
 use celeriac_broker::{Broker, Delivery, Held};
+use celeriac_canvas::Canvas;
 use celeriac_protocol::envelope::Envelope;
 use celeriac_protocol::result::{ExceptionInfo, ResultMeta, State};
 use celeriac_protocol::{TaskMessage, time};
@@ -68,6 +69,10 @@ pub struct WorkerSettings {
     pub eta_horizon: Duration,
     /// At most this many ETA tasks wait in memory; more are parked.
     pub eta_max_in_memory: usize,
+    /// `task_default_queue`, for callbacks and chain steps without a queue of their own.
+    pub default_queue: String,
+    /// `task_routes`: task name → queue.
+    pub routes: HashMap<String, String>,
 }
 
 impl WorkerSettings {
@@ -167,6 +172,7 @@ struct Shared {
     settings: WorkerSettings,
     registry: Registry,
     broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     slots: Arc<Slots>,
@@ -175,6 +181,8 @@ struct Shared {
     commit: mpsc::UnboundedSender<Commit>,
     /// Rate limiters by task name.
     limiters: HashMap<String, Limiter>,
+    /// Publishes callbacks, chain steps, chord bodies and errbacks.
+    canvas: Canvas,
 }
 
 /// A task's rate limiter: per worker (governor) or shared by every worker through the broker.
@@ -276,6 +284,23 @@ pub async fn run(
     broker.restore_visible().await?;
 
     let (commit_tx, commit_rx) = mpsc::unbounded_channel();
+    let origin = format!(
+        "gen{}@{}",
+        std::process::id(),
+        settings
+            .hostname
+            .split('@')
+            .nth(1)
+            .unwrap_or(&settings.hostname)
+    );
+    let canvas = Canvas::new(
+        Arc::clone(&broker),
+        Arc::clone(&backend),
+        settings.default_queue.clone(),
+        settings.routes.clone(),
+        origin,
+    );
+    let registry = crate::builtins::with_builtins(registry);
     let limiters: HashMap<String, Limiter> = registry
         .tasks()
         .filter_map(|t| {
@@ -309,11 +334,13 @@ pub async fn run(
         settings,
         registry,
         broker,
+        backend: Arc::clone(&backend),
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
         running_late: Mutex::new(HashMap::new()),
         commit: commit_tx,
         limiters,
+        canvas,
     });
 
     let housekeeping_stop = CancellationToken::new();
@@ -876,20 +903,31 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     let late_ack = job
         .acks_late
         .then(|| (job.held.tag.clone(), job.holds_slot));
+    // Celery's order: publish callbacks and the next chain step, store the result, then the chord part.
+    let mut chord_part = None;
     let meta = match outcome {
         Ok(value) => {
             shared.metrics.task(TaskEvent::Succeeded, &name, &queue);
             debug!(task = %name, %id, runtime, "Task succeeded");
-            store.then(|| shared.meta(&job, State::Success, value, extended))
+            let children = canvas_flow::on_success(shared, &job, &value).await;
+            chord_part = Some(("SUCCESS", value.clone()));
+            store.then(|| {
+                let mut m = shared.meta(&job, State::Success, value, extended);
+                m.children = Some(children);
+                m
+            })
         }
         Err(TaskError::Failed(exc)) => {
             shared.metrics.task(TaskEvent::Failed, &name, &queue);
             warn!(task = %name, %id, runtime, exception = %exc.repr(), "Task raised");
-            store.then(|| {
+            chord_part = Some(("FAILURE", json!(exc)));
+            let m = store.then(|| {
                 let mut m = shared.meta(&job, State::Failure, json!(exc), extended);
                 m.traceback = Some(exc.traceback(&name));
                 m
-            })
+            });
+            canvas_flow::on_failure(shared, &job, &exc).await;
+            m
         }
         Err(TaskError::Retry { exc, countdown, .. }) => {
             // Republished: store RETRY with the exception; the retry message is this task's child.
@@ -938,6 +976,9 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         meta: meta.map(Box::new),
         late_ack,
     });
+    if let Some((state, result)) = chord_part {
+        canvas_flow::chord_part_return(shared, &job, state, &result).await;
+    }
 }
 
 /// `update_state` for one job: custom states go through the committer, in order with the final result.
@@ -1369,6 +1410,174 @@ mod tests {
         for _ in 0..1000 {
             let u = random_unit();
             assert!((0.0..1.0).contains(&u), "{u}");
+        }
+    }
+}
+
+/// What a finished task publishes next: callbacks, chain steps, errbacks, chord bodies (Celery's
+/// `_dispatch_callbacks_and_chain`, `_call_task_errbacks`, `on_chord_part_return`).
+mod canvas_flow {
+    use super::*;
+    use celeriac_canvas::{Applied, ApplyOptions};
+
+    fn base(job: &Job) -> ApplyOptions {
+        let h = &job.message.headers;
+        ApplyOptions {
+            parent_id: Some(h.id.clone()),
+            root_id: Some(h.root_id.clone().unwrap_or_else(|| h.id.clone())),
+            ..Default::default()
+        }
+    }
+
+    fn is_group(s: &Value) -> bool {
+        s.get("subtask_type").and_then(Value::as_str) == Some("group")
+    }
+
+    async fn apply(
+        shared: &Shared,
+        sig: &Value,
+        args: &[Value],
+        opts: ApplyOptions,
+    ) -> Option<Applied> {
+        match shared.canvas.apply(sig, args, opts).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                error!(error = %e, signature = %sig, "publishing a callback failed");
+                None
+            }
+        }
+    }
+
+    /// Publishes callbacks (one: as is; several: plain ones as one group, groups separately) and the next
+    /// chain step, each with the result prepended. Returns the children as Celery records them.
+    pub(super) async fn on_success(shared: &Shared, job: &Job, value: &Value) -> Vec<Value> {
+        let args = std::slice::from_ref(value);
+        let mut children = Vec::new();
+        if let Some(callbacks) = job
+            .message
+            .embed
+            .callbacks
+            .as_ref()
+            .filter(|c| !c.is_empty())
+        {
+            if callbacks.len() == 1 {
+                children.extend(apply(shared, &callbacks[0], args, base(job)).await);
+            } else {
+                let (groups, plain): (Vec<&Value>, Vec<&Value>) =
+                    callbacks.iter().partition(|c| is_group(c));
+                for g in groups {
+                    children.extend(apply(shared, g, args, base(job)).await);
+                }
+                if !plain.is_empty() {
+                    let g = celeriac_canvas::group(plain.into_iter().cloned().collect());
+                    children.extend(apply(shared, &g, args, base(job)).await);
+                }
+            }
+        }
+        if let Some(chain) = job.message.embed.chain.as_ref().filter(|c| !c.is_empty()) {
+            let mut rest = chain.clone();
+            let next = rest.pop().expect("non-empty");
+            let opts = ApplyOptions {
+                chain: (!rest.is_empty()).then_some(rest),
+                ..base(job)
+            };
+            children.extend(apply(shared, &next, args, opts).await);
+        }
+        children.iter().map(Applied::as_tuple).collect()
+    }
+
+    /// A failed task fails the rest of its chain with the same exception, then its errbacks are published as
+    /// one group with the failed task's id as their argument.
+    pub(super) async fn on_failure(shared: &Shared, job: &Job, exc: &ExceptionInfo) {
+        if let Some(chain) = &job.message.embed.chain {
+            for step in chain {
+                if let Some(tid) = step.pointer("/options/task_id").and_then(Value::as_str) {
+                    fail(shared, tid, exc, job.message.task());
+                }
+            }
+        }
+        if let Some(errbacks) = job
+            .message
+            .embed
+            .errbacks
+            .as_ref()
+            .filter(|e| !e.is_empty())
+        {
+            let g = celeriac_canvas::group(errbacks.clone());
+            apply(shared, &g, &[json!(job.message.id())], base(job)).await;
+        }
+    }
+
+    fn fail(shared: &Shared, task_id: &str, exc: &ExceptionInfo, task: &str) {
+        let mut m = ResultMeta::failure(task_id, exc, Some(exc.traceback(task)));
+        m.date_done = Some(time::isoformat(chrono::Utc::now()));
+        let _ = shared.commit.send(Commit::Done {
+            meta: Some(Box::new(m)),
+            late_ack: None,
+        });
+    }
+
+    /// Records a chord header task's outcome; the one call that completes the chord publishes the body with
+    /// the header results in order, or fails it with `ChordError` when a header task failed.
+    pub(super) async fn chord_part_return(shared: &Shared, job: &Job, state: &str, result: &Value) {
+        let h = &job.message.headers;
+        let (Some(body), Some(gid)) = (&job.message.embed.chord, &h.group) else {
+            return;
+        };
+        let ready = match shared
+            .backend
+            .chord_part_return(gid, &h.id, h.group_index, state, result)
+            .await
+        {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                error!(error = %e, group = %gid, "chord join failed");
+                return;
+            }
+        };
+        let body_id = body
+            .pointer("/options/task_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let failed = ready
+            .results
+            .iter()
+            .find(|(_, st, _)| st == "FAILURE" || st == "REVOKED");
+        if let Some((tid, _, r)) = failed {
+            let repr = serde_json::from_value::<ExceptionInfo>(r.clone())
+                .map(|e| e.repr())
+                .unwrap_or_else(|_| r.to_string());
+            let exc = ExceptionInfo::new(
+                "celery.exceptions",
+                "ChordError",
+                format!("Dependency {tid} raised {repr}"),
+            );
+            warn!(group = %gid, body = %body_id, "chord header failed: {}", exc.repr());
+            fail(
+                shared,
+                &body_id,
+                &exc,
+                body.get("task").and_then(Value::as_str).unwrap_or_default(),
+            );
+            if let Some(errbacks) = body
+                .pointer("/options/link_error")
+                .and_then(Value::as_array)
+                .filter(|e| !e.is_empty())
+            {
+                let g = celeriac_canvas::group(errbacks.clone());
+                apply(shared, &g, &[json!(body_id)], base(job)).await;
+            }
+            if let Err(e) = shared.backend.chord_finish(gid, &ready.token, true).await {
+                warn!(error = %e, group = %gid, "chord cleanup failed");
+            }
+            return;
+        }
+        let values: Vec<Value> = ready.results.into_iter().map(|(_, _, r)| r).collect();
+        apply(shared, body, &[Value::Array(values)], base(job)).await;
+        if let Err(e) = shared.backend.chord_finish(gid, &ready.token, false).await {
+            warn!(error = %e, group = %gid, "chord cleanup failed");
         }
     }
 }

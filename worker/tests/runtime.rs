@@ -75,6 +75,8 @@ impl Env {
             acks_on_failure_or_timeout: true,
             eta_horizon: Duration::from_secs(60),
             eta_max_in_memory: 10_000,
+            default_queue: "q".into(),
+            routes: Default::default(),
         }
     }
 
