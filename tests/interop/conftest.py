@@ -350,6 +350,10 @@ class Fleet:
         (pyapp.py drops the celeriac-only ones and turns ``autoretry_for``
         names into exception classes).
 
+        Both kinds get the test queue as ``task_default_queue``: where a worker
+        routes the tasks it publishes itself (chain steps, link callbacks, chord
+        bodies) when their signature names no queue.
+
         ``kind`` defaults to the worker under test (``INTEROP_WORKER``). Each
         worker also consumes a private ``<queue>.ready.<n>`` queue: readiness
         is proven end to end by a ``bench.noop`` sentinel sent there and its
@@ -367,9 +371,13 @@ class Fleet:
         common = ["-Q", all_queues, "-c", str(concurrency), "-n", name,
                   "--prefetch-multiplier", str(prefetch), "--loglevel", "info"]
         if kind == "celeriac":
+            # Same default queue as the Python worker (INTEROP_QUEUE): where the
+            # tasks a worker publishes itself (chain steps, link callbacks,
+            # chord bodies without a queue option) are routed.
+            toml_settings = {"task_default_queue": self.iso.queue, **(settings or {})}
             config = write_celeriac_config(self.log_dir / f"{name.split('@')[0]}.toml", self.iso.prefix,
                                            acks_late=acks_late, visibility_timeout=visibility_timeout,
-                                           settings=settings, annotations=annotations)
+                                           settings=toml_settings, annotations=annotations)
             argv = [celeriac_bin(), "worker", "--broker", self.iso.redis_url,
                     "--result-backend", self.iso.redis_url, *common, "--config", str(config)]
             cwd = self.log_dir
@@ -431,9 +439,40 @@ class Fleet:
         assert len(lines) == 1, f"expected exactly one line (the task id) on stdout, got {done.stdout!r}"
         return lines[0].strip()
 
+    def apply_canvas(self, canvas, kind=None):
+        """Apply a canvas with the publisher of ``kind``; returns the lines it printed.
+
+        ``canvas`` is a Celery signature (a dict: ``chain(...)``, ``chord(...)``,
+        ``group(...)``, ``add.s(...)``) or its JSON text. The first line is the
+        id of the task holding the canvas's final result (chain: the last task;
+        chord: the body; group: the group id, then one line per member id;
+        plain task: its id).
+
+        celeriac: ``celeriac apply --canvas JSON --broker .. --result-backend ..
+        --config ..`` (client config: ``task_default_queue`` = the test queue);
+        python:   ``canvas_apply.py --canvas JSON`` (the Python stand-in: Celery's
+        own ``signature(dict).apply_async()`` with pyapp's configuration).
+        """
+        kind = kind or WORKER_KIND
+        text = canvas if isinstance(canvas, str) else json.dumps(canvas)
+        if kind == "celeriac":
+            argv = [celeriac_bin(), "apply", "--canvas", text,
+                    "--broker", self.iso.redis_url, "--result-backend", self.iso.redis_url,
+                    "--config", str(self._celeriac_client_config())]
+            env, cwd = dict(os.environ), self.log_dir
+        else:
+            argv = [sys.executable, str(HERE / "canvas_apply.py"), "--canvas", text]
+            env, cwd = dict(os.environ, **self._pyapp_env()), HERE
+        done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        lines = [line.strip() for line in done.stdout.splitlines()]
+        assert lines and all(lines), f"expected task ids, one per line, on stdout, got {done.stdout!r}"
+        return lines
+
     def _celeriac_client_config(self):
         if self._client_config is None:
-            self._client_config = write_celeriac_config(self.log_dir / "celeriac-client.toml", self.iso.prefix)
+            self._client_config = write_celeriac_config(self.log_dir / "celeriac-client.toml", self.iso.prefix,
+                                                        settings={"task_default_queue": self.iso.queue})
         return self._client_config
 
     def _pyapp_env(self, acks_late=False, visibility_timeout=None, settings=None, annotations=None):

@@ -32,6 +32,7 @@ Task contract (same names as celeriac's built-in tasks):
 
     bench.noop(*args)            -> None
     bench.add(x, y)              -> x + y
+    bench.mul(x, y)              -> x * y
     bench.echo(x)                -> x
     bench.sleep(seconds)         -> None, after sleeping
     bench.xsum(numbers)          -> sum(numbers)
@@ -171,6 +172,11 @@ def noop(*args):
 @app.task(name="bench.add")
 def add(x, y):
     return x + y
+
+
+@app.task(name="bench.mul")
+def mul(x, y):
+    return x * y
 
 
 @app.task(name="bench.echo")

@@ -1,6 +1,7 @@
 //! Celery's built-in tasks a worker must know for canvases: `celery.map` and `celery.starmap` (what
-//! `task.map(...)`, `task.starmap(...)` and `task.chunks(...)` send). Like Celery, they run the named task's
-//! function inline for every item and return the list of results.
+//! `task.map(...)`, `task.starmap(...)` and `task.chunks(...)` send) run the named task's function inline for
+//! every item and return the list of results, like Celery; `celery.chunks` publishes the group of starmaps
+//! and returns its result tuple.
 
 use crate::error::TaskError;
 use crate::registry::{Handler, Registry, TaskContext, TaskOptions};
@@ -21,6 +22,15 @@ pub fn with_builtins(mut registry: Registry) -> Registry {
             }
         });
     }
+    registry.variadic_task("celery.chunks", TaskOptions::default(), |ctx, args, mut kwargs| async move {
+        let mut args = args.into_iter();
+        let task = kwargs.remove("task").or_else(|| args.next()).unwrap_or(Value::Null);
+        let it = kwargs.remove("it").or_else(|| args.next()).unwrap_or(Value::Null);
+        let n = kwargs.remove("n").or_else(|| args.next()).unwrap_or(Value::from(1));
+        let sig = serde_json::json!({"task": "celery.chunks", "args": [], "kwargs": {"task": task, "it": it, "n": n},
+            "options": {}, "subtask_type": "chunks", "immutable": false});
+        Ok(ctx.apply(&sig).await?.as_tuple())
+    });
     let _ = cell.set(registry.clone());
     registry
 }

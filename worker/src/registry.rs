@@ -35,6 +35,12 @@ pub struct TaskContext {
     pub cancel: CancellationToken,
     /// Where `update_state` goes; `None` outside a worker.
     pub state: Option<StateSink>,
+    /// The workflow's first task (this task's own id when it started the workflow).
+    pub root_id: String,
+    /// Publishes canvases this task starts; `None` outside a worker.
+    pub canvas: Option<celeriac_canvas::Canvas>,
+    /// Result tuples of what this task started (stored as the result's `children`).
+    pub children: Arc<std::sync::Mutex<Vec<Value>>>,
 }
 
 impl std::fmt::Debug for TaskContext {
@@ -59,7 +65,32 @@ impl TaskContext {
             redelivered: false,
             cancel: CancellationToken::new(),
             state: None,
+            root_id: id.into(),
+            canvas: None,
+            children: Default::default(),
         }
+    }
+
+    /// Starts a signature or canvas from inside the task (this task is its parent; Celery's
+    /// `sig.apply_async()` inside a task) and records it among the result's `children`.
+    pub async fn apply(&self, sig: &Value) -> Result<celeriac_canvas::Applied, TaskError> {
+        let canvas = self.canvas.as_ref().ok_or_else(|| {
+            TaskError::builtin("RuntimeError", "no broker to publish to outside a worker")
+        })?;
+        let opts = celeriac_canvas::ApplyOptions {
+            parent_id: Some(self.id.clone()),
+            root_id: Some(self.root_id.clone()),
+            ..Default::default()
+        };
+        let applied = canvas
+            .apply(sig, &[], opts)
+            .await
+            .map_err(|e| TaskError::builtin("RuntimeError", format!("publishing failed: {e}")))?;
+        self.children
+            .lock()
+            .expect("children")
+            .push(applied.as_tuple());
+        Ok(applied)
     }
 
     /// True once the soft time limit passed: the task should clean up and return (Celery raises

@@ -837,6 +837,7 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         });
     }
     let cancel = CancellationToken::new();
+    let started_children: Arc<Mutex<Vec<Value>>> = Default::default();
     let ctx = TaskContext {
         id: job.message.id().to_string(),
         name: name.clone(),
@@ -846,6 +847,14 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         redelivered: job.held.redelivered,
         cancel: cancel.clone(),
         state: Some(state_sink(shared, &job)),
+        root_id: job
+            .message
+            .headers
+            .root_id
+            .clone()
+            .unwrap_or_else(|| job.message.id().to_string()),
+        canvas: Some(shared.canvas.clone()),
+        children: Arc::clone(&started_children),
     };
     // Limits: the message's `timelimit` header, then the task's options, then the worker's settings.
     let (h_hard, h_soft) = job.message.headers.time_limits();
@@ -909,7 +918,8 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         Ok(value) => {
             shared.metrics.task(TaskEvent::Succeeded, &name, &queue);
             debug!(task = %name, %id, runtime, "Task succeeded");
-            let children = canvas_flow::on_success(shared, &job, &value).await;
+            let mut children = std::mem::take(&mut *started_children.lock().expect("children"));
+            children.extend(canvas_flow::on_success(shared, &job, &value).await);
             chord_part = Some(("SUCCESS", value.clone()));
             store.then(|| {
                 let mut m = shared.meta(&job, State::Success, value, extended);
