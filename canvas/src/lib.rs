@@ -351,6 +351,18 @@ impl Canvas {
             .group_index
             .or_else(|| o.get("group_index").and_then(Value::as_i64));
         h.shadow = str_opt("shadow");
+        // Celery's `headers`, `argsrepr` and `kwargsrepr` publishing options.
+        if let Some(Value::Object(extra)) = o.get("headers") {
+            for (k, v) in extra {
+                h.extra.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(r) = str_opt("argsrepr") {
+            h.argsrepr = Some(r);
+        }
+        if let Some(r) = str_opt("kwargsrepr") {
+            h.kwargsrepr = Some(r);
+        }
         let now = chrono::Utc::now();
         if let Some(c) = o.get("countdown").and_then(Value::as_f64) {
             h.eta = Some(time::isoformat(

@@ -2,6 +2,7 @@
 //! `CELERY_*` environment variable, then `--config` file, then default) and runs one subcommand.
 
 mod apply;
+mod beat;
 mod call;
 mod purge;
 mod result;
@@ -27,6 +28,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Send a task (like `celery call`); prints its id.
     Call(call::CallArgs),
+    /// Run the periodic task scheduler.
+    Beat(beat::BeatArgs),
     /// Apply a canvas (chain, group, chord) given as Celery signature JSON; prints the result id(s).
     Apply(apply::ApplyArgs),
     /// Wait for a task's result and print its meta as JSON.
@@ -57,7 +60,7 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         ),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -116,6 +119,7 @@ fn main() {
             Command::Worker(args) => worker::run(&cli.global, args).await,
             Command::Call(args) => call::run(&cli.global, args).await,
             Command::Apply(args) => apply::run(&cli.global, args).await,
+            Command::Beat(args) => beat::run(&cli.global, args).await,
             Command::Result(args) => result::run(&cli.global, args).await,
             Command::Purge(args) => purge::run(&cli.global, args).await,
         };

@@ -1,0 +1,79 @@
+//! `celeriac beat`: runs the periodic task scheduler (safe to run on several hosts at once).
+
+use crate::settings::GlobalArgs;
+use anyhow::Context;
+use celeriac_beat::BeatSettings;
+use celeriac_broker::url::BrokerUrl;
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// `celeriac beat` options.
+#[derive(Debug, Args)]
+pub struct BeatArgs {
+    /// The schedule file (TOML with `beat_schedule` entries); reloaded when it changes.
+    #[arg(short = 's', long, default_value = "celeriac-beat.toml")]
+    pub schedule: PathBuf,
+    /// Seconds a leader holds its lease; a dead leader is replaced within this.
+    #[arg(long, default_value_t = 15.0)]
+    pub lease: f64,
+    /// Address for /metrics.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run(global: &GlobalArgs, args: BeatArgs) -> anyhow::Result<i32> {
+    let resolved = global.resolve()?;
+    let BrokerUrl::Redis(target) = BrokerUrl::parse(&resolved.broker_url)?;
+    let redis = celeriac_broker::redis::connection(&target, Some(Duration::from_secs(30)))
+        .await
+        .context("connecting to Redis for beat state")?;
+    let broker = resolved.broker().await?;
+    let backend = resolved.backend().await?;
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let routes = resolved
+        .config
+        .task_routes
+        .iter()
+        .map(|(k, v)| (k.clone(), v.queue().to_string()))
+        .collect();
+    let canvas = celeriac_canvas::Canvas::new(
+        broker,
+        backend,
+        resolved.config.task_default_queue.clone(),
+        routes,
+        format!("gen{}@{host}", std::process::id()),
+    );
+    anyhow::ensure!(args.lease > 0.0, "--lease must be positive");
+    let settings = BeatSettings {
+        schedule_path: args.schedule,
+        lease: Duration::from_secs_f64(args.lease),
+        redis,
+        prefix: resolved
+            .config
+            .broker_transport_options
+            .global_keyprefix
+            .clone(),
+        canvas,
+        metrics_addr: args.metrics_addr,
+    };
+    let shutdown = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        stop.cancel();
+    });
+    celeriac_beat::run(settings, shutdown)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(0)
+}
