@@ -126,6 +126,12 @@ pub struct Entry {
     pub kwargs: Map<String, Value>,
     /// Publishing options.
     pub options: Map<String, Value>,
+    /// Run once, then disable (database entries).
+    pub one_off: bool,
+    /// Not before this time.
+    pub start_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// Not after this time.
+    pub expires: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A validated schedule.
@@ -204,6 +210,9 @@ impl ScheduleFile {
                     args: e.args,
                     kwargs: e.kwargs,
                     options: e.options,
+                    one_off: false,
+                    start_time: None,
+                    expires: None,
                 });
             }
         }

@@ -7,12 +7,14 @@
 //! # Layout
 //! - [`crontab`], [`solar`], [`schedule`]: schedule kinds and when they are due (DST-correct).
 //! - [`config`]: the schedule file.
-//! - [`store`]: leader lease and per-entry state in Redis.
+//! - [`store`]: the [`store::BeatStore`] abstraction and its Redis implementation.
+//! - [`db`]: the schedule and beat state in PostgreSQL (sea-orm).
 //! - [`scheduler`]: the tick: lead, find due slots, claim, publish.
 //! - [`metrics`]: the `/metrics` endpoint.
 
 pub mod config;
 pub mod crontab;
+pub mod db;
 pub mod metrics;
 pub mod schedule;
 pub mod scheduler;
@@ -21,13 +23,25 @@ pub mod store;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
+
+mod sea_orm_migration_reexport {
+    pub use celeriac_migrations::MigratorTraitReexport as MigratorTrait;
+}
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+/// Where the schedule lives.
+pub enum Source {
+    /// A TOML file, reloaded when it changes; beats coordinate through Redis.
+    File(PathBuf),
+    /// The periodic-task tables of a database, reloaded when rows change; beats coordinate there.
+    Database(sea_orm::DatabaseConnection),
+}
+
 /// Everything `celeriac beat` needs.
 pub struct BeatSettings {
-    /// The schedule file.
-    pub schedule_path: PathBuf,
+    /// The schedule.
+    pub source: Source,
     /// Lease length: a dead leader is replaced within this.
     pub lease: Duration,
     /// Redis connection for beat state.
@@ -40,7 +54,7 @@ pub struct BeatSettings {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-fn load(path: &PathBuf) -> Result<(config::Loaded, Option<SystemTime>), String> {
+fn load_file(path: &PathBuf) -> Result<(config::Loaded, Option<SystemTime>), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let loaded =
@@ -49,10 +63,46 @@ fn load(path: &PathBuf) -> Result<(config::Loaded, Option<SystemTime>), String> 
     Ok((loaded, mtime))
 }
 
+/// The current schedule and a version that changes when it does.
+async fn load(source: &Source) -> Result<(config::Loaded, String), String> {
+    match source {
+        Source::File(path) => {
+            let (loaded, mtime) = load_file(path)?;
+            Ok((loaded, format!("{mtime:?}")))
+        }
+        Source::Database(db) => {
+            let (loaded, problems) = db::load(db, schedule::CatchUp::Once)
+                .await
+                .map_err(|e| e.to_string())?;
+            for p in problems {
+                warn!("{p}");
+            }
+            Ok((loaded, version(source).await?))
+        }
+    }
+}
+
+async fn version(source: &Source) -> Result<String, String> {
+    match source {
+        Source::File(path) => Ok(format!(
+            "{:?}",
+            std::fs::metadata(path).and_then(|m| m.modified()).ok()
+        )),
+        Source::Database(db) => db::fingerprint(db).await.map_err(|e| e.to_string()),
+    }
+}
+
 /// Runs a beat until `shutdown`.
 pub async fn run(settings: BeatSettings, shutdown: CancellationToken) -> Result<(), String> {
-    let (loaded, mut mtime) = load(&settings.schedule_path)?;
-    info!(entries = loaded.entries.len(), path = %settings.schedule_path.display(), "beat schedule loaded");
+    if let Source::Database(db) = &settings.source {
+        use celeriac_migrations::Migrator;
+        use sea_orm_migration_reexport::MigratorTrait;
+        Migrator::up(db, None)
+            .await
+            .map_err(|e| format!("migrating the schedule database: {e}"))?;
+    }
+    let (loaded, mut seen) = load(&settings.source).await?;
+    info!(entries = loaded.entries.len(), "beat schedule loaded");
     let metrics = metrics::BeatMetrics::default();
     let server_stop = shutdown.clone();
     let server = match settings.metrics_addr {
@@ -70,7 +120,10 @@ pub async fn run(settings: BeatSettings, shutdown: CancellationToken) -> Result<
         None => None,
     };
     let id = format!("{}@{}", uuid::Uuid::new_v4().simple(), std::process::id());
-    let store = store::Store::new(settings.redis, &settings.prefix);
+    let store: std::sync::Arc<dyn store::BeatStore> = match &settings.source {
+        Source::File(_) => std::sync::Arc::new(store::Store::new(settings.redis, &settings.prefix)),
+        Source::Database(db) => std::sync::Arc::new(db::DbStore::new(db.clone())),
+    };
     let mut beat =
         scheduler::Beat::new(id, store, settings.canvas, loaded, settings.lease, metrics);
     // Tick often enough to renew the lease and notice a reload; sleep less when a slot is sooner.
@@ -85,21 +138,20 @@ pub async fn run(settings: BeatSettings, shutdown: CancellationToken) -> Result<
             _ = tokio::time::sleep(until_next.min(max_sleep)) => {}
             _ = shutdown.cancelled() => break,
         }
-        let now_mtime = std::fs::metadata(&settings.schedule_path)
-            .and_then(|m| m.modified())
-            .ok();
-        if now_mtime != mtime {
-            match load(&settings.schedule_path) {
-                Ok((loaded, m)) => {
+        match version(&settings.source).await {
+            Ok(v) if v != seen => match load(&settings.source).await {
+                Ok((loaded, v)) => {
                     info!(entries = loaded.entries.len(), "beat schedule reloaded");
                     beat.set_schedule(loaded);
-                    mtime = m;
+                    seen = v;
                 }
                 Err(e) => {
                     error!(error = %e, "schedule reload failed; keeping the previous schedule");
-                    mtime = now_mtime;
+                    seen = v;
                 }
-            }
+            },
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "checking the schedule for changes failed"),
         }
     }
     beat.resign().await;

@@ -5,11 +5,12 @@
 use crate::config::{Entry, Loaded};
 use crate::metrics::BeatMetrics;
 use crate::schedule::due_slot;
-use crate::store::Store;
+use crate::store::BeatStore;
 use celeriac_canvas::{ApplyOptions, Canvas};
 use celeriac_protocol::repr;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
@@ -17,7 +18,7 @@ use tracing::{debug, error, info, warn};
 pub struct Beat {
     /// Unique id of this process (lease owner).
     pub id: String,
-    store: Store,
+    store: Arc<dyn BeatStore>,
     canvas: Canvas,
     schedule: Loaded,
     lease: Duration,
@@ -49,7 +50,7 @@ impl Beat {
     /// A beat with its schedule.
     pub fn new(
         id: String,
-        store: Store,
+        store: Arc<dyn BeatStore>,
         canvas: Canvas,
         schedule: Loaded,
         lease: Duration,
@@ -100,6 +101,9 @@ impl Beat {
         let entries = self.schedule.entries.clone();
         let mut due_now = 0;
         for entry in &entries {
+            if entry.start_time.is_some_and(|t| now < t) || entry.expires.is_some_and(|t| now > t) {
+                continue;
+            }
             if let Err(e) = self.store.init_last_run(&entry.name, now).await {
                 error!(error = %e, entry = %entry.name, "beat state unavailable");
                 continue;
@@ -142,6 +146,11 @@ impl Beat {
                         self.metrics
                             .sent(&entry.name, (now - slot).num_milliseconds() as f64 / 1000.0);
                         tick.sent.push((entry.name.clone(), slot));
+                        if entry.one_off
+                            && let Err(e) = self.store.finish_one_off(&entry.name).await
+                        {
+                            error!(error = %e, entry = %entry.name, "disabling a one-off entry failed");
+                        }
                     }
                 }
                 Ok(false) => {

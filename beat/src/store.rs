@@ -1,6 +1,7 @@
-//! Beat state in Redis, shared by every beat process: the leader lease and, per entry, the last slot sent and
-//! how many were sent. Times are passed in (not read from Redis) so the logic runs on any clock, including a
-//! simulated one in tests. Keys live under the broker's `global_keyprefix`.
+//! Beat state shared by every beat process: who leads, and per entry the last slot sent and how many were sent.
+//! [`BeatStore`] is the abstraction; [`Store`] keeps it in Redis (leader lease with times passed in, so the
+//! logic runs on any clock, including a simulated one in tests; keys under the broker's `global_keyprefix`),
+//! and `crate::db::DbStore` keeps it in the schedule database.
 
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
@@ -48,6 +49,37 @@ return 0
     )
 });
 
+/// Why beat state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(String),
+}
+
+/// Where beats coordinate.
+#[async_trait::async_trait]
+pub trait BeatStore: Send + Sync {
+    /// True when `me` leads now (taking or renewing leadership for `ttl`).
+    async fn lead(&self, me: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, StoreError>;
+    /// Gives leadership up.
+    async fn resign(&self, me: &str) -> Result<(), StoreError>;
+    /// The last slot sent for an entry.
+    async fn last_run(&self, entry: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// Records a starting point for an entry that never ran.
+    async fn init_last_run(&self, entry: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Claims `(entry, slot)`: true for exactly one caller per slot.
+    async fn claim(&self, entry: &str, slot: DateTime<Utc>) -> Result<bool, StoreError>;
+    /// A one-off entry was sent: disable it.
+    async fn finish_one_off(&self, entry: &str) -> Result<(), StoreError> {
+        let _ = entry;
+        Ok(())
+    }
+}
+
 /// Beat's Redis state.
 #[derive(Clone)]
 pub struct Store {
@@ -80,13 +112,20 @@ impl Store {
         format!("{}celeriac.beat.{k}", self.prefix)
     }
 
+    /// How many slots of an entry were sent.
+    pub async fn total_run_count(&self, entry: &str) -> redis::RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        Ok(conn
+            .hget::<_, _, Option<u64>>(self.key("total_run_count"), entry)
+            .await?
+            .unwrap_or(0))
+    }
+}
+
+#[async_trait::async_trait]
+impl BeatStore for Store {
     /// True when `me` holds the lease until `now + ttl`.
-    pub async fn lead(
-        &self,
-        me: &str,
-        now: DateTime<Utc>,
-        ttl: Duration,
-    ) -> redis::RedisResult<bool> {
+    async fn lead(&self, me: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let got: i64 = LEASE
             .key(self.key("leader"))
@@ -99,7 +138,7 @@ impl Store {
     }
 
     /// Gives the lease up if held.
-    pub async fn resign(&self, me: &str) -> redis::RedisResult<()> {
+    async fn resign(&self, me: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = RELEASE
             .key(self.key("leader"))
@@ -110,21 +149,21 @@ impl Store {
     }
 
     /// The last slot sent for an entry.
-    pub async fn last_run(&self, entry: &str) -> redis::RedisResult<Option<DateTime<Utc>>> {
+    async fn last_run(&self, entry: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut conn = self.conn.clone();
         let v: Option<i64> = conn.hget(self.key("last_run"), entry).await?;
         Ok(v.and_then(DateTime::from_timestamp_millis))
     }
 
     /// Records a starting point for a new entry unless one exists (Celery starts counting at start-up).
-    pub async fn init_last_run(&self, entry: &str, at: DateTime<Utc>) -> redis::RedisResult<()> {
+    async fn init_last_run(&self, entry: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: bool = conn.hset_nx(self.key("last_run"), entry, ms(at)).await?;
         Ok(())
     }
 
     /// Claims `(entry, slot)`: true for exactly one caller per slot, across every beat.
-    pub async fn claim(&self, entry: &str, slot: DateTime<Utc>) -> redis::RedisResult<bool> {
+    async fn claim(&self, entry: &str, slot: DateTime<Utc>) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let got: i64 = CLAIM
             .key(self.key("last_run"))
@@ -134,14 +173,5 @@ impl Store {
             .invoke_async(&mut conn)
             .await?;
         Ok(got == 1)
-    }
-
-    /// How many slots of an entry were sent.
-    pub async fn total_run_count(&self, entry: &str) -> redis::RedisResult<u64> {
-        let mut conn = self.conn.clone();
-        Ok(conn
-            .hget::<_, _, Option<u64>>(self.key("total_run_count"), entry)
-            .await?
-            .unwrap_or(0))
     }
 }

@@ -55,7 +55,7 @@ async fn beats(prefix: &str, n: usize) -> Vec<Beat> {
         );
         out.push(Beat::new(
             format!("beat-{i}"),
-            Store::new(conn, prefix),
+            std::sync::Arc::new(Store::new(conn, prefix)),
             canvas,
             ScheduleFile::parse(SCHEDULE).unwrap(),
             std::time::Duration::from_secs(90),

@@ -2,7 +2,7 @@
 
 use crate::settings::GlobalArgs;
 use anyhow::Context;
-use celeriac_beat::BeatSettings;
+use celeriac_beat::{BeatSettings, Source};
 use celeriac_broker::url::BrokerUrl;
 use clap::Args;
 use std::net::SocketAddr;
@@ -17,6 +17,13 @@ pub struct BeatArgs {
     /// The schedule file (TOML with `beat_schedule` entries); reloaded when it changes.
     #[arg(short = 's', long, default_value = "celeriac-beat.toml")]
     pub schedule: PathBuf,
+    /// Take the schedule from this PostgreSQL database instead (tables created by migrations at start;
+    /// reloaded when rows change; beats coordinate through an advisory lock there).
+    #[arg(long, env = "CELERIAC_BEAT_DATABASE")]
+    pub database: Option<String>,
+    /// PostgreSQL schema for the schedule tables.
+    #[arg(long, default_value = "public")]
+    pub database_schema: String,
     /// Seconds a leader holds its lease; a dead leader is replaced within this.
     #[arg(long, default_value_t = 15.0)]
     pub lease: f64,
@@ -49,8 +56,23 @@ pub async fn run(global: &GlobalArgs, args: BeatArgs) -> anyhow::Result<i32> {
         format!("gen{}@{host}", std::process::id()),
     );
     anyhow::ensure!(args.lease > 0.0, "--lease must be positive");
+    let source = match &args.database {
+        Some(url) => {
+            let mut opts = sea_orm::ConnectOptions::new(url.clone());
+            opts.set_schema_search_path(args.database_schema.clone())
+                .sqlx_logging(false);
+            let db = sea_orm::Database::connect(opts).await.with_context(|| {
+                format!(
+                    "connecting to the schedule database {}",
+                    celeriac_broker::url::redact(url)
+                )
+            })?;
+            Source::Database(db)
+        }
+        None => Source::File(args.schedule),
+    };
     let settings = BeatSettings {
-        schedule_path: args.schedule,
+        source,
         lease: Duration::from_secs_f64(args.lease),
         redis,
         prefix: resolved
