@@ -183,13 +183,17 @@ impl std::fmt::Debug for DbStore {
 }
 
 impl DbStore {
-    /// Coordination for beats sharing `db`.
-    pub fn new(db: DatabaseConnection) -> Self {
-        // One lock per database (beats of different schedules use different databases or schemas).
+    /// Coordination for beats sharing the schedule tables in `schema` of `db` (one advisory lock per schema,
+    /// so separate deployments in one database do not block each other).
+    pub fn new(db: DatabaseConnection, schema: &str) -> Self {
+        // FNV-1a of the schema name: a stable lock key.
+        let key = schema.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        }) as i64;
         Self {
             db,
             lock: Mutex::new(None),
-            key: 0x63656c6572696163,
+            key,
         }
     }
 }

@@ -35,7 +35,12 @@ pub enum Source {
     /// A TOML file, reloaded when it changes; beats coordinate through Redis.
     File(PathBuf),
     /// The periodic-task tables of a database, reloaded when rows change; beats coordinate there.
-    Database(sea_orm::DatabaseConnection),
+    Database {
+        /// The connection (its search path set to `schema`).
+        db: sea_orm::DatabaseConnection,
+        /// The schema holding the tables (names the leader lock).
+        schema: String,
+    },
 }
 
 /// Everything `celeriac beat` needs.
@@ -70,7 +75,7 @@ async fn load(source: &Source) -> Result<(config::Loaded, String), String> {
             let (loaded, mtime) = load_file(path)?;
             Ok((loaded, format!("{mtime:?}")))
         }
-        Source::Database(db) => {
+        Source::Database { db, .. } => {
             let (loaded, problems) = db::load(db, schedule::CatchUp::Once)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -88,13 +93,13 @@ async fn version(source: &Source) -> Result<String, String> {
             "{:?}",
             std::fs::metadata(path).and_then(|m| m.modified()).ok()
         )),
-        Source::Database(db) => db::fingerprint(db).await.map_err(|e| e.to_string()),
+        Source::Database { db, .. } => db::fingerprint(db).await.map_err(|e| e.to_string()),
     }
 }
 
 /// Runs a beat until `shutdown`.
 pub async fn run(settings: BeatSettings, shutdown: CancellationToken) -> Result<(), String> {
-    if let Source::Database(db) = &settings.source {
+    if let Source::Database { db, .. } = &settings.source {
         use celeriac_migrations::Migrator;
         use sea_orm_migration_reexport::MigratorTrait;
         Migrator::up(db, None)
@@ -122,7 +127,9 @@ pub async fn run(settings: BeatSettings, shutdown: CancellationToken) -> Result<
     let id = format!("{}@{}", uuid::Uuid::new_v4().simple(), std::process::id());
     let store: std::sync::Arc<dyn store::BeatStore> = match &settings.source {
         Source::File(_) => std::sync::Arc::new(store::Store::new(settings.redis, &settings.prefix)),
-        Source::Database(db) => std::sync::Arc::new(db::DbStore::new(db.clone())),
+        Source::Database { db, schema } => {
+            std::sync::Arc::new(db::DbStore::new(db.clone(), schema))
+        }
     };
     let mut beat =
         scheduler::Beat::new(id, store, settings.canvas, loaded, settings.lease, metrics);

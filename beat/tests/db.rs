@@ -55,7 +55,7 @@ async fn beat(schema: &str, prefix: &str, name: &str) -> (Beat, DatabaseConnecti
     assert!(problems.is_empty(), "{problems:?}");
     let b = Beat::new(
         name.into(),
-        Arc::new(DbStore::new(db.clone())),
+        Arc::new(DbStore::new(db.clone(), schema)),
         canvas,
         loaded,
         std::time::Duration::from_secs(90),

@@ -67,7 +67,10 @@ pub async fn run(global: &GlobalArgs, args: BeatArgs) -> anyhow::Result<i32> {
                     celeriac_broker::url::redact(url)
                 )
             })?;
-            Source::Database(db)
+            Source::Database {
+                db,
+                schema: args.database_schema.clone(),
+            }
         }
         None => Source::File(args.schedule),
     };
