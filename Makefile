@@ -11,7 +11,7 @@ METRICS_ADDR ?= 127.0.0.1:9091
 CELERIAC_DEBUG := $(CARGO_TARGET_DIR)/debug/celeriac
 CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
 
-.PHONY: up test lint fmt unit interop bench bench-eta build release redis venv clean help
+.PHONY: up test lint fmt unit interop bench bench-eta build release redis postgres venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,11 +24,11 @@ up: redis release ## Start a worker on realtime,bulk against local Redis (Ctrl-C
 	@echo "or from Python:  Celery(broker='$(REDIS_URL)', backend='$(REDIS_URL)').send_task('bench.add', (2, 3), queue='realtime').get()"
 	exec $(CELERIAC_RELEASE) --broker $(REDIS_URL) worker -Q realtime,bulk -l info --metrics-addr $(METRICS_ADDR)
 
-test: redis venv build ## Run every test: unit, integration (real Redis) and interop (real Python Celery).
+test: redis postgres venv build ## Run every test: unit, integration (real Redis, PostgreSQL) and interop (real Python Celery).
 	cargo test --workspace --all-targets
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
 
-unit: ## Only the Rust tests.
+unit: redis postgres ## Only the Rust tests.
 	cargo test --workspace --all-targets
 
 interop: redis venv build ## Only the Python interop tests.
@@ -58,6 +58,9 @@ require-cargo:
 
 redis: ## Make sure a Redis answers on 127.0.0.1:6379 (starts a local redis-server if one is installed).
 	@scripts/ensure-redis.sh
+
+postgres: ## Make sure PostgreSQL answers on 127.0.0.1:5432 with a database `test` (beat's database tests).
+	@scripts/ensure-postgres.sh
 
 venv: $(VENV)/.installed ## The Python venv with the pinned Celery used by interop tests and benchmarks.
 
