@@ -26,39 +26,30 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
+/// Every row of a schedule table, by id.
+async fn by_id<E, F>(db: &DatabaseConnection, id: F) -> Result<HashMap<i32, E::Model>, StoreError>
+where
+    E: EntityTrait,
+    F: Fn(&E::Model) -> i32,
+{
+    Ok(E::find()
+        .all(db)
+        .await
+        .map_err(db_err)?
+        .into_iter()
+        .map(|m| (id(&m), m))
+        .collect())
+}
+
 /// Reads the enabled periodic tasks as schedule entries; rows that do not validate are reported, not loaded.
 pub async fn load(
     db: &DatabaseConnection,
     catch_up: CatchUp,
 ) -> Result<(Loaded, Vec<String>), StoreError> {
-    let intervals: HashMap<i32, interval_schedule::Model> = interval_schedule::Entity::find()
-        .all(db)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .map(|m| (m.id, m))
-        .collect();
-    let crontabs: HashMap<i32, crontab_schedule::Model> = crontab_schedule::Entity::find()
-        .all(db)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .map(|m| (m.id, m))
-        .collect();
-    let solars: HashMap<i32, solar_schedule::Model> = solar_schedule::Entity::find()
-        .all(db)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .map(|m| (m.id, m))
-        .collect();
-    let clocks: HashMap<i32, clocked_schedule::Model> = clocked_schedule::Entity::find()
-        .all(db)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .map(|m| (m.id, m))
-        .collect();
+    let intervals = by_id::<interval_schedule::Entity, _>(db, |m| m.id).await?;
+    let crontabs = by_id::<crontab_schedule::Entity, _>(db, |m| m.id).await?;
+    let solars = by_id::<solar_schedule::Entity, _>(db, |m| m.id).await?;
+    let clocks = by_id::<clocked_schedule::Entity, _>(db, |m| m.id).await?;
     let tasks = periodic_task::Entity::find()
         .filter(periodic_task::Column::Enabled.eq(true))
         .all(db)

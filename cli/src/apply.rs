@@ -4,7 +4,7 @@
 
 use crate::settings::GlobalArgs;
 use anyhow::Context;
-use celeriac_canvas::{Applied, ApplyOptions, Canvas};
+use celeriac_canvas::{Applied, ApplyOptions};
 use clap::Args;
 
 /// `celeriac apply` options.
@@ -33,22 +33,7 @@ pub async fn run(global: &GlobalArgs, args: ApplyArgs) -> anyhow::Result<i32> {
     };
     let sig: serde_json::Value =
         serde_json::from_str(&text).context("--canvas must be a signature as JSON")?;
-    let broker = resolved.broker().await?;
-    let backend = resolved.backend().await?;
-    let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let routes = resolved
-        .config
-        .task_routes
-        .iter()
-        .map(|(k, v)| (k.clone(), v.queue().to_string()))
-        .collect();
-    let canvas = Canvas::new(
-        broker,
-        backend,
-        resolved.config.task_default_queue.clone(),
-        routes,
-        format!("gen{}@{host}", std::process::id()),
-    );
+    let canvas = resolved.canvas().await?;
     let applied = canvas.apply(&sig, &[], ApplyOptions::default()).await?;
     print(&applied);
     Ok(0)

@@ -39,22 +39,7 @@ pub async fn run(global: &GlobalArgs, args: BeatArgs) -> anyhow::Result<i32> {
     let redis = celeriac_broker::redis::connection(&target, Some(Duration::from_secs(30)))
         .await
         .context("connecting to Redis for beat state")?;
-    let broker = resolved.broker().await?;
-    let backend = resolved.backend().await?;
-    let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let routes = resolved
-        .config
-        .task_routes
-        .iter()
-        .map(|(k, v)| (k.clone(), v.queue().to_string()))
-        .collect();
-    let canvas = celeriac_canvas::Canvas::new(
-        broker,
-        backend,
-        resolved.config.task_default_queue.clone(),
-        routes,
-        format!("gen{}@{host}", std::process::id()),
-    );
+    let canvas = resolved.canvas().await?;
     anyhow::ensure!(args.lease > 0.0, "--lease must be positive");
     let source = match &args.database {
         Some(url) => {

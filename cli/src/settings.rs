@@ -122,6 +122,29 @@ impl Resolved {
     }
 }
 
+impl Resolved {
+    /// `task_routes` as task name → queue.
+    pub fn routes(&self) -> std::collections::HashMap<String, String> {
+        self.config
+            .task_routes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.queue().to_string()))
+            .collect()
+    }
+
+    /// A canvas publisher for this process (`origin` = `gen<pid>@<host>`, as Celery clients).
+    pub async fn canvas(&self) -> anyhow::Result<celeriac_canvas::Canvas> {
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        Ok(celeriac_canvas::Canvas::new(
+            self.broker().await?,
+            self.backend().await?,
+            self.config.task_default_queue.clone(),
+            self.routes(),
+            format!("gen{}@{host}", std::process::id()),
+        ))
+    }
+}
+
 /// Splits `-Q a,b` into names.
 pub fn split_queues(s: &str) -> Vec<String> {
     s.split(',')

@@ -99,11 +99,7 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
         ),
         eta_max_in_memory: cfg.worker_eta_max_in_memory,
         default_queue: cfg.task_default_queue.clone(),
-        routes: cfg
-            .task_routes
-            .iter()
-            .map(|(k, v)| (k.clone(), v.queue().to_string()))
-            .collect(),
+        routes: resolved.routes(),
     };
     let mut registry = Registry::new();
     if cfg.worker_bench_tasks && !args.without_bench_tasks {
