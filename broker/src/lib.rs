@@ -139,6 +139,10 @@ pub trait Broker: Send + Sync + 'static {
         burst: u32,
     ) -> Result<Option<Duration>>;
 
+    /// Publishes Celery events (`(routing key, envelope)` pairs, e.g. `task.succeeded`) to the `celeryev`
+    /// exchange, in one round trip.
+    async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()>;
+
     /// Publishes a task to a queue (Celery's anonymous-exchange routing: routing key = queue name).
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()>;
 

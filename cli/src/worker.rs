@@ -34,6 +34,12 @@ pub struct WorkerArgs {
     /// Do not register the built-in bench.* tasks.
     #[arg(long)]
     pub without_bench_tasks: bool,
+    /// Send task events (for Flower, `celery events`, celery-exporter).
+    #[arg(short = 'E', long = "task-events")]
+    pub task_events: bool,
+    /// Send no worker heartbeats or online/offline events.
+    #[arg(long)]
+    pub without_heartbeat: bool,
 }
 
 /// Expands `%h`, `%n`, `%d` in a node name as Celery does.
@@ -100,6 +106,8 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
         eta_max_in_memory: cfg.worker_eta_max_in_memory,
         default_queue: cfg.task_default_queue.clone(),
         routes: resolved.routes(),
+        send_task_events: args.task_events || cfg.worker_send_task_events,
+        heartbeat: !args.without_heartbeat,
     };
     let mut registry = Registry::new();
     if cfg.worker_bench_tasks && !args.without_bench_tasks {

@@ -9,12 +9,14 @@
 //! - [`signature`]: canvas signatures as Celery serializes them.
 //! - [`message`]: task messages, protocol v2 (encode and decode) and v1 (decode).
 //! - [`envelope`]: kombu's Redis envelope around a message (base64 body, delivery info).
+//! - [`event`]: Celery events (body, routing key, envelope).
 //! - [`result`]: task states, exceptions and the result meta stored by result backends.
 //! - [`error`]: the decode error type.
 
 pub mod codec;
 pub mod envelope;
 pub mod error;
+pub mod event;
 pub mod json;
 pub mod message;
 pub mod repr;

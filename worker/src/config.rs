@@ -55,6 +55,8 @@ pub struct CeleryConfig {
     pub worker_eta_horizon: f64,
     /// At most this many ETA tasks wait in worker memory; more are parked (celeriac).
     pub worker_eta_max_in_memory: usize,
+    /// Send task events (as `-E`).
+    pub worker_send_task_events: bool,
 }
 
 impl Default for CeleryConfig {
@@ -82,6 +84,7 @@ impl Default for CeleryConfig {
             task_acks_on_failure_or_timeout: true,
             worker_eta_horizon: 60.0,
             worker_eta_max_in_memory: 10_000,
+            worker_send_task_events: false,
         }
     }
 }

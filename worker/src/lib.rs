@@ -7,12 +7,14 @@
 //! - [`builtins`]: Celery's built-in `celery.map` / `celery.starmap`.
 //! - [`registry`]: tasks, typed parameter binding, task context.
 //! - [`runtime`]: the worker loop (fetcher, dispatcher, committer, housekeeping) and shutdown.
+//! - [`events`]: Celery events (worker heartbeats, task events with `-E`).
 //! - [`metrics`]: celery-exporter-compatible metrics, `/metrics` and `/health`.
 //! - [`error`]: task outcomes ([`TaskError`]) and [`WorkerError`].
 
 pub mod builtins;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;

@@ -73,6 +73,10 @@ pub struct WorkerSettings {
     pub default_queue: String,
     /// `task_routes`: task name → queue.
     pub routes: HashMap<String, String>,
+    /// Send task events (`-E`, `worker_send_task_events`).
+    pub send_task_events: bool,
+    /// Send worker heartbeats and online/offline events.
+    pub heartbeat: bool,
 }
 
 impl WorkerSettings {
@@ -183,6 +187,8 @@ struct Shared {
     limiters: HashMap<String, Limiter>,
     /// Publishes callbacks, chain steps, chord bodies and errbacks.
     canvas: Canvas,
+    /// Celery events.
+    events: Arc<crate::events::Events>,
 }
 
 /// A task's rate limiter: per worker (governor) or shared by every worker through the broker.
@@ -301,6 +307,18 @@ pub async fn run(
         origin,
     );
     let registry = crate::builtins::with_builtins(registry);
+    let (events, events_rx) =
+        crate::events::Events::new(&settings.hostname, settings.send_task_events);
+    let events_stop = CancellationToken::new();
+    let events_task = settings.heartbeat.then(|| {
+        events.worker("worker-online", crate::events::HEARTBEAT.as_secs_f64());
+        tokio::spawn(crate::events::publisher(
+            Arc::clone(&events),
+            events_rx,
+            Arc::clone(&broker),
+            events_stop.clone(),
+        ))
+    });
     let limiters: HashMap<String, Limiter> = registry
         .tasks()
         .filter_map(|t| {
@@ -341,6 +359,7 @@ pub async fn run(
         commit: commit_tx,
         limiters,
         canvas,
+        events: Arc::clone(&events),
     });
 
     let housekeeping_stop = CancellationToken::new();
@@ -414,6 +433,10 @@ pub async fn run(
         _ = shutdown.cold.cancelled() => return Ok(()),
     }
     metrics.worker_up.set(0);
+    events_stop.cancel();
+    if let Some(t) = events_task {
+        let _ = t.await;
+    }
     info!("warm shutdown complete");
     Ok(())
 }
@@ -561,6 +584,14 @@ async fn receive(
         error!(task = %name, id = %message.id(), "Received unregistered task of type {name:?}; storing NotRegistered");
         shared.metrics.task(TaskEvent::Failed, &name, &held.queue);
         let exc = ExceptionInfo::new("celery.exceptions", "NotRegistered", name.clone());
+        shared.events.task(
+            "task-failed",
+            vec![
+                ("uuid", json!(message.id())),
+                ("exception", json!(exc.repr())),
+                ("traceback", Value::Null),
+            ],
+        );
         let mut meta = ResultMeta::failure(message.id(), &exc, None);
         meta.date_done = Some(time::isoformat(chrono::Utc::now()));
         meta.group_id = message.headers.group.clone();
@@ -572,6 +603,23 @@ async fn receive(
         return;
     };
     debug!(task = %name, id = %message.id(), "Task received");
+    if shared.events.task_events() {
+        let h = &message.headers;
+        shared.events.task(
+            "task-received",
+            vec![
+                ("uuid", json!(h.id)),
+                ("name", json!(h.task)),
+                ("args", json!(h.argsrepr)),
+                ("kwargs", json!(h.kwargsrepr)),
+                ("root_id", json!(h.root_id)),
+                ("parent_id", json!(h.parent_id)),
+                ("retries", json!(h.retries)),
+                ("eta", json!(h.eta)),
+                ("expires", json!(h.expires)),
+            ],
+        );
+    }
     let acks_late = task.options.acks_late.unwrap_or(shared.settings.acks_late);
     let now = chrono::Utc::now();
     let expired = message
@@ -657,6 +705,15 @@ fn revoke_expired(shared: &Shared, job: Box<Job>) {
         .metrics
         .task(TaskEvent::Revoked, job.message.task(), &job.held.queue);
     let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "expired");
+    shared.events.task(
+        "task-revoked",
+        vec![
+            ("uuid", json!(job.message.id())),
+            ("terminated", json!(false)),
+            ("signum", Value::Null),
+            ("expired", json!(true)),
+        ],
+    );
     let meta = shared
         .store_results(&job)
         .then(|| shared.meta(&job, State::Revoked, json!(exc), None));
@@ -828,6 +885,13 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     let opts = &job.task.options;
     shared.metrics.task(TaskEvent::Started, &name, &queue);
     shared.metrics.tasks_active.inc();
+    shared
+        .events
+        .active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .events
+        .task("task-started", vec![("uuid", json!(job.message.id()))]);
     if opts.track_started.unwrap_or(shared.settings.track_started) {
         let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
         let meta = shared.meta(&job, State::Started, info, None);
@@ -896,6 +960,14 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     };
     let runtime = started.elapsed().as_secs_f64();
     shared.metrics.tasks_active.dec();
+    shared
+        .events
+        .active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .events
+        .processed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     shared.metrics.runtime(&name, &queue, runtime);
     let outcome = autoretry(&job, outcome);
     let outcome = match outcome {
@@ -917,6 +989,16 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     let meta = match outcome {
         Ok(value) => {
             shared.metrics.task(TaskEvent::Succeeded, &name, &queue);
+            if shared.events.task_events() {
+                shared.events.task(
+                    "task-succeeded",
+                    vec![
+                        ("uuid", json!(id)),
+                        ("result", json!(celeriac_protocol::repr::repr(&value))),
+                        ("runtime", json!(runtime)),
+                    ],
+                );
+            }
             debug!(task = %name, %id, runtime, "Task succeeded");
             let mut children = std::mem::take(&mut *started_children.lock().expect("children"));
             children.extend(canvas_flow::on_success(shared, &job, &value).await);
@@ -929,6 +1011,14 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         }
         Err(TaskError::Failed(exc)) => {
             shared.metrics.task(TaskEvent::Failed, &name, &queue);
+            shared.events.task(
+                "task-failed",
+                vec![
+                    ("uuid", json!(id)),
+                    ("exception", json!(exc.repr())),
+                    ("traceback", json!(exc.traceback(&name))),
+                ],
+            );
             warn!(task = %name, %id, runtime, exception = %exc.repr(), "Task raised");
             chord_part = Some(("FAILURE", json!(exc)));
             let m = store.then(|| {
@@ -942,6 +1032,25 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         Err(TaskError::Retry { exc, countdown, .. }) => {
             // Republished: store RETRY with the exception; the retry message is this task's child.
             shared.metrics.task(TaskEvent::Retried, &name, &queue);
+            if let Some(e) = &exc {
+                shared.events.task(
+                    "task-retried",
+                    vec![
+                        ("uuid", json!(id)),
+                        ("exception", json!(e.repr())),
+                        ("traceback", json!(e.traceback(&name))),
+                    ],
+                );
+            } else {
+                shared.events.task(
+                    "task-retried",
+                    vec![
+                        ("uuid", json!(id)),
+                        ("exception", json!("Retry()")),
+                        ("traceback", Value::Null),
+                    ],
+                );
+            }
             info!(task = %name, %id, countdown, "Task retry scheduled");
             let result = exc.as_ref().map(|e| json!(e)).unwrap_or(Value::Null);
             let mut m = shared.meta(&job, State::Retry, result, None);
@@ -952,6 +1061,10 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         Err(TaskError::Ignore) => None,
         Err(TaskError::Reject { requeue, reason }) => {
             shared.metrics.task(TaskEvent::Rejected, &name, &queue);
+            shared.events.task(
+                "task-rejected",
+                vec![("uuid", json!(id)), ("requeue", json!(requeue))],
+            );
             info!(task = %name, %id, requeue, %reason, "Task rejected");
             if requeue && job.acks_late {
                 shared

@@ -77,6 +77,8 @@ impl Env {
             eta_max_in_memory: 10_000,
             default_queue: "q".into(),
             routes: Default::default(),
+            send_task_events: true,
+            heartbeat: true,
         }
     }
 

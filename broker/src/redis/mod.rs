@@ -42,6 +42,8 @@ pub struct RedisBroker {
     blocking: tokio::sync::Mutex<ConnectionManager>,
     keys: Keys,
     options: BrokerOptions,
+    /// Database number: fanout channels are `/<db>.<exchange>/<routing key>`.
+    db: i64,
     declared: Mutex<HashSet<String>>,
 }
 
@@ -70,6 +72,7 @@ impl RedisBroker {
             blocking: tokio::sync::Mutex::new(blocking),
             keys: Keys::new(options.global_keyprefix.clone()),
             options,
+            db: target.db,
             declared: Mutex::new(HashSet::new()),
         })
     }
@@ -460,6 +463,25 @@ impl Broker for RedisBroker {
             .invoke_async(&mut conn)
             .await?;
         Ok((wait_ms >= 0).then(|| Duration::from_millis(wait_ms as u64)))
+    }
+
+    async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (rk, envelope) in events {
+            // kombu's fanout over Pub/Sub: channel `/<db>.celeryev/<routing key>`, after `global_keyprefix`
+            // (kombu prefixes PUBLISH and PSUBSCRIBE like keys).
+            pipe.publish(
+                format!("{}/{}.celeryev/{rk}", self.keys.prefix(), self.db),
+                envelope,
+            )
+            .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
     }
 
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {

@@ -1,0 +1,66 @@
+"""Interop tests for Celery events: a celeriac worker started with task events is seen by Celery's own
+``EventReceiver`` and ``celery.events.state.State`` (what Flower and ``celery events`` are built on).
+"""
+import threading
+import time
+
+from celery.events.state import State
+
+from interop_helpers import wait_for
+
+GET_TIMEOUT = 10
+
+
+def test_worker_and_task_events_reach_celery_receivers(workers, client_app, iso):
+    captured = []
+    ready = threading.Event()
+    conn = client_app.connection()
+    receiver = client_app.events.Receiver(conn, handlers={"*": captured.append})
+
+    def run():
+        ready.set()
+        receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.5)  # the receiver has subscribed
+    worker = workers.start(settings={"worker_send_task_events": True})
+    ok = client_app.send_task("bench.add", (2, 3))
+    assert ok.get(timeout=GET_TIMEOUT) == 5
+    bad = client_app.send_task("bench.fail", ("boom",))
+    try:
+        bad.get(timeout=GET_TIMEOUT)
+    except ValueError:
+        pass
+    mine = lambda: [e for e in captured if e.get("hostname") == worker.name]  # noqa: E731
+    by = lambda kind, uuid=None: [e for e in mine() if e["type"] == kind and (uuid is None or e.get("uuid") == uuid)]  # noqa: E731
+    # The fixture starts Python workers --without-heartbeat; celeriac always sends worker events.
+    heartbeats = worker.kind == "celeriac"
+    wait_for(lambda: by("task-succeeded", ok.id) and by("task-failed", bad.id)
+             and (by("worker-heartbeat") or not heartbeats),
+             GET_TIMEOUT, message="succeeded, failed (and heartbeat) events")
+    receiver.should_stop = True
+
+    received = by("task-received", ok.id)[0]
+    assert (received["name"], received["args"], received["kwargs"], received["retries"]) == ("bench.add", "(2, 3)", "{}", 0)
+    assert by("task-started", ok.id)
+    succeeded = by("task-succeeded", ok.id)[0]
+    assert succeeded["result"] == "5" and isinstance(succeeded["runtime"], float)
+    failed = by("task-failed", bad.id)[0]
+    assert failed["exception"] == "ValueError('boom')" and "ValueError: boom" in failed["traceback"]
+    if heartbeats:
+        online = by("worker-online")
+        assert online and online[0]["freq"] == 2.0 and len(online[0]["loadavg"]) == 3
+    clocks = [e["clock"] for e in mine()]
+    assert clocks == sorted(clocks), "the Lamport clock only moves forward"
+
+    # What Flower sees.
+    state = State()
+    for e in mine():
+        state.event(dict(e))
+    if heartbeats:
+        assert state.workers[worker.name].alive
+    assert state.tasks[ok.id].state == "SUCCESS" and state.tasks[ok.id].result == "5"
+    assert state.tasks[bad.id].state == "FAILURE"
+    conn.release()
