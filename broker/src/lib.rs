@@ -143,6 +143,13 @@ pub trait Broker: Send + Sync + 'static {
     /// exchange, in one round trip.
     async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()>;
 
+    /// Remote-control requests broadcast to workers (kombu's `celery.pidbox` fanout), as raw envelopes.
+    async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>>;
+
+    /// Sends a remote-control reply envelope to the client's reply queue (`reply.celery.pidbox`, routing key
+    /// = the client's oid).
+    async fn control_reply(&self, routing_key: &str, envelope: &[u8]) -> Result<()>;
+
     /// Publishes a task to a queue (Celery's anonymous-exchange routing: routing key = queue name).
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()>;
 

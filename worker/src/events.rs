@@ -65,6 +65,11 @@ impl Events {
         (events, rx)
     }
 
+    /// Turns task events on or off (`enable_events` / `disable_events`); returns the previous setting.
+    pub fn set_task_events(&self, on: bool) -> bool {
+        self.task_events.swap(on, Ordering::Relaxed)
+    }
+
     /// Whether task events are sent.
     pub fn task_events(&self) -> bool {
         self.task_events.load(Ordering::Relaxed)

@@ -221,6 +221,24 @@ impl Metrics {
         s
     }
 
+    /// Tasks started per task name (`inspect stats` `total`).
+    pub fn totals(&self) -> std::collections::BTreeMap<String, u64> {
+        let series = self.series.read().expect("series");
+        series
+            .iter()
+            .map(|(name, queues)| {
+                (
+                    name.clone(),
+                    queues
+                        .values()
+                        .map(|s| s.counters[TaskEvent::Started as usize].get())
+                        .sum(),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
     /// Bumps a task counter.
     pub fn task(&self, event: TaskEvent, name: &str, queue: &str) {
         self.series(name, queue).counters[event as usize].inc();

@@ -189,6 +189,8 @@ struct Shared {
     canvas: Canvas,
     /// Celery events.
     events: Arc<crate::events::Events>,
+    /// Tasks running now (for `inspect active`).
+    running: Mutex<HashMap<String, pidbox::Running>>,
 }
 
 /// A task's rate limiter: per worker (governor) or shared by every worker through the broker.
@@ -360,6 +362,7 @@ pub async fn run(
         limiters,
         canvas,
         events: Arc::clone(&events),
+        running: Mutex::new(HashMap::new()),
     });
 
     let housekeeping_stop = CancellationToken::new();
@@ -384,6 +387,10 @@ pub async fn run(
         });
     }
     background.spawn(housekeeping(Arc::clone(&shared), housekeeping_stop.clone()));
+    background.spawn(pidbox::serve(
+        Arc::clone(&shared),
+        housekeeping_stop.clone(),
+    ));
 
     metrics.worker_up.set(1);
     info!(
@@ -892,6 +899,11 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     shared
         .events
         .task("task-started", vec![("uuid", json!(job.message.id()))]);
+    shared
+        .running
+        .lock()
+        .expect("running")
+        .insert(job.message.id().to_string(), pidbox::running_from(&job));
     if opts.track_started.unwrap_or(shared.settings.track_started) {
         let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
         let meta = shared.meta(&job, State::Started, info, None);
@@ -964,6 +976,11 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         .events
         .active
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .running
+        .lock()
+        .expect("running")
+        .remove(job.message.id());
     shared
         .events
         .processed
@@ -1701,6 +1718,228 @@ mod canvas_flow {
         apply(shared, body, &[Value::Array(values)], base(job)).await;
         if let Err(e) = shared.backend.chord_finish(gid, &ready.token, false).await {
             warn!(error = %e, group = %gid, "chord cleanup failed");
+        }
+    }
+}
+
+/// Remote control (kombu pidbox): answers `celery inspect` / `celery control` requests broadcast to every
+/// worker, with Celery's reply shapes.
+mod pidbox {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use futures::StreamExt;
+
+    /// What `inspect active` shows of a running task.
+    pub(super) struct Running {
+        pub name: String,
+        pub args: Option<String>,
+        pub kwargs: Option<String>,
+        pub routing_key: String,
+        pub priority: u8,
+        pub redelivered: bool,
+        pub started: f64,
+    }
+
+    fn unix_now() -> f64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    }
+
+    pub(super) fn running_from(job: &Job) -> Running {
+        let h = &job.message.headers;
+        Running {
+            name: h.task.clone(),
+            args: h.argsrepr.clone(),
+            kwargs: h.kwargsrepr.clone(),
+            routing_key: job.held.routing_key.clone(),
+            priority: job.message.properties.priority,
+            redelivered: job.held.redelivered,
+            started: unix_now(),
+        }
+    }
+
+    fn selected(req: &Value, me: &str) -> bool {
+        match req.get("destination") {
+            Some(Value::Array(d)) => d.iter().any(|n| n.as_str() == Some(me)),
+            _ => match req.get("pattern").and_then(Value::as_str) {
+                Some(p) => glob(p, me),
+                None => true,
+            },
+        }
+    }
+
+    fn glob(pattern: &str, text: &str) -> bool {
+        match pattern.split_once('*') {
+            None => pattern == text,
+            Some((head, tail)) => {
+                text.starts_with(head)
+                    && (tail.is_empty()
+                        || (0..=text.len() - head.len())
+                            .any(|i| glob(tail, &text[head.len() + i..])))
+            }
+        }
+    }
+
+    fn reply_for(
+        shared: &Shared,
+        method: &str,
+        args: &Value,
+        clock: u64,
+        started: Instant,
+    ) -> Option<Value> {
+        let s = &shared.settings;
+        Some(match method {
+            "ping" => json!({"ok": "pong"}),
+            "clock" => json!({"clock": clock}),
+            "registered" => {
+                let names: Vec<String> = shared.registry.names().into_iter().filter(|n| !n.starts_with("celery.")).collect();
+                json!(names)
+            }
+            "active_queues" => Value::Array(
+                s.queues
+                    .iter()
+                    .map(|q| {
+                        json!({"name": q, "exchange": {"name": q, "type": "direct", "arguments": null, "durable": true,
+                        "passive": false, "auto_delete": false, "delivery_mode": null, "no_declare": false},
+                        "routing_key": q, "queue_arguments": null, "binding_arguments": null, "consumer_arguments": null,
+                        "durable": true, "exclusive": false, "auto_delete": false, "no_ack": false, "alias": null,
+                        "bindings": [], "no_declare": null, "expires": null, "message_ttl": null, "max_length": null,
+                        "max_length_bytes": null, "max_priority": null})
+                    })
+                    .collect(),
+            ),
+            "active" => {
+                let running = shared.running.lock().expect("running");
+                Value::Array(
+                    running
+                        .iter()
+                        .map(|(id, r)| {
+                            json!({"id": id, "name": r.name, "args": r.args, "kwargs": r.kwargs, "type": r.name,
+                            "hostname": s.hostname, "time_start": r.started, "acknowledged": true,
+                            "delivery_info": {"exchange": "", "routing_key": r.routing_key, "priority": r.priority,
+                            "redelivered": r.redelivered}, "worker_pid": std::process::id()})
+                        })
+                        .collect(),
+                )
+            }
+            "reserved" | "scheduled" | "revoked" => json!([]),
+            "query_task" => json!({}),
+            "stats" => json!({
+                "total": shared.metrics.totals(),
+                "pid": std::process::id(),
+                "clock": clock.to_string(),
+                "uptime": started.elapsed().as_secs(),
+                "pool": {"implementation": "celeriac:tokio", "max-concurrency": s.concurrency,
+                    "processes": [std::process::id()], "max-tasks-per-child": "N/A",
+                    "put-guarded-by-semaphore": false, "timeouts": [0, 0], "writes": {}},
+                "broker": {"transport": shared.broker.transport()},
+                "prefetch_count": s.prefetch(),
+                "rusage": {},
+            }),
+            "enable_events" => {
+                let was = shared.events.set_task_events(true);
+                json!({"ok": if was { "task events already enabled" } else { "task events enabled" }})
+            }
+            "disable_events" => {
+                shared.events.set_task_events(false);
+                json!({"ok": "task events disabled"})
+            }
+            "heartbeat" => {
+                shared.events.worker("worker-heartbeat", 5.0);
+                Value::Null
+            }
+            _ => {
+                let _ = args;
+                return None;
+            }
+        })
+    }
+
+    /// Serves remote-control requests until `stop`.
+    pub(super) async fn serve(shared: Arc<Shared>, stop: CancellationToken) {
+        let started = Instant::now();
+        let mut stream = match shared.broker.control_requests().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "remote control unavailable");
+                return;
+            }
+        };
+        let clock = std::sync::atomic::AtomicU64::new(0);
+        loop {
+            let raw = tokio::select! {
+                m = stream.next() => match m { Some(m) => m, None => break },
+                _ = stop.cancelled() => break,
+            };
+            let Ok(env) = Envelope::parse(&raw) else {
+                continue;
+            };
+            let Ok(body) = env.body_bytes() else { continue };
+            let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+                continue;
+            };
+            let theirs = env
+                .headers
+                .get("clock")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let now = clock
+                .fetch_max(theirs, std::sync::atomic::Ordering::Relaxed)
+                .max(theirs)
+                + 1;
+            clock.store(now, std::sync::atomic::Ordering::Relaxed);
+            if !selected(&req, &shared.settings.hostname) {
+                continue;
+            }
+            let method = req
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let arguments = req.get("arguments").cloned().unwrap_or(Value::Null);
+            debug!(%method, "remote control request");
+            let Some(value) = reply_for(&shared, &method, &arguments, now, started) else {
+                warn!(%method, "unknown remote control command");
+                continue;
+            };
+            let (Some(ticket), Some(rk)) = (
+                req.get("ticket").and_then(Value::as_str),
+                req.pointer("/reply_to/routing_key").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            let mut reply = Map::new();
+            reply.insert(shared.settings.hostname.clone(), value);
+            let envelope = json!({
+                "body": STANDARD.encode(celeriac_protocol::json::to_vec(&reply)),
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": {"ticket": ticket, "clock": now},
+                "properties": {"delivery_mode": 1,
+                    "delivery_info": {"exchange": "reply.celery.pidbox", "routing_key": rk},
+                    "priority": 0, "body_encoding": "base64", "delivery_tag": uuid::Uuid::new_v4().to_string()},
+            });
+            if let Err(e) = shared
+                .broker
+                .control_reply(rk, &celeriac_protocol::json::to_vec(&envelope))
+                .await
+            {
+                warn!(error = %e, %method, "sending a remote control reply failed");
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn glob_patterns() {
+            assert!(super::glob("w*@vm", "w1@vm"));
+            assert!(super::glob("*", "x"));
+            assert!(!super::glob("w*@vm", "x1@vm"));
+            assert!(super::glob("w1@vm", "w1@vm"));
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct RedisBroker {
     options: BrokerOptions,
     /// Database number: fanout channels are `/<db>.<exchange>/<routing key>`.
     db: i64,
+    /// For Pub/Sub connections.
+    client: Client,
     declared: Mutex<HashSet<String>>,
 }
 
@@ -73,6 +75,7 @@ impl RedisBroker {
             keys: Keys::new(options.global_keyprefix.clone()),
             options,
             db: target.db,
+            client: Client::open(target.info.clone())?,
             declared: Mutex::new(HashSet::new()),
         })
     }
@@ -481,6 +484,37 @@ impl Broker for RedisBroker {
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
+        use futures::StreamExt;
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        // kombu's fanout channel for exchange `celery.pidbox` with an empty routing key.
+        pubsub
+            .subscribe(format!("{}/{}.celery.pidbox", self.keys.prefix(), self.db))
+            .await?;
+        Ok(pubsub
+            .into_on_message()
+            .filter_map(|m| async move { m.get_payload::<Vec<u8>>().ok() })
+            .boxed())
+    }
+
+    async fn control_reply(&self, routing_key: &str, envelope: &[u8]) -> Result<()> {
+        // Direct exchange on Redis: the binding table names the queue(s) bound with this routing key.
+        let mut conn = self.conn.clone();
+        let members: Vec<Vec<u8>> = conn
+            .smembers(self.keys.binding("reply.celery.pidbox"))
+            .await?;
+        for m in members {
+            let text = String::from_utf8_lossy(&m).into_owned();
+            let parts: Vec<&str> = text.split(keys::SEP).collect();
+            if parts.len() == 3 && parts[0] == routing_key {
+                let _: i64 = conn
+                    .lpush(format!("{}{}", self.keys.prefix(), parts[2]), envelope)
+                    .await?;
+            }
+        }
         Ok(())
     }
 
