@@ -150,6 +150,12 @@ pub trait Broker: Send + Sync + 'static {
     /// = the client's oid).
     async fn control_reply(&self, routing_key: &str, envelope: &[u8]) -> Result<()>;
 
+    /// Records revoked task ids for every worker, now and after restarts (kept `keep` long).
+    async fn add_revoked(&self, ids: &[String], keep: Duration) -> Result<()>;
+
+    /// Revoked task ids still kept.
+    async fn revoked(&self) -> Result<Vec<String>>;
+
     /// Publishes a task to a queue (Celery's anonymous-exchange routing: routing key = queue name).
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()>;
 

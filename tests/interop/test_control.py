@@ -2,6 +2,7 @@
 CLI see a celeriac worker (ping, registered, stats, active_queues, active) and ``enable_events`` toggles it.
 """
 import os
+import time
 import subprocess
 import sys
 
@@ -42,3 +43,33 @@ def test_celery_inspect_sees_a_celeriac_worker(workers, client_app, iso):
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[:2] == [f"->  {worker.name}: OK", "        pong"], done.stdout
     assert "1 node online." in done.stdout
+
+
+def test_revokes_persist_across_restarts_and_terminate_running_tasks(workers, client_app, iso, redis_client):
+    mark = f"{iso.prefix}revoked-marks"
+    worker = workers.start(kind="celeriac")
+    later = client_app.send_task("bench.mark", ("later", mark, iso.redis_url), countdown=4)
+    wait_for(lambda: redis_client.exists(f"{iso.prefix}unacked") or redis_client.exists(f"{iso.prefix}celeriac.eta.{iso.queue}"),
+             5, message="the ETA task held by the worker")
+    replies = client_app.control.revoke(later.id, destination=[worker.name], reply=True, timeout=2)
+    assert replies == [{worker.name: {"ok": f"tasks {{'{later.id}'}} flagged as revoked"}}]
+    # Restart: the new worker learns the revoke from the broker (Celery keeps revokes in memory only).
+    assert worker.terminate() == 0
+    second = workers.start(kind="celeriac")
+    assert client_app.control.inspect(destination=[second.name], timeout=2).revoked()[second.name] == [later.id]
+    meta = wait_for(lambda: (m := client_app.backend.get_task_meta(later.id))["status"] == "REVOKED" and m, 10,
+                    message="REVOKED stored")
+    assert meta["result"].args == ("revoked",)
+    time.sleep(4.5)  # past the ETA: the task must never run
+    assert redis_client.hget(mark, "later") is None
+
+    # terminate=True stops a running task; the worker keeps going.
+    running = client_app.send_task("bench.sleep", (30,))
+    wait_for(lambda: client_app.control.inspect(destination=[second.name], timeout=1).active()[second.name],
+             5, message="the task running")
+    replies = client_app.control.revoke(running.id, terminate=True, destination=[second.name], reply=True, timeout=2)
+    assert replies == [{second.name: {"ok": f"terminate: {running.id}"}}]
+    meta = wait_for(lambda: (m := client_app.backend.get_task_meta(running.id))["status"] == "REVOKED" and m, 5,
+                    message="REVOKED terminated")
+    assert meta["result"].args == ("terminated",)
+    assert client_app.send_task("bench.add", (1, 1)).get(timeout=10) == 2

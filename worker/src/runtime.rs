@@ -191,6 +191,8 @@ struct Shared {
     events: Arc<crate::events::Events>,
     /// Tasks running now (for `inspect active`).
     running: Mutex<HashMap<String, pidbox::Running>>,
+    /// Revoked task ids (persisted in the broker; loaded at start, extended by `revoke` broadcasts).
+    revoked: std::sync::RwLock<HashSet<String>>,
 }
 
 /// A task's rate limiter: per worker (governor) or shared by every worker through the broker.
@@ -236,6 +238,11 @@ impl Limiter {
 }
 
 impl Shared {
+    fn is_revoked(&self, id: &str) -> bool {
+        let set = self.revoked.read().expect("revoked");
+        !set.is_empty() && set.contains(id)
+    }
+
     fn release(&self, tag: &str, slot: bool) {
         self.slots.release(tag, slot);
     }
@@ -309,6 +316,7 @@ pub async fn run(
         origin,
     );
     let registry = crate::builtins::with_builtins(registry);
+    let revoked: HashSet<String> = broker.revoked().await?.into_iter().collect();
     let (events, events_rx) =
         crate::events::Events::new(&settings.hostname, settings.send_task_events);
     let events_stop = CancellationToken::new();
@@ -363,6 +371,7 @@ pub async fn run(
         canvas,
         events: Arc::clone(&events),
         running: Mutex::new(HashMap::new()),
+        revoked: std::sync::RwLock::new(revoked),
     });
 
     let housekeeping_stop = CancellationToken::new();
@@ -646,6 +655,10 @@ async fn receive(
         revoke_expired(shared, job);
         return;
     }
+    if shared.is_revoked(job.message.id()) {
+        discard_revoked(shared, job);
+        return;
+    }
     let eta = job
         .message
         .headers
@@ -701,9 +714,38 @@ fn eta_fired(shared: &Shared, job: Box<Job>, ready: &mpsc::UnboundedSender<Box<J
         .is_some_and(|t| t <= chrono::Utc::now());
     if expired {
         revoke_expired(shared, job);
+    } else if shared.is_revoked(job.message.id()) {
+        discard_revoked(shared, job);
     } else {
         let _ = ready.send(job);
     }
+}
+
+/// A revoked task seen on receipt or when its ETA fires: REVOKED (not over a SUCCESS), acked, never run.
+fn discard_revoked(shared: &Shared, job: Box<Job>) {
+    info!(task = %job.message.task(), id = %job.message.id(), "Discarding revoked task");
+    shared
+        .metrics
+        .task(TaskEvent::Revoked, job.message.task(), &job.held.queue);
+    shared.events.task(
+        "task-revoked",
+        vec![
+            ("uuid", json!(job.message.id())),
+            ("terminated", json!(false)),
+            ("signum", Value::Null),
+            ("expired", json!(false)),
+        ],
+    );
+    let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "revoked");
+    let meta = shared.store_results(&job).then(|| {
+        let mut m = shared.meta(&job, State::Revoked, json!(exc), None);
+        m.children = None;
+        Box::new(m)
+    });
+    let _ = shared.commit.send(Commit::Done {
+        meta,
+        late_ack: Some((job.held.tag, job.holds_slot)),
+    });
 }
 
 fn revoke_expired(shared: &Shared, job: Box<Job>) {
@@ -899,11 +941,11 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     shared
         .events
         .task("task-started", vec![("uuid", json!(job.message.id()))]);
-    shared
-        .running
-        .lock()
-        .expect("running")
-        .insert(job.message.id().to_string(), pidbox::running_from(&job));
+    let terminate = CancellationToken::new();
+    shared.running.lock().expect("running").insert(
+        job.message.id().to_string(),
+        pidbox::running_from(&job, terminate.clone()),
+    );
     if opts.track_started.unwrap_or(shared.settings.track_started) {
         let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
         let meta = shared.meta(&job, State::Started, info, None);
@@ -967,7 +1009,13 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
                     }
                 }
             };
-            with_time_limits(run, hard, soft, &cancel).await
+            tokio::select! {
+                r = with_time_limits(run, hard, soft, &cancel) => r,
+                _ = terminate.cancelled() => {
+                    cancel.cancel();
+                    Err(TaskError::Ignore)
+                }
+            }
         }
     };
     let runtime = started.elapsed().as_secs_f64();
@@ -986,6 +1034,37 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         .processed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     shared.metrics.runtime(&name, &queue, runtime);
+    if terminate.is_cancelled() {
+        // `revoke(terminate=True)`: REVOKED "terminated", the slot freed, the message acked.
+        shared.metrics.task(TaskEvent::Revoked, &name, &queue);
+        shared.events.task(
+            "task-revoked",
+            vec![
+                ("uuid", json!(job.message.id())),
+                ("terminated", json!(true)),
+                ("signum", json!(15)),
+                ("expired", json!(false)),
+            ],
+        );
+        let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "terminated");
+        let meta = shared.store_results(&job).then(|| {
+            let mut m = shared.meta(&job, State::Revoked, json!(exc), None);
+            m.children = None;
+            Box::new(m)
+        });
+        if job.acks_late {
+            shared
+                .running_late
+                .lock()
+                .expect("running_late")
+                .remove(&job.held.tag);
+        }
+        let late_ack = job
+            .acks_late
+            .then(|| (job.held.tag.clone(), job.holds_slot));
+        let _ = shared.commit.send(Commit::Done { meta, late_ack });
+        return;
+    }
     let outcome = autoretry(&job, outcome);
     let outcome = match outcome {
         Err(TaskError::Retry {
@@ -1739,6 +1818,7 @@ mod pidbox {
         pub priority: u8,
         pub redelivered: bool,
         pub started: f64,
+        pub terminate: CancellationToken,
     }
 
     fn unix_now() -> f64 {
@@ -1748,7 +1828,7 @@ mod pidbox {
             .as_secs_f64()
     }
 
-    pub(super) fn running_from(job: &Job) -> Running {
+    pub(super) fn running_from(job: &Job, terminate: CancellationToken) -> Running {
         let h = &job.message.headers;
         Running {
             name: h.task.clone(),
@@ -1758,6 +1838,7 @@ mod pidbox {
             priority: job.message.properties.priority,
             redelivered: job.held.redelivered,
             started: unix_now(),
+            terminate,
         }
     }
 
@@ -1825,7 +1906,12 @@ mod pidbox {
                         .collect(),
                 )
             }
-            "reserved" | "scheduled" | "revoked" => json!([]),
+            "reserved" | "scheduled" => json!([]),
+            "revoked" => {
+                let mut ids: Vec<String> = shared.revoked.read().expect("revoked").iter().cloned().collect();
+                ids.sort();
+                json!(ids)
+            }
             "query_task" => json!({}),
             "stats" => json!({
                 "total": shared.metrics.totals(),
@@ -1856,6 +1942,72 @@ mod pidbox {
                 return None;
             }
         })
+    }
+
+    /// `revoke`: remembered by this worker, persisted for every worker and restart, REVOKED stored for tasks
+    /// not running here; with `terminate`, running ones are stopped.
+    async fn revoke(shared: &Shared, args: &Value, force_terminate: bool) -> Value {
+        let ids: Vec<String> = match args.get("task_id") {
+            Some(Value::String(id)) => vec![id.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let terminate = force_terminate
+            || args
+                .get("terminate")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+        shared
+            .revoked
+            .write()
+            .expect("revoked")
+            .extend(ids.iter().cloned());
+        // Celery keeps revokes 3 hours (REVOKE_EXPIRES); so do we, in the broker.
+        if let Err(e) = shared
+            .broker
+            .add_revoked(&ids, Duration::from_secs(10_800))
+            .await
+        {
+            warn!(error = %e, "persisting revoked ids failed");
+        }
+        let mut terminated = Vec::new();
+        {
+            let running = shared.running.lock().expect("running");
+            for id in &ids {
+                match running.get(id) {
+                    Some(r) if terminate => {
+                        r.terminate.cancel();
+                        terminated.push(id.clone());
+                    }
+                    Some(_) => {}
+                    None => {
+                        let exc =
+                            ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "revoked");
+                        let mut m = ResultMeta::new(id.clone(), State::Revoked, json!(exc));
+                        m.children = None;
+                        m.date_done = Some(time::isoformat(chrono::Utc::now()));
+                        let _ = shared.commit.send(Commit::Done {
+                            meta: Some(Box::new(m)),
+                            late_ack: None,
+                        });
+                    }
+                }
+            }
+        }
+        if terminate {
+            let which = if terminated.is_empty() {
+                "tasks unknown".to_string()
+            } else {
+                terminated.join(", ")
+            };
+            json!({"ok": format!("terminate: {which}")})
+        } else {
+            let set: Vec<String> = ids.iter().map(|i| format!("'{i}'")).collect();
+            json!({"ok": format!("tasks {{{}}} flagged as revoked", set.join(", "))})
+        }
     }
 
     /// Serves remote-control requests until `stop`.
@@ -1901,7 +2053,12 @@ mod pidbox {
                 .to_string();
             let arguments = req.get("arguments").cloned().unwrap_or(Value::Null);
             debug!(%method, "remote control request");
-            let Some(value) = reply_for(&shared, &method, &arguments, now, started) else {
+            let value = if method == "revoke" || method == "terminate" {
+                Some(revoke(&shared, &arguments, method == "terminate").await)
+            } else {
+                reply_for(&shared, &method, &arguments, now, started)
+            };
+            let Some(value) = value else {
                 warn!(%method, "unknown remote control command");
                 continue;
             };

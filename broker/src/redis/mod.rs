@@ -518,6 +518,31 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    async fn add_revoked(&self, ids: &[String], keep: Duration) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let key = format!("{}celeriac.revoked", self.keys.prefix());
+        let now = now_secs();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for id in ids {
+            pipe.zadd(&key, id, now).ignore();
+        }
+        pipe.zrembyscore(&key, "-inf", now - keep.as_secs_f64())
+            .ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn revoked(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        Ok(conn
+            .zrange(format!("{}celeriac.revoked", self.keys.prefix()), 0, -1)
+            .await?)
+    }
+
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
         let tag = uuid::Uuid::new_v4().to_string();
         let body = envelope::encode_task(message, "", queue, &tag);
