@@ -73,3 +73,48 @@ def test_revokes_persist_across_restarts_and_terminate_running_tasks(workers, cl
                     message="REVOKED terminated")
     assert meta["result"].args == ("terminated",)
     assert client_app.send_task("bench.add", (1, 1)).get(timeout=10) == 2
+
+
+def test_control_commands_change_the_running_worker(workers, client_app, iso, redis_client):
+    worker = workers.start(kind="celeriac", concurrency=1)
+    me = [worker.name]
+    control = client_app.control
+
+    def one(method, **arguments):
+        replies = control.broadcast(method, arguments=arguments, destination=me, reply=True, timeout=2)
+        assert len(replies) == 1, replies
+        return replies[0][worker.name]
+
+    assert one("pool_grow", n=2) == {"ok": "pool will grow"}
+    inspect = control.inspect(destination=me, timeout=2)
+    assert inspect.stats()[worker.name]["pool"]["max-concurrency"] == 3
+    assert one("pool_shrink", n=1) == {"ok": "pool will shrink"}
+    assert inspect.stats()[worker.name]["pool"]["max-concurrency"] == 2
+
+    extra = f"{iso.queue}.extra"
+    assert one("add_consumer", queue=extra, exchange=None, exchange_type="direct", routing_key=None) == \
+        {"ok": f"add consumer {extra}"}
+    assert extra in [q["name"] for q in inspect.active_queues()[worker.name]]
+    assert client_app.send_task("bench.add", (20, 22), queue=extra).get(timeout=10) == 42
+    assert one("cancel_consumer", queue=extra) == {"ok": f"no longer consuming from {extra}"}
+    time.sleep(1.5)  # a fetch already waiting on the old queue list finishes
+    stays = client_app.send_task("bench.add", (1, 1), queue=extra)
+    time.sleep(1.5)
+    assert redis_client.llen(iso.queue_key(extra)) == 1 and stays.state == "PENDING"
+
+    assert one("time_limit", task_name="bench.slow", hard=1, soft=None) == {"ok": "time limits set successfully"}
+    slow = client_app.send_task("bench.slow", (10,))
+    meta = wait_for(lambda: (m := client_app.backend.get_task_meta(slow.id))["status"] == "FAILURE" and m, 8,
+                    message="the hard limit set at runtime")
+    assert type(meta["result"]).__name__ == "TimeLimitExceeded"
+
+    assert one("rate_limit", task_name="bench.add", rate_limit="2/s") == {"ok": "new rate limit set successfully"}
+    start = time.time()
+    results = [client_app.send_task("bench.add", (i, i)) for i in range(5)]
+    assert [r.get(timeout=10) for r in results] == [0, 2, 4, 6, 8]
+    assert time.time() - start >= 1.8  # 5 tasks at 2/s: at least 2 s after the first
+    assert one("rate_limit", task_name="nope", rate_limit="1/s") == {"error": "unknown task \"nope\""}
+
+    assert control.broadcast("shutdown", destination=me, reply=True, timeout=1) == []
+    wait_for(lambda: not worker.alive, 10, message="the worker to exit")
+    assert worker.proc.returncode == 0

@@ -184,7 +184,7 @@ struct Shared {
     running_late: Mutex<HashMap<String, LateJob>>,
     commit: mpsc::UnboundedSender<Commit>,
     /// Rate limiters by task name.
-    limiters: HashMap<String, Limiter>,
+    limiters: HashMap<String, Arc<Limiter>>,
     /// Publishes callbacks, chain steps, chord bodies and errbacks.
     canvas: Canvas,
     /// Celery events.
@@ -193,7 +193,21 @@ struct Shared {
     running: Mutex<HashMap<String, pidbox::Running>>,
     /// Revoked task ids (persisted in the broker; loaded at start, extended by `revoke` broadcasts).
     revoked: std::sync::RwLock<HashSet<String>>,
+    /// Queues consumed now (`add_consumer` / `cancel_consumer` change them).
+    queues: std::sync::RwLock<Vec<String>>,
+    /// Concurrency slots (`pool_grow` / `pool_shrink` change them) and their current number.
+    concurrency: Arc<Semaphore>,
+    concurrency_now: std::sync::atomic::AtomicUsize,
+    /// Time limits set at runtime (`time_limit`): task → (hard, soft).
+    time_limits: std::sync::RwLock<HashMap<String, TimeLimits>>,
+    /// Rate limits set at runtime (`rate_limit`) replace these.
+    dyn_limiters: std::sync::RwLock<HashMap<String, Option<Arc<Limiter>>>>,
+    /// The worker's own shutdown (the `shutdown` command).
+    warm: CancellationToken,
 }
+
+/// `(hard, soft)` seconds.
+type TimeLimits = (Option<f64>, Option<f64>);
 
 /// A task's rate limiter: per worker (governor) or shared by every worker through the broker.
 enum Limiter {
@@ -238,6 +252,18 @@ impl Limiter {
 }
 
 impl Shared {
+    fn current_queues(&self) -> Vec<String> {
+        self.queues.read().expect("queues").clone()
+    }
+
+    /// The task's rate limiter: one set at runtime (`rate_limit`) wins over the configured one.
+    fn limiter(&self, task: &str) -> Option<Arc<Limiter>> {
+        if let Some(l) = self.dyn_limiters.read().expect("limiters").get(task) {
+            return l.clone();
+        }
+        self.limiters.get(task).cloned()
+    }
+
     fn is_revoked(&self, id: &str) -> bool {
         let set = self.revoked.read().expect("revoked");
         !set.is_empty() && set.contains(id)
@@ -317,6 +343,8 @@ pub async fn run(
     );
     let registry = crate::builtins::with_builtins(registry);
     let revoked: HashSet<String> = broker.revoked().await?.into_iter().collect();
+    let settings_queues = settings.queues.clone();
+    let settings_concurrency = settings.concurrency;
     let (events, events_rx) =
         crate::events::Events::new(&settings.hostname, settings.send_task_events);
     let events_stop = CancellationToken::new();
@@ -329,12 +357,12 @@ pub async fn run(
             events_stop.clone(),
         ))
     });
-    let limiters: HashMap<String, Limiter> = registry
+    let limiters: HashMap<String, Arc<Limiter>> = registry
         .tasks()
         .filter_map(|t| {
             t.options
                 .rate_limit
-                .map(|r| (t.name.clone(), Limiter::new(&t.name, r)))
+                .map(|r| (t.name.clone(), Arc::new(Limiter::new(&t.name, r))))
         })
         .collect();
     let slots = Arc::new(Slots {
@@ -372,6 +400,12 @@ pub async fn run(
         events: Arc::clone(&events),
         running: Mutex::new(HashMap::new()),
         revoked: std::sync::RwLock::new(revoked),
+        queues: std::sync::RwLock::new(settings_queues),
+        concurrency: Arc::new(Semaphore::new(settings_concurrency)),
+        concurrency_now: std::sync::atomic::AtomicUsize::new(settings_concurrency),
+        time_limits: Default::default(),
+        dyn_limiters: Default::default(),
+        warm: shutdown.warm.clone(),
     });
 
     let housekeeping_stop = CancellationToken::new();
@@ -521,7 +555,7 @@ async fn fetcher(
         match shared
             .broker
             .fetch(
-                &shared.settings.queues,
+                &shared.current_queues(),
                 max,
                 &ack_tags,
                 Duration::from_secs(1),
@@ -796,7 +830,7 @@ async fn dispatcher(
     mut ready: mpsc::UnboundedReceiver<Box<Job>>,
     warm: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
+    let slots = Arc::clone(&shared.concurrency);
     let mut running = JoinSet::new();
     // Rate-limited jobs waiting for their turn; they give their prefetch slot back while they wait, and at
     // most `prefetch` of one task wait in memory (the rest are parked in the broker until their turn).
@@ -816,7 +850,7 @@ async fn dispatcher(
             }
             j = ready.recv() => match j { Some(j) => j, None => break },
         };
-        if let Some(limiter) = shared.limiters.get(job.message.task())
+        if let Some(limiter) = shared.limiter(job.message.task())
             && let Some(wait) = limiter.check(shared.broker.as_ref()).await
         {
             if job.holds_slot {
@@ -976,11 +1010,20 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     };
     // Limits: the message's `timelimit` header, then the task's options, then the worker's settings.
     let (h_hard, h_soft) = job.message.headers.time_limits();
+    let (c_hard, c_soft) = shared
+        .time_limits
+        .read()
+        .expect("time_limits")
+        .get(&name)
+        .copied()
+        .unwrap_or((None, None));
     let hard = h_hard
+        .or(c_hard)
         .or(opts.time_limit)
         .or(shared.settings.time_limit)
         .filter(|t| *t > 0.0);
     let soft = h_soft
+        .or(c_soft)
         .or(opts.soft_time_limit)
         .or(shared.settings.soft_time_limit)
         .filter(|t| *t > 0.0);
@@ -1502,14 +1545,14 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
                 // Parked ETA tasks due within the horizon come back; the last stretch waits in memory.
                 let lookahead = shared.settings.eta_horizon.min(Duration::from_secs(1));
                 let by = chrono::Utc::now() + chrono::Duration::from_std(lookahead).unwrap_or_default();
-                match shared.broker.unpark_due(&shared.settings.queues, by).await {
+                match shared.broker.unpark_due(&shared.current_queues(), by).await {
                     Ok(0) => {}
                     Ok(n) => debug!(n, "republished parked ETA tasks"),
                     Err(e) => warn!(error = %e, "republishing parked ETA tasks failed"),
                 }
             }
             _ = lengths.tick() => {
-                for q in &shared.settings.queues {
+                for q in &shared.current_queues() {
                     match shared.broker.queue_length(q).await {
                         Ok(n) => { shared.metrics.queue_length.get_or_create(&QueueLabels { queue_name: q.clone() }).set(n as i64); }
                         Err(e) => warn!(error = %e, queue = %q, "reading queue length failed"),
@@ -1880,7 +1923,8 @@ mod pidbox {
                 json!(names)
             }
             "active_queues" => Value::Array(
-                s.queues
+                shared
+                    .current_queues()
                     .iter()
                     .map(|q| {
                         json!({"name": q, "exchange": {"name": q, "type": "direct", "arguments": null, "durable": true,
@@ -1918,7 +1962,8 @@ mod pidbox {
                 "pid": std::process::id(),
                 "clock": clock.to_string(),
                 "uptime": started.elapsed().as_secs(),
-                "pool": {"implementation": "celeriac:tokio", "max-concurrency": s.concurrency,
+                "pool": {"implementation": "celeriac:tokio",
+                    "max-concurrency": shared.concurrency_now.load(std::sync::atomic::Ordering::Relaxed),
                     "processes": [std::process::id()], "max-tasks-per-child": "N/A",
                     "put-guarded-by-semaphore": false, "timeouts": [0, 0], "writes": {}},
                 "broker": {"transport": shared.broker.transport()},
@@ -2010,6 +2055,119 @@ mod pidbox {
         }
     }
 
+    /// Commands that change the running worker. `Some(None)`: handled, no reply (shutdown); `None`: not one
+    /// of these.
+    async fn control(shared: &Arc<Shared>, method: &str, args: &Value) -> Option<Option<Value>> {
+        let text = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_string);
+        let ok = |m: String| Some(Some(json!({"ok": m})));
+        match method {
+            "rate_limit" => {
+                let task = text("task_name").unwrap_or_default();
+                if shared.registry.get(&task).is_none() {
+                    return Some(Some(json!({"error": format!("unknown task {task:?}")})));
+                }
+                let limiter = match args.get("rate_limit") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => {
+                        let r = v
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string());
+                        if r == "0" {
+                            None
+                        } else {
+                            match RateLimit::parse(&r, false) {
+                                Ok(rate) => Some(Arc::new(Limiter::new(&task, rate))),
+                                Err(e) => return Some(Some(json!({"error": e}))),
+                            }
+                        }
+                    }
+                };
+                let msg = if limiter.is_some() {
+                    "new rate limit set successfully"
+                } else {
+                    "rate limit disabled successfully"
+                };
+                shared
+                    .dyn_limiters
+                    .write()
+                    .expect("limiters")
+                    .insert(task, limiter);
+                ok(msg.into())
+            }
+            "time_limit" => {
+                let task = text("task_name").unwrap_or_default();
+                if shared.registry.get(&task).is_none() {
+                    return Some(Some(json!({"error": format!("unknown task {task:?}")})));
+                }
+                let hard = args.get("hard").and_then(Value::as_f64);
+                let soft = args.get("soft").and_then(Value::as_f64);
+                shared
+                    .time_limits
+                    .write()
+                    .expect("time_limits")
+                    .insert(task, (hard, soft));
+                ok("time limits set successfully".into())
+            }
+            "pool_grow" => {
+                let n = args.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
+                shared.concurrency.add_permits(n);
+                shared
+                    .concurrency_now
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                ok("pool will grow".into())
+            }
+            "pool_shrink" => {
+                let n = args.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
+                let now = shared
+                    .concurrency_now
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let n = n.min(now.saturating_sub(1));
+                shared
+                    .concurrency_now
+                    .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+                let sem = Arc::clone(&shared.concurrency);
+                // Slots are taken back as running tasks finish.
+                tokio::spawn(async move {
+                    if let Ok(p) = sem.acquire_many_owned(n as u32).await {
+                        p.forget();
+                    }
+                });
+                ok("pool will shrink".into())
+            }
+            "add_consumer" => {
+                let queue = text("queue").unwrap_or_default();
+                if queue.is_empty() {
+                    return Some(Some(json!({"error": "no queue given"})));
+                }
+                if let Err(e) = shared.broker.declare(std::slice::from_ref(&queue)).await {
+                    return Some(Some(json!({"error": e.to_string()})));
+                }
+                let mut queues = shared.queues.write().expect("queues");
+                if queues.contains(&queue) {
+                    return ok(format!("already consuming from {queue}"));
+                }
+                queues.push(queue.clone());
+                ok(format!("add consumer {queue}"))
+            }
+            "cancel_consumer" => {
+                let queue = text("queue").unwrap_or_default();
+                shared
+                    .queues
+                    .write()
+                    .expect("queues")
+                    .retain(|q| *q != queue);
+                ok(format!("no longer consuming from {queue}"))
+            }
+            "shutdown" => {
+                warn!("remote control: shutdown requested");
+                shared.warm.cancel();
+                Some(None)
+            }
+            _ => None,
+        }
+    }
+
     /// Serves remote-control requests until `stop`.
     pub(super) async fn serve(shared: Arc<Shared>, stop: CancellationToken) {
         let started = Instant::now();
@@ -2055,11 +2213,15 @@ mod pidbox {
             debug!(%method, "remote control request");
             let value = if method == "revoke" || method == "terminate" {
                 Some(revoke(&shared, &arguments, method == "terminate").await)
+            } else if let Some(v) = control(&shared, &method, &arguments).await {
+                v
             } else {
                 reply_for(&shared, &method, &arguments, now, started)
             };
             let Some(value) = value else {
-                warn!(%method, "unknown remote control command");
+                if method != "shutdown" {
+                    warn!(%method, "unknown remote control command");
+                }
                 continue;
             };
             let (Some(ticket), Some(rk)) = (
