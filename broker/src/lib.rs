@@ -156,6 +156,16 @@ pub trait Broker: Send + Sync + 'static {
     /// Revoked task ids still kept.
     async fn revoked(&self) -> Result<Vec<String>>;
 
+    /// Broadcasts a remote-control request (the client side of [`Broker::control_requests`]) and collects the
+    /// reply envelopes sent to reply queue `oid` within `timeout`; the reply queue is declared first and
+    /// deleted afterwards, as Celery's client does.
+    async fn control_call(
+        &self,
+        envelope: &[u8],
+        oid: &str,
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>>;
+
     /// Publishes a task to a queue (Celery's anonymous-exchange routing: routing key = queue name).
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()>;
 

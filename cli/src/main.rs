@@ -4,6 +4,7 @@
 mod apply;
 mod beat;
 mod call;
+mod control;
 mod purge;
 mod result;
 mod settings;
@@ -32,6 +33,10 @@ enum Command {
     Beat(beat::BeatArgs),
     /// Apply a canvas (chain, group, chord) given as Celery signature JSON; prints the result id(s).
     Apply(apply::ApplyArgs),
+    /// Ask workers (like `celery inspect`): ping, stats, active, registered, active_queues, revoked, ...
+    Inspect(control::ControlArgs),
+    /// Tell workers (like `celery control`): revoke, rate_limit, time_limit, pool_grow, add_consumer, shutdown, ...
+    Control(control::ControlArgs),
     /// Wait for a task's result and print its meta as JSON.
     Result(result::ResultArgs),
     /// Delete all waiting messages from queues.
@@ -118,6 +123,9 @@ fn main() {
         let outcome = match cli.command {
             Command::Worker(args) => worker::run(&cli.global, args).await,
             Command::Call(args) => call::run(&cli.global, args).await,
+            Command::Inspect(args) | Command::Control(args) => {
+                control::run(&cli.global, args).await
+            }
             Command::Apply(args) => apply::run(&cli.global, args).await,
             Command::Beat(args) => beat::run(&cli.global, args).await,
             Command::Result(args) => result::run(&cli.global, args).await,

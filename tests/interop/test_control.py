@@ -1,12 +1,13 @@
 """Interop tests for remote control: Celery's own ``app.control.inspect()`` and the real ``celery inspect``
 CLI see a celeriac worker (ping, registered, stats, active_queues, active) and ``enable_events`` toggles it.
 """
+import json
 import os
 import time
 import subprocess
 import sys
 
-from conftest import HERE
+from conftest import HERE, celeriac_bin
 from interop_helpers import wait_for
 
 
@@ -118,3 +119,22 @@ def test_control_commands_change_the_running_worker(workers, client_app, iso, re
     assert control.broadcast("shutdown", destination=me, reply=True, timeout=1) == []
     wait_for(lambda: not worker.alive, 10, message="the worker to exit")
     assert worker.proc.returncode == 0
+
+
+def test_celeriac_inspect_and_control_print_like_celery(workers, iso):
+    worker = workers.start(kind="celeriac")
+    ours = [celeriac_bin(), "--broker", iso.redis_url, "--result-backend", iso.redis_url,
+            "--config", str(workers._celeriac_client_config())]
+    run = lambda argv, **kw: subprocess.run(argv, capture_output=True, text=True, timeout=30, **kw)  # noqa: E731
+    mine = run(ours + ["inspect", "ping", "-d", worker.name])
+    celery = run([sys.executable, "-m", "celery", "-A", "pyapp", "inspect", "ping", "-d", worker.name],
+                 env=dict(os.environ, **workers._pyapp_env()), cwd=HERE)
+    assert mine.returncode == celery.returncode == 0
+    assert mine.stdout == celery.stdout
+
+    stats = json.loads(run(ours + ["inspect", "stats", "-d", worker.name, "--json"]).stdout)
+    assert stats[worker.name]["pool"]["max-concurrency"] == 2
+    ctl = run(ours + ["control", "rate_limit", "bench.add", "5/s", "-d", worker.name])
+    assert ctl.stdout.splitlines()[:2] == [f"->  {worker.name}: OK", "        new rate limit set successfully"]
+    nobody = run(ours + ["inspect", "ping", "-d", "nobody@nowhere"])
+    assert nobody.returncode == 1 and "No nodes replied" in nobody.stderr

@@ -543,6 +543,44 @@ impl Broker for RedisBroker {
             .await?)
     }
 
+    async fn control_call(
+        &self,
+        envelope: &[u8],
+        oid: &str,
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>> {
+        let queue = format!("{oid}.reply.celery.pidbox");
+        let member = Keys::binding_member(oid, &queue);
+        let binding = self.keys.binding("reply.celery.pidbox");
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.sadd(&binding, &member).await?;
+        let _: i64 = conn
+            .publish(
+                format!("{}/{}.celery.pidbox", self.keys.prefix(), self.db),
+                envelope,
+            )
+            .await?;
+        let lists = self.keys.queue_lists(&queue);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut replies = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let popped: Option<(String, Vec<u8>)> = {
+                let mut blocking = self.blocking.lock().await;
+                blocking.brpop(&lists, left.as_secs_f64().max(0.01)).await?
+            };
+            if let Some((_, raw)) = popped {
+                replies.push(raw);
+            }
+        }
+        let _: i64 = conn.srem(&binding, &member).await?;
+        let _: i64 = conn.del(&lists).await?;
+        Ok(replies)
+    }
+
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
         let tag = uuid::Uuid::new_v4().to_string();
         let body = envelope::encode_task(message, "", queue, &tag);
