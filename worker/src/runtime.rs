@@ -252,6 +252,17 @@ impl Limiter {
 }
 
 impl Shared {
+    /// REVOKED with `TaskRevokedError(reason)` and `children: null`, as Celery stores a revoked task
+    /// (`None` when results are ignored).
+    fn revoked_meta(&self, job: &Job, reason: &str) -> Option<Box<ResultMeta>> {
+        self.store_results(job).then(|| {
+            let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", reason);
+            let mut m = self.meta(job, State::Revoked, json!(exc), None);
+            m.children = None;
+            Box::new(m)
+        })
+    }
+
     fn current_queues(&self) -> Vec<String> {
         self.queues.read().expect("queues").clone()
     }
@@ -770,12 +781,7 @@ fn discard_revoked(shared: &Shared, job: Box<Job>) {
             ("expired", json!(false)),
         ],
     );
-    let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "revoked");
-    let meta = shared.store_results(&job).then(|| {
-        let mut m = shared.meta(&job, State::Revoked, json!(exc), None);
-        m.children = None;
-        Box::new(m)
-    });
+    let meta = shared.revoked_meta(&job, "revoked");
     let _ = shared.commit.send(Commit::Done {
         meta,
         late_ack: Some((job.held.tag, job.holds_slot)),
@@ -1089,12 +1095,7 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
                 ("expired", json!(false)),
             ],
         );
-        let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "terminated");
-        let meta = shared.store_results(&job).then(|| {
-            let mut m = shared.meta(&job, State::Revoked, json!(exc), None);
-            m.children = None;
-            Box::new(m)
-        });
+        let meta = shared.revoked_meta(&job, "terminated");
         if job.acks_late {
             shared
                 .running_late
