@@ -1,11 +1,14 @@
-//! Celery brokers: the [`Broker`] trait the worker and publishers use, and its kombu-compatible Redis
-//! transport. A broker is chosen once from the URL scheme ([`connect`]) and held as `Arc<dyn Broker>`.
+//! Celery brokers: the [`Broker`] trait the worker and publishers use, and its kombu-compatible Redis and
+//! RabbitMQ transports. A broker is chosen once from the URL scheme ([`connect`]) and held as `Arc<dyn Broker>`.
 //!
 //! # Layout
-//! - [`url`]: broker URLs (`redis://`, `rediss://`, `redis+socket://`) and their kombu spellings.
+//! - [`url`]: broker URLs (`redis://`, `rediss://`, `redis+socket://`, `amqp://`, `amqps://`) and their kombu
+//!   spellings.
 //! - [`redis`]: the Redis transport (keys, Lua scripts, consume/ack/restore, publish).
+//! - [`amqp`]: the RabbitMQ transport (topology, consumers with per-consumer QoS, confirms, reconnection).
 //! - [`error`]: the error type, [`BrokerError`].
 
+pub mod amqp;
 pub mod error;
 pub mod redis;
 pub mod url;
@@ -36,6 +39,8 @@ pub struct Held {
     pub routing_key: String,
     /// Whether the transport has delivered this message before.
     pub redelivered: bool,
+    /// The AMQP properties as delivered (RabbitMQ only), to republish the message unchanged.
+    pub amqp_properties: Option<Arc<lapin::BasicProperties>>,
 }
 
 /// One delivery: the held message and its decoded task, or why it could not be decoded (the worker
@@ -69,6 +74,14 @@ pub struct BrokerOptions {
     pub global_keyprefix: String,
     /// Queue selection order when consuming several queues.
     pub queue_order: QueueOrder,
+    /// Unacknowledged messages RabbitMQ may push to each consumer (per-consumer `basic.qos`); 0 = no limit.
+    pub prefetch: u16,
+    /// The worker's node name (`celery@host`): names its remote-control queue and its connection.
+    pub node_name: Option<String>,
+    /// AMQP queue arguments per queue (`x-max-length`, `x-overflow`, `x-max-priority`, `x-queue-type`,
+    /// `x-dead-letter-exchange`, ...), as Celery's `task_queues` `queue_arguments`.
+    pub queue_arguments:
+        std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Default for BrokerOptions {
@@ -77,6 +90,9 @@ impl Default for BrokerOptions {
             visibility_timeout: Duration::from_secs(3600),
             global_keyprefix: String::new(),
             queue_order: QueueOrder::Priority,
+            prefetch: 16,
+            node_name: None,
+            queue_arguments: std::collections::HashMap::new(),
         }
     }
 }
@@ -180,6 +196,35 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The URL scheme family, for logs.
     fn transport(&self) -> &'static str;
+
+    /// False while the transport knows its connection is down (`/health` answers 503 then).
+    fn is_connected(&self) -> bool {
+        true
+    }
+
+    /// True when a message held in worker memory keeps occupying the broker's prefetch window (AMQP QoS):
+    /// the worker then parks ETA tasks in the broker instead of holding them.
+    fn holds_cost_prefetch(&self) -> bool {
+        false
+    }
+}
+
+/// Per-queue caps for the first fetch pass, and how many passes to run.
+pub(crate) fn caps(order: &QueueOrder, queues: usize, max: usize) -> (Vec<usize>, u8) {
+    match order {
+        QueueOrder::Priority => (vec![max; queues], 1),
+        QueueOrder::Weighted(weights) => {
+            let w: Vec<u64> = (0..queues)
+                .map(|i| u64::from(weights.get(i).copied().unwrap_or(1)))
+                .collect();
+            let total: u64 = w.iter().sum::<u64>().max(1);
+            let caps = w
+                .iter()
+                .map(|wi| ((max as u64 * wi).div_ceil(total)) as usize)
+                .collect();
+            (caps, 2)
+        }
+    }
 }
 
 /// Connects to the broker named by `url`.
@@ -189,5 +234,6 @@ pub async fn connect(url: &str, options: BrokerOptions) -> Result<Arc<dyn Broker
         url::BrokerUrl::Redis(info) => {
             Ok(Arc::new(redis::RedisBroker::connect(info, options).await?))
         }
+        url::BrokerUrl::Amqp(uri) => Ok(Arc::new(amqp::AmqpBroker::connect(uri, options).await?)),
     }
 }

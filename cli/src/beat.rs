@@ -30,12 +30,28 @@ pub struct BeatArgs {
     /// Address for /metrics.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Redis for beat's leader lease and last-run state (default: the broker when it is Redis, else the
+    /// result backend when it is Redis).
+    #[arg(long, env = "CELERIAC_BEAT_STATE")]
+    pub state_redis: Option<String>,
 }
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(global: &GlobalArgs, args: BeatArgs) -> anyhow::Result<i32> {
     let resolved = global.resolve()?;
-    let BrokerUrl::Redis(target) = BrokerUrl::parse(&resolved.broker_url)?;
+    let state_url = args
+        .state_redis
+        .clone()
+        .or_else(|| {
+            [&resolved.broker_url, &resolved.backend_url]
+                .into_iter()
+                .find(|u| u.starts_with("redis"))
+                .cloned()
+        })
+        .context("beat keeps its leader lease and last-run state in Redis: pass --state-redis redis://host:6379/0 (the broker is not Redis and no Redis result backend is configured)")?;
+    let BrokerUrl::Redis(target) = BrokerUrl::parse(&state_url)? else {
+        anyhow::bail!("--state-redis must be a redis:// URL");
+    };
     let redis = celeriac_broker::redis::connection(&target, Some(Duration::from_secs(30)))
         .await
         .context("connecting to Redis for beat state")?;

@@ -60,10 +60,12 @@ impl GlobalArgs {
             .clone()
             .or_else(|| config.result_backend.clone())
             .unwrap_or_else(|| {
+                // Results go to the broker when it is Redis; with RabbitMQ, as in Celery, none are stored unless
+                // a backend (`rpc://`, `redis://...`) is configured.
                 if broker_url.starts_with("redis") {
                     broker_url.clone()
                 } else {
-                    DEFAULT_URL.to_string()
+                    "disabled".to_string()
                 }
             });
         Ok(Resolved {
@@ -85,12 +87,20 @@ impl Resolved {
                 "weighted" => QueueOrder::Weighted(t.queue_weights.clone()),
                 _ => QueueOrder::Priority,
             },
+            prefetch: 16,
+            node_name: None,
+            queue_arguments: self.config.queue_arguments(),
         }
     }
 
     /// Connects the broker.
     pub async fn broker(&self) -> anyhow::Result<Arc<dyn Broker>> {
-        celeriac_broker::connect(&self.broker_url, self.broker_options())
+        self.broker_with(self.broker_options()).await
+    }
+
+    /// Connects the broker with adjusted options (the worker sets its prefetch and node name).
+    pub async fn broker_with(&self, options: BrokerOptions) -> anyhow::Result<Arc<dyn Broker>> {
+        celeriac_broker::connect(&self.broker_url, options)
             .await
             .with_context(|| {
                 format!(

@@ -116,7 +116,11 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
     for (name, a) in &cfg.task_annotations {
         registry.annotate(name, a.to_options(name).map_err(anyhow::Error::msg)?);
     }
-    let broker = resolved.broker().await?;
+    let mut options = resolved.broker_options();
+    options.prefetch =
+        u16::try_from(settings.concurrency * settings.prefetch_multiplier).unwrap_or(u16::MAX);
+    options.node_name = Some(settings.hostname.clone());
+    let broker = resolved.broker_with(options).await?;
     let backend = resolved.backend().await?;
 
     let shutdown = Shutdown::default();

@@ -57,6 +57,23 @@ pub struct CeleryConfig {
     pub worker_eta_max_in_memory: usize,
     /// Send task events (as `-E`).
     pub worker_send_task_events: bool,
+    /// Queue declarations, as Celery's `task_queues`:
+    /// `[task_queues.realtime] queue_arguments = { "x-max-length" = 1000, "x-overflow" = "reject-publish" }`.
+    /// A queue listed here takes exactly these arguments; `realtime` and `bulk` otherwise default to
+    /// 1,000 / 5,000 messages with `reject-publish` (RabbitMQ).
+    pub task_queues: BTreeMap<String, QueueDeclaration>,
+    /// `x-max-priority` for every queue declared (Celery's `task_queue_max_priority`).
+    pub task_queue_max_priority: Option<u8>,
+}
+
+/// One entry of `task_queues`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueDeclaration {
+    /// AMQP queue arguments (`x-max-length`, `x-overflow`, `x-max-priority`, `x-queue-type`,
+    /// `x-dead-letter-exchange`, `x-message-ttl`, ...).
+    #[serde(default)]
+    pub queue_arguments: BTreeMap<String, toml::Value>,
 }
 
 impl Default for CeleryConfig {
@@ -85,6 +102,8 @@ impl Default for CeleryConfig {
             worker_eta_horizon: 60.0,
             worker_eta_max_in_memory: 10_000,
             worker_send_task_events: false,
+            task_queues: BTreeMap::new(),
+            task_queue_max_priority: None,
         }
     }
 }
@@ -232,6 +251,39 @@ pub struct BackendTransportOptions {
 }
 
 impl CeleryConfig {
+    /// AMQP arguments per queue: `task_queues` entries as written, celeriac's defaults for `realtime` and
+    /// `bulk` otherwise, and `task_queue_max_priority` where no `x-max-priority` is given.
+    pub fn queue_arguments(
+        &self,
+    ) -> std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>> {
+        let mut out = std::collections::HashMap::new();
+        for q in ["realtime", "bulk"] {
+            if let Some(args) = celeriac_broker::amqp::default_queue_arguments(q) {
+                out.insert(q.to_string(), args);
+            }
+        }
+        for (q, decl) in &self.task_queues {
+            let args = decl
+                .queue_arguments
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+                    )
+                })
+                .collect();
+            out.insert(q.clone(), args);
+        }
+        if let Some(p) = self.task_queue_max_priority {
+            out.entry(self.task_default_queue.clone()).or_default();
+            for args in out.values_mut() {
+                args.entry("x-max-priority").or_insert(p.into());
+            }
+        }
+        out
+    }
+
     /// Parses TOML text; the error names the offending key.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let cfg: Self = toml::from_str(text).map_err(|e| e.to_string())?;

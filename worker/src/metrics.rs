@@ -286,6 +286,11 @@ impl Health {
         self.last_contact_ms.store(now_ms(), Ordering::Relaxed);
     }
 
+    /// Records that the broker connection is down: unhealthy until the next contact.
+    pub fn lost(&self) {
+        self.last_contact_ms.store(0, Ordering::Relaxed);
+    }
+
     /// Milliseconds since the last contact.
     pub fn silence(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.last_contact_ms.load(Ordering::Relaxed)))
@@ -367,5 +372,7 @@ mod tests {
         assert!(!h.is_healthy());
         h.contact();
         assert!(h.is_healthy());
+        h.lost();
+        assert!(!h.is_healthy());
     }
 }

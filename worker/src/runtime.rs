@@ -542,6 +542,8 @@ async fn fetcher(
                 // All slots busy: still prove the broker connection is alive for /health.
                 if shared.broker.ping().await.is_ok() {
                     shared.health.contact();
+                } else {
+                    shared.health.lost();
                 }
                 continue;
             }
@@ -585,6 +587,7 @@ async fn fetcher(
                 }
             }
             Err(e) => {
+                shared.health.lost();
                 shared.slots.prefetch.add_permits(slots);
                 // Not known to be applied: hand the acks back (acking twice is harmless).
                 shared
@@ -714,8 +717,11 @@ async fn receive(
     match eta {
         Some(eta) => {
             let wait = (eta - now).to_std().unwrap_or_default();
+            // On AMQP a held message keeps its prefetch slot at the broker (per-consumer QoS), so anything
+            // not due within a second waits in RabbitMQ's delay queues instead of blocking the consumer.
             if wait > shared.settings.eta_horizon
                 || timers.len() >= shared.settings.eta_max_in_memory
+                || (shared.broker.holds_cost_prefetch() && wait > Duration::from_secs(1))
             {
                 // Far in the future (or too many waiting): park it in the broker, out of `unacked`, so no
                 // visibility timeout redelivers it and memory stays flat; any worker republishes it when due.

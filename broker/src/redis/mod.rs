@@ -11,7 +11,7 @@ pub mod keys;
 pub mod scripts;
 
 use crate::url::RedisTarget;
-use crate::{Broker, BrokerError, BrokerOptions, Delivery, Held, QueueOrder, Result};
+use crate::{Broker, BrokerError, BrokerOptions, Delivery, Held, Result, caps};
 use async_trait::async_trait;
 use celeriac_protocol::envelope::{self, Envelope};
 use celeriac_protocol::{TaskMessage, json, time};
@@ -159,24 +159,6 @@ impl RedisBroker {
     }
 }
 
-/// Per-queue caps for the first fetch pass, and how many passes to run.
-fn caps(order: &QueueOrder, queues: usize, max: usize) -> (Vec<usize>, u8) {
-    match order {
-        QueueOrder::Priority => (vec![max; queues], 1),
-        QueueOrder::Weighted(weights) => {
-            let w: Vec<u64> = (0..queues)
-                .map(|i| u64::from(weights.get(i).copied().unwrap_or(1)))
-                .collect();
-            let total: u64 = w.iter().sum::<u64>().max(1);
-            let caps = w
-                .iter()
-                .map(|wi| ((max as u64 * wi).div_ceil(total)) as usize)
-                .collect();
-            (caps, 2)
-        }
-    }
-}
-
 fn decode_delivery(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
     let (exchange, routing_key, redelivered, message) = match Envelope::parse(&raw) {
         Ok(env) => {
@@ -202,6 +184,7 @@ fn decode_delivery(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
             exchange,
             routing_key,
             redelivered,
+            amqp_properties: None,
         },
         message,
     }
@@ -635,6 +618,7 @@ impl Broker for RedisBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::QueueOrder;
 
     #[test]
     fn weighted_caps_split_the_batch() {
