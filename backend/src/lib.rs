@@ -3,8 +3,10 @@
 //!
 //! # Layout
 //! - [`redis`]: the Redis backend (store with dedupe, get, wait through Pub/Sub).
+//! - [`rpc`]: `rpc://`, results sent as messages to the client's reply queue over RabbitMQ.
 
 pub mod redis;
+pub mod rpc;
 
 use async_trait::async_trait;
 use celeriac_protocol::ResultMeta;
@@ -27,6 +29,12 @@ pub enum BackendError {
     /// Redis failed.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// RabbitMQ failed (`rpc://`).
+    #[error("rpc backend: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The backend cannot do this.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A stored meta is not JSON.
     #[error("stored result for {task_id} is not valid JSON: {source}")]
     Corrupt {
@@ -47,6 +55,8 @@ pub struct BackendOptions {
     pub result_expires: Option<Duration>,
     /// `result_backend_transport_options.global_keyprefix`.
     pub global_keyprefix: String,
+    /// The broker URL (`rpc://` sends results through the broker's RabbitMQ).
+    pub broker_url: Option<String>,
 }
 
 impl Default for BackendOptions {
@@ -54,6 +64,7 @@ impl Default for BackendOptions {
         Self {
             result_expires: Some(Duration::from_secs(86_400)),
             global_keyprefix: String::new(),
+            broker_url: None,
         }
     }
 }
@@ -144,10 +155,26 @@ pub async fn connect(url: &str, options: BackendOptions) -> Result<Arc<dyn Resul
                 redis::RedisBackend::connect(target, options).await?,
             ))
         }
+        "rpc" => {
+            let broker = options.broker_url.clone().unwrap_or_default();
+            let uri = match celeriac_broker::url::BrokerUrl::parse(&broker) {
+                Ok(celeriac_broker::url::BrokerUrl::Amqp(uri)) => uri,
+                _ => {
+                    return Err(BackendError::Url {
+                        url: url.to_string(),
+                        reason: format!(
+                            "rpc:// sends results through a RabbitMQ broker, but the broker is {:?}",
+                            celeriac_broker::url::redact(&broker)
+                        ),
+                    });
+                }
+            };
+            Ok(Arc::new(rpc::RpcBackend::connect(uri).await?))
+        }
         other => Err(BackendError::Url {
             url: celeriac_broker::url::redact(url),
             reason: format!(
-                "unsupported result backend scheme {other:?}; expected redis://, rediss:// or disabled"
+                "unsupported result backend scheme {other:?}; expected redis://, rediss://, rpc:// or disabled"
             ),
         }),
     }

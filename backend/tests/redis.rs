@@ -18,6 +18,7 @@ async fn backend(prefix: &str, expires: Option<Duration>) -> RedisBackend {
         BackendOptions {
             result_expires: expires,
             global_keyprefix: prefix.into(),
+            broker_url: None,
         },
     )
     .await

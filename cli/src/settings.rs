@@ -120,6 +120,7 @@ impl Resolved {
                 .result_backend_transport_options
                 .global_keyprefix
                 .clone(),
+            broker_url: Some(self.broker_url.clone()),
         };
         celeriac_backend::connect(&self.backend_url, options)
             .await

@@ -140,6 +140,8 @@ pub struct ResultMeta {
     pub parent_id: Option<String>,
     /// `result_extended` fields (`name`, `args`, `kwargs`, `worker`, `retries`, `queue`), in order.
     pub extended: Option<Map<String, Value>>,
+    /// The request's `reply_to` (not stored: the `rpc://` backend sends the meta to this queue).
+    pub reply_to: Option<String>,
 }
 
 impl ResultMeta {
@@ -155,6 +157,7 @@ impl ResultMeta {
             group_id: None,
             parent_id: None,
             extended: None,
+            reply_to: None,
         }
     }
 

@@ -304,6 +304,7 @@ impl Shared {
         }
         m.group_id = h.group.clone();
         m.parent_id = h.parent_id.clone();
+        m.reply_to = job.message.properties.reply_to.clone();
         if let Some((args, kwargs)) = args {
             let mut ext = Map::new();
             ext.insert("name".into(), h.task.clone().into());
@@ -660,6 +661,7 @@ async fn receive(
         meta.date_done = Some(time::isoformat(chrono::Utc::now()));
         meta.group_id = message.headers.group.clone();
         meta.parent_id = message.headers.parent_id.clone();
+        meta.reply_to = message.properties.reply_to.clone();
         let _ = shared.commit.send(Commit::Done {
             meta: Some(Box::new(meta)),
             late_ack: Some((held.tag, true)),
@@ -1253,10 +1255,11 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
 /// `update_state` for one job: custom states go through the committer, in order with the final result.
 fn state_sink(shared: &Arc<Shared>, job: &Job) -> crate::registry::StateSink {
     let tx = shared.commit.clone();
-    let (id, group, parent) = (
+    let (id, group, parent, reply_to) = (
         job.message.headers.id.clone(),
         job.message.headers.group.clone(),
         job.message.headers.parent_id.clone(),
+        job.message.properties.reply_to.clone(),
     );
     Arc::new(move |state: &str, meta: Value| {
         let mut m = ResultMeta::new(id.clone(), State::parse(state), meta);
@@ -1265,6 +1268,7 @@ fn state_sink(shared: &Arc<Shared>, job: &Job) -> crate::registry::StateSink {
         }
         m.group_id = group.clone();
         m.parent_id = parent.clone();
+        m.reply_to = reply_to.clone();
         let _ = tx.send(Commit::Done {
             meta: Some(Box::new(m)),
             late_ack: None,
