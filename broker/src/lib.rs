@@ -82,6 +82,9 @@ pub struct BrokerOptions {
     /// `x-dead-letter-exchange`, ...), as Celery's `task_queues` `queue_arguments`.
     pub queue_arguments:
         std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>>,
+    /// AMQP arguments every declared task queue gets where its own entry does not set them
+    /// (`x-max-priority` from Celery's `task_queue_max_priority`).
+    pub common_queue_arguments: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for BrokerOptions {
@@ -93,6 +96,7 @@ impl Default for BrokerOptions {
             prefetch: 16,
             node_name: None,
             queue_arguments: std::collections::HashMap::new(),
+            common_queue_arguments: serde_json::Map::new(),
         }
     }
 }

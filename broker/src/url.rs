@@ -9,6 +9,7 @@ use ::redis::{ConnectionInfo, IntoConnectionInfo};
 
 /// A parsed broker URL.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum BrokerUrl {
     /// Redis, with what the redis client needs.
     Redis(RedisTarget),

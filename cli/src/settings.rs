@@ -90,6 +90,7 @@ impl Resolved {
             prefetch: 16,
             node_name: None,
             queue_arguments: self.config.queue_arguments(),
+            common_queue_arguments: self.config.common_queue_arguments(),
         }
     }
 

@@ -21,7 +21,14 @@ Which implementation is "the worker under test" is chosen by the environment:
 
 Worker logs go to ``test-artifacts/interop/<test>/<node>.log`` and their
 tails are attached to the report of a failing test.
+
+RabbitMQ (``INTEROP_AMQP_URL``, default ``amqp://guest:guest@127.0.0.1:5672//``):
+a test that takes the ``amqp`` fixture runs its fleet, its CLI calls and its
+client over that broker (results still go to the isolated Redis unless the test
+asks for another backend), and every queue and exchange whose name carries the
+test's tag is deleted afterwards. Such tests skip when RabbitMQ is unreachable.
 """
+import contextlib
 import json
 import os
 import re
@@ -47,6 +54,7 @@ ARTIFACTS = REPO / "test-artifacts" / "interop"
 
 REDIS_URL = os.environ.get("INTEROP_REDIS_URL", "redis://127.0.0.1:6379/0")
 WORKER_KIND = os.environ.get("INTEROP_WORKER", "celeriac")
+AMQP_URL = os.environ.get("INTEROP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 KINDS = ("celeriac", "python")
 
 
@@ -277,6 +285,8 @@ class WorkerProcess:
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.pgid = self.proc.pid  # new session => process group id == pid
+        #: its private readiness queue (set by ``Fleet.start``)
+        self.ready_queue = None
 
     @property
     def alive(self):
@@ -337,10 +347,16 @@ class Fleet:
         #: which implementation the suite is testing ("celeriac" or "python")
         self.kind_under_test = WORKER_KIND
         self._client_config = None
+        #: broker and result backend of the workers and CLI calls (the ``amqp``
+        #: fixture points the broker at RabbitMQ); ``start`` / ``cli_run`` can
+        #: override either per call
+        self.broker_url = iso.redis_url
+        self.result_backend = iso.redis_url
 
     # -- workers --------------------------------------------------------
     def start(self, kind=None, *, concurrency=2, prefetch=4, acks_late=False,
-              visibility_timeout=None, queues=None, wait_ready=True, settings=None, annotations=None):
+              visibility_timeout=None, queues=None, wait_ready=True, settings=None, annotations=None,
+              broker=None, result_backend=None):
         """Start a worker consuming ``queues`` (default: the test's queue).
 
         ``settings`` (Celery setting name -> value) and ``annotations`` (task
@@ -358,8 +374,15 @@ class Fleet:
         worker also consumes a private ``<queue>.ready.<n>`` queue: readiness
         is proven end to end by a ``bench.noop`` sentinel sent there and its
         stored result, which no other worker of the fleet can steal.
+
+        ``broker`` / ``result_backend`` default to the fleet's (``self.broker_url``,
+        ``self.result_backend``); with a backend other than Redis the sentinel's
+        result is awaited through ``self.client_app`` (which must then use the
+        same backend, e.g. ``rpc://``).
         """
         kind = kind or WORKER_KIND
+        broker = broker or self.broker_url
+        result_backend = result_backend or self.result_backend
         index = len(self.started) + 1
         name = f"{'py' if kind == 'python' else 'celeriac'}{index}-{self.iso.tag}@{socket.gethostname()}"
         queues = list(queues or [self.iso.queue])
@@ -378,27 +401,33 @@ class Fleet:
             config = write_celeriac_config(self.log_dir / f"{name.split('@')[0]}.toml", self.iso.prefix,
                                            acks_late=acks_late, visibility_timeout=visibility_timeout,
                                            settings=toml_settings, annotations=annotations)
-            argv = [celeriac_bin(), "worker", "--broker", self.iso.redis_url,
-                    "--result-backend", self.iso.redis_url, *common, "--config", str(config)]
+            argv = [celeriac_bin(), "worker", "--broker", broker,
+                    "--result-backend", result_backend, *common, "--config", str(config)]
             cwd = self.log_dir
         else:
             env.update(self._pyapp_env(acks_late=acks_late, visibility_timeout=visibility_timeout,
-                                       settings=settings, annotations=annotations))
+                                       settings=settings, annotations=annotations,
+                                       broker=broker, backend=result_backend))
             argv = [sys.executable, "-m", "celery", "-A", "pyapp", "worker", *common,
                     "--pool", "prefork", "--without-mingle", "--without-gossip", "--without-heartbeat"]
             cwd = HERE
         worker = WorkerProcess(kind, name, queues, argv, env, cwd, log_path)
         self.started.append(worker)
+        worker.ready_queue = ready_queue
         if wait_ready:
-            self.wait_ready(worker, ready_queue)
+            self.wait_ready(worker, ready_queue, result_backend=result_backend)
         return worker
 
-    def wait_ready(self, worker, ready_queue):
+    def wait_ready(self, worker, ready_queue, result_backend=None):
         """Block until ``worker`` ran a sentinel from its private queue."""
         sentinel = self.client_app.send_task("bench.noop", args=("ready",), queue=ready_queue)
-        key = self.iso.result_key(sentinel.id)
+        if (result_backend or self.iso.redis_url).startswith("redis"):
+            key = self.iso.result_key(sentinel.id)
+            done = lambda: self.redis.exists(key)  # noqa: E731
+        else:
+            done = sentinel.ready  # e.g. rpc://: only the sending client can read it
         deadline = time.monotonic() + self.READY_TIMEOUT
-        while not self.redis.exists(key):
+        while not done():
             if not worker.alive:
                 pytest.fail(f"{worker.kind} worker {worker.name} exited with status "
                             f"{worker.proc.returncode} before it was ready:\n{worker.log_tail()}")
@@ -415,25 +444,42 @@ class Fleet:
                 worker._reap_group()
 
     # -- publisher CLI -------------------------------------------------
-    def cli_call(self, task, args="[]", kwargs="{}", queue=None, kind=None):
-        """Publish ``task`` with the CLI of ``kind`` and return the task id it printed.
+    def cli_run(self, task, args="[]", kwargs="{}", queue=None, kind=None, *,
+                broker=None, result_backend=None, settings=None):
+        """Publish ``task`` with the CLI of ``kind``; returns the finished ``subprocess.CompletedProcess``.
 
         celeriac: ``celeriac call TASK --args .. --kwargs .. -Q q ...``;
         python:   ``celery -A pyapp call TASK --args .. --kwargs .. --queue q``
         (the Python stand-in, so the test can validate itself).
+        ``broker`` / ``result_backend`` default to the fleet's; ``settings`` are
+        extra Celery settings (celeriac: in a client TOML of their own; python:
+        ``INTEROP_CONF_JSON``).
         """
         kind = kind or WORKER_KIND
         queue = queue or self.iso.queue
+        broker = broker or self.broker_url
+        result_backend = result_backend or self.result_backend
         if kind == "celeriac":
             argv = [celeriac_bin(), "call", task, "--args", args, "--kwargs", kwargs, "-Q", queue,
-                    "--broker", self.iso.redis_url, "--result-backend", self.iso.redis_url,
-                    "--config", str(self._celeriac_client_config())]
+                    "--broker", broker, "--result-backend", result_backend,
+                    "--config", str(self._celeriac_client_config(settings))]
             env, cwd = dict(os.environ), self.log_dir
         else:
             argv = [sys.executable, "-m", "celery", "-A", "pyapp", "call", task,
                     "--args", args, "--kwargs", kwargs, "--queue", queue]
-            env, cwd = dict(os.environ, **self._pyapp_env()), HERE
+            env = dict(os.environ, **self._pyapp_env(settings=settings, broker=broker, backend=result_backend))
+            cwd = HERE
         done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
+        done.argv = argv
+        return done
+
+    def cli_call(self, task, args="[]", kwargs="{}", queue=None, kind=None, **options):
+        """Publish ``task`` with the CLI of ``kind`` and return the task id it printed.
+
+        Same arguments as ``cli_run``; the CLI must succeed and print only the id.
+        """
+        done = self.cli_run(task, args, kwargs, queue, kind, **options)
+        argv = done.argv
         assert done.returncode == 0, f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
         lines = done.stdout.splitlines()
         assert len(lines) == 1, f"expected exactly one line (the task id) on stdout, got {done.stdout!r}"
@@ -457,7 +503,7 @@ class Fleet:
         text = canvas if isinstance(canvas, str) else json.dumps(canvas)
         if kind == "celeriac":
             argv = [celeriac_bin(), "apply", "--canvas", text,
-                    "--broker", self.iso.redis_url, "--result-backend", self.iso.redis_url,
+                    "--broker", self.broker_url, "--result-backend", self.result_backend,
                     "--config", str(self._celeriac_client_config())]
             env, cwd = dict(os.environ), self.log_dir
         else:
@@ -469,16 +515,22 @@ class Fleet:
         assert lines and all(lines), f"expected task ids, one per line, on stdout, got {done.stdout!r}"
         return lines
 
-    def _celeriac_client_config(self):
+    def _celeriac_client_config(self, settings=None):
+        if settings:
+            # Its own file per call: the settings differ from the shared client config.
+            path = self.log_dir / f"celeriac-client-{uuid.uuid4().hex[:8]}.toml"
+            return write_celeriac_config(path, self.iso.prefix,
+                                         settings={"task_default_queue": self.iso.queue, **settings})
         if self._client_config is None:
             self._client_config = write_celeriac_config(self.log_dir / "celeriac-client.toml", self.iso.prefix,
                                                         settings={"task_default_queue": self.iso.queue})
         return self._client_config
 
-    def _pyapp_env(self, acks_late=False, visibility_timeout=None, settings=None, annotations=None):
+    def _pyapp_env(self, acks_late=False, visibility_timeout=None, settings=None, annotations=None,
+                   broker=None, backend=None):
         env = {
-            "INTEROP_BROKER": self.iso.redis_url,
-            "INTEROP_BACKEND": self.iso.redis_url,
+            "INTEROP_BROKER": broker or self.broker_url,
+            "INTEROP_BACKEND": backend or self.result_backend,
             "INTEROP_KEYPREFIX": self.iso.prefix,
             "INTEROP_ACKS_LATE": "1" if acks_late else "0",
             "INTEROP_QUEUE": self.iso.queue,
@@ -503,3 +555,170 @@ def workers(request, iso, client_app, redis_client):
     yield fleet
     fleet.stop_all()
 
+
+
+# ------------------------------------------------------------------ RabbitMQ
+def rabbitmqctl(*args, timeout=30):
+    """Run ``rabbitmqctl ARGS`` (quiet, no table headers); returns its stdout lines."""
+    exe = shutil.which("rabbitmqctl")
+    if exe is None:
+        pytest.skip("rabbitmqctl is not installed on this machine")
+    done = subprocess.run([exe, "-q", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def amqp_connection(url=AMQP_URL):
+    """A connected py-amqp connection to ``url`` (the client library kombu's ``pyamqp://`` uses)."""
+    import amqp
+    from kombu.utils.url import url_to_parts
+
+    _, host, port, user, password, vhost, _ = url_to_parts(url)
+    conn = amqp.Connection(f"{host or '127.0.0.1'}:{port or 5672}", userid=user or "guest",
+                           password=password or "guest", virtual_host=vhost or "/", connect_timeout=5)
+    conn.connect()
+    return conn
+
+
+class AmqpEnv:
+    """One test's use of RabbitMQ: clients, raw channels, and the cleanup of its queues.
+
+    ``app`` is the default client: broker RabbitMQ, results in the test's Redis
+    prefix (the fleet's readiness sentinels go through it). ``client(...)`` makes
+    more (e.g. ``backend="rpc://"``). Everything named after the test's tag is
+    deleted afterwards, plus whatever ``track_queue`` was told about.
+    """
+
+    url = AMQP_URL
+
+    def __init__(self, iso, fleet):
+        self.iso = iso
+        self.fleet = fleet
+        self._apps = []
+        self._queues = set()
+        self.app = self.client()
+
+    def client(self, backend=None, **conf):
+        """A Celery 5.7 client on RabbitMQ; results in the test's Redis unless ``backend`` says otherwise."""
+        app = Celery(f"interop-amqp-{self.iso.tag}-{len(self._apps)}", set_as_current=False)
+        app.conf.update(celery_settings(
+            broker=self.url, backend=backend or self.iso.redis_url, keyprefix=self.iso.prefix,
+            default_queue=self.iso.queue,
+        ))
+        # kombu's pyamqp transport has no global_keyprefix: that option is Redis-only.
+        app.conf.broker_transport_options = {}
+        app.conf.update(conf)
+        self._apps.append(app)
+        if backend and backend.startswith("rpc"):
+            # The reply queue is durable with a one-day x-expires: delete it afterwards.
+            self._queues.add(app.backend.oid)
+        return app
+
+    @contextlib.contextmanager
+    def channel(self):
+        """``with amqp.channel() as ch:`` a raw py-amqp channel on a connection of its own.
+
+        A fresh connection each time: a test may close every connection (``rabbitmqctl
+        close_all_connections``) and the helpers must keep working afterwards. Bodies stay bytes
+        (no auto-decoding).
+        """
+        conn = amqp_connection(self.url)
+        try:
+            ch = conn.channel()
+            ch.auto_decode = False
+            yield ch
+        finally:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - already closed by the broker
+                pass
+
+    def track_queue(self, name):
+        """Delete queue ``name`` after the test (names carrying the test's tag are deleted anyway)."""
+        self._queues.add(name)
+        return name
+
+    def queue_counts(self, name):
+        """(ready messages, consumers) of an existing queue, via a passive declare."""
+        with self.channel() as ch:
+            _, messages, consumers = ch.queue_declare(name, passive=True)
+        return messages, consumers
+
+    def queue_exists(self, name):
+        import amqp
+        try:
+            self.queue_counts(name)
+        except amqp.exceptions.NotFound:
+            return False
+        return True
+
+    def queue_stats(self, name):
+        """{"messages_ready", "messages_unacknowledged", "consumers", "arguments"} from rabbitmqctl,
+        or None when there is no such queue."""
+        for line in rabbitmqctl("list_queues", "--no-table-headers", "name", "messages_ready",
+                                "messages_unacknowledged", "consumers", "arguments"):
+            fields = line.split("\t")
+            if fields[0] == name:
+                return {"messages_ready": int(fields[1]), "messages_unacknowledged": int(fields[2]),
+                        "consumers": int(fields[3]), "arguments": fields[4]}
+        return None
+
+    def publish_raw(self, queue, body, **properties):
+        """``basic.publish`` ``body`` to the default exchange with routing key ``queue`` (persistent)."""
+        import amqp
+        properties.setdefault("delivery_mode", 2)
+        with self.channel() as ch:
+            ch.basic_publish(amqp.Message(body, **properties), exchange="", routing_key=queue)
+
+    def get_all(self, queue, limit=1000):
+        """Take every message waiting in ``queue`` (basic.get, no_ack); returns the amqp.Message objects."""
+        out = []
+        with self.channel() as ch:
+            while len(out) < limit:
+                msg = ch.basic_get(queue, no_ack=True)
+                if msg is None:
+                    break
+                out.append(msg)
+        return out
+
+    def cleanup(self):
+        for app in self._apps:
+            try:
+                app.close()
+            except Exception:  # noqa: BLE001 - a client broken by the test must not stop the cleanup
+                pass
+        names_q = set(self._queues)
+        names_x = set()
+        if shutil.which("rabbitmqctl"):
+            names_q.update(n for n in rabbitmqctl("list_queues", "--no-table-headers", "name") if self.iso.tag in n)
+            names_x.update(n for n in rabbitmqctl("list_exchanges", "--no-table-headers", "name")
+                           if self.iso.tag in n)
+        else:
+            base = [self.iso.queue] + [w.ready_queue for w in self.fleet.started if w.ready_queue]
+            names_q.update(base + [f"celeriac.deadletter.{q}" for q in base])
+            names_x.update(base)  # kombu's client declares an exchange named after each queue it sends to
+        with self.channel() as ch:
+            for name in sorted(names_q):
+                ch.queue_delete(name)
+            for name in sorted(names_x):
+                ch.exchange_delete(name)
+
+
+@pytest.fixture
+def amqp(iso, workers):
+    """Run this test's fleet, CLI calls and client (``amqp.app``) over RabbitMQ; results in Redis.
+
+    Sets ``workers.broker_url`` to RabbitMQ and ``workers.client_app`` to
+    ``amqp.app``. Afterwards: stops the workers, then deletes every queue and
+    exchange named after the test's tag, and the queues ``track_queue`` named.
+    """
+    try:
+        amqp_connection().close()
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no RabbitMQ here"
+        pytest.skip(f"RabbitMQ not reachable at {AMQP_URL}: {exc}")
+    env = AmqpEnv(iso, workers)
+    workers.broker_url = AMQP_URL
+    workers.client_app = env.app
+    yield env
+    workers.stop_all()
+    env.cleanup()

@@ -252,7 +252,7 @@ pub struct BackendTransportOptions {
 
 impl CeleryConfig {
     /// AMQP arguments per queue: `task_queues` entries as written, celeriac's defaults for `realtime` and
-    /// `bulk` otherwise, and `task_queue_max_priority` where no `x-max-priority` is given.
+    /// `bulk` otherwise.
     pub fn queue_arguments(
         &self,
     ) -> std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>> {
@@ -275,13 +275,17 @@ impl CeleryConfig {
                 .collect();
             out.insert(q.clone(), args);
         }
-        if let Some(p) = self.task_queue_max_priority {
-            out.entry(self.task_default_queue.clone()).or_default();
-            for args in out.values_mut() {
-                args.entry("x-max-priority").or_insert(p.into());
-            }
-        }
         out
+    }
+
+    /// AMQP arguments every declared queue gets unless its own entry sets them: `x-max-priority` from
+    /// `task_queue_max_priority`, as Celery applies it to every queue it declares.
+    pub fn common_queue_arguments(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(p) = self.task_queue_max_priority {
+            m.insert("x-max-priority".into(), p.into());
+        }
+        m
     }
 
     /// Parses TOML text; the error names the offending key.

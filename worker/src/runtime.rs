@@ -598,7 +598,11 @@ async fn fetcher(
                     .expect("pending_acks")
                     .extend(acks);
                 shared.slots.wake_flusher.notify_one();
-                error!(error = %e, retry_in = ?backoff, "fetching from the broker failed");
+                if matches!(e, celeriac_broker::BrokerError::NotConnected(_)) {
+                    warn!(error = %e, retry_in = ?backoff, "broker connection down; waiting for it to come back");
+                } else {
+                    error!(error = %e, retry_in = ?backoff, "fetching from the broker failed");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = warm.cancelled() => break,
@@ -634,7 +638,7 @@ async fn receive(
         Ok(m) => m,
         Err(e) => {
             let reason = e.to_string();
-            warn!(queue = %held.queue, tag = %held.tag, %reason, "undecodable message moved to the dead-letter list");
+            warn!(queue = %held.queue, tag = %held.tag, %reason, "undecodable message dead-lettered (celeriac.deadletter.<queue>)");
             shared.metrics.dead_lettered.inc();
             if let Err(err) = shared.broker.dead_letter(&held, &reason).await {
                 error!(error = %err, tag = %held.tag, "dead-lettering failed; the message stays unacked and will be restored");

@@ -381,6 +381,10 @@ impl Inner {
             .get(queue)
             .cloned()
             .unwrap_or_default();
+        let mut args = args;
+        for (k, v) in &self.options.common_queue_arguments {
+            args.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         if let Err(e) = ch
             .queue_declare(short(queue), durable_queue(), table::to_table(&args))
             .await
@@ -535,10 +539,18 @@ impl Inner {
         self.arrived.notify_one();
     }
 
-    /// Takes up to `max` buffered deliveries in the configured queue order.
-    fn take(&self, queues: &[String], max: usize) -> (u64, Vec<(String, AmqpDelivery)>) {
+    /// Takes up to `max` buffered deliveries of connection `generation` in the configured queue order;
+    /// `None` when that connection is gone (nothing is taken then).
+    fn take(
+        &self,
+        generation: u64,
+        queues: &[String],
+        max: usize,
+    ) -> Option<Vec<(String, AmqpDelivery)>> {
         let mut st = self.state.lock().expect("state");
-        let generation = st.generation;
+        if st.generation != generation {
+            return None;
+        }
         let mut out = Vec::new();
         let caps = crate::caps(&self.options.queue_order, queues.len(), max);
         for pass in 0..caps.1 {
@@ -557,7 +569,7 @@ impl Inner {
         if !out.is_empty() {
             st.waiting_since = None;
         }
-        (generation, out)
+        Some(out)
     }
 
     /// Settles deliveries of the current generation (stale ones were requeued by RabbitMQ already).
@@ -894,12 +906,12 @@ impl Broker for AmqpBroker {
         }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let (generation, taken) = self.inner.take(queues, max);
-            if generation != link.generation {
+            let generation = link.generation;
+            let Some(taken) = self.inner.take(generation, queues, max) else {
                 return Err(BrokerError::NotConnected(
                     "the RabbitMQ connection was lost".into(),
                 ));
-            }
+            };
             if !taken.is_empty() || !acks.is_empty() || max == 0 {
                 return Ok(taken
                     .into_iter()
