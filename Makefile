@@ -7,31 +7,41 @@ export CARGO_TARGET_DIR ?= $(CACHE)/target
 VENV ?= $(CACHE)/venv
 PYTHON := $(VENV)/bin/python
 REDIS_URL ?= redis://127.0.0.1:6379/0
+AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672//
+# `make up BROKER=amqp` runs the worker on RabbitMQ (results still in Redis).
+BROKER ?= redis
+ifeq ($(BROKER),amqp)
+UP_BROKER := $(AMQP_URL)
+UP_SERVICES := redis rabbitmq
+else
+UP_BROKER := $(REDIS_URL)
+UP_SERVICES := redis
+endif
 METRICS_ADDR ?= 127.0.0.1:9091
 CELERIAC_DEBUG := $(CARGO_TARGET_DIR)/debug/celeriac
 CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
 
-.PHONY: up test lint fmt unit interop bench bench-eta build release redis postgres venv clean help
+.PHONY: up test lint fmt unit interop bench bench-eta build release redis postgres rabbitmq venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-up: redis release ## Start a worker on realtime,bulk against local Redis (Ctrl-C stops it).
-	@echo "celeriac worker on queues realtime,bulk; broker and results at $(REDIS_URL); metrics at http://$(METRICS_ADDR)/metrics"
+up: $(UP_SERVICES) release ## Start a worker on realtime,bulk against local Redis (BROKER=amqp: RabbitMQ); Ctrl-C stops it.
+	@echo "celeriac worker on queues realtime,bulk; broker $(UP_BROKER), results at $(REDIS_URL); metrics at http://$(METRICS_ADDR)/metrics"
 	@echo "Send a task from another shell:"
-	@echo "  $(CELERIAC_RELEASE) call bench.add --args '[2, 3]' -Q realtime   # prints the task id"
-	@echo "  $(CELERIAC_RELEASE) result <task id>                              # prints the result meta"
-	@echo "or from Python:  Celery(broker='$(REDIS_URL)', backend='$(REDIS_URL)').send_task('bench.add', (2, 3), queue='realtime').get()"
-	exec $(CELERIAC_RELEASE) --broker $(REDIS_URL) worker -Q realtime,bulk -l info --metrics-addr $(METRICS_ADDR)
+	@echo "  $(CELERIAC_RELEASE) -b $(UP_BROKER) --result-backend $(REDIS_URL) call bench.add --args '[2, 3]' -Q realtime   # prints the task id"
+	@echo "  $(CELERIAC_RELEASE) --result-backend $(REDIS_URL) result <task id>                              # prints the result meta"
+	@echo "or from Python:  Celery(broker='$(UP_BROKER)', backend='$(REDIS_URL)').send_task('bench.add', (2, 3), queue='realtime').get()"
+	exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) worker -Q realtime,bulk -l info --metrics-addr $(METRICS_ADDR)
 
-test: redis postgres venv build ## Run every test: unit, integration (real Redis, PostgreSQL) and interop (real Python Celery).
+test: redis postgres rabbitmq venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ) and interop (real Python Celery).
 	cargo test --workspace --all-targets
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
 
-unit: redis postgres ## Only the Rust tests.
+unit: redis postgres rabbitmq ## Only the Rust tests.
 	cargo test --workspace --all-targets
 
-interop: redis venv build ## Only the Python interop tests.
+interop: redis rabbitmq venv build ## Only the Python interop tests.
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
 
 lint: ## cargo fmt --check and clippy with warnings as errors.
@@ -58,6 +68,9 @@ require-cargo:
 
 redis: ## Make sure a Redis answers on 127.0.0.1:6379 (starts a local redis-server if one is installed).
 	@scripts/ensure-redis.sh
+
+rabbitmq: ## Make sure RabbitMQ answers on 127.0.0.1:5672 (guest/guest; starts a local rabbitmq-server if one is installed).
+	@scripts/ensure-rabbitmq.sh
 
 postgres: ## Make sure PostgreSQL answers on 127.0.0.1:5432 with a database `test` (beat's database tests).
 	@scripts/ensure-postgres.sh
