@@ -356,7 +356,7 @@ class Fleet:
     # -- workers --------------------------------------------------------
     def start(self, kind=None, *, concurrency=2, prefetch=4, acks_late=False,
               visibility_timeout=None, queues=None, wait_ready=True, settings=None, annotations=None,
-              broker=None, result_backend=None):
+              broker=None, result_backend=None, extra_args=None):
         """Start a worker consuming ``queues`` (default: the test's queue).
 
         ``settings`` (Celery setting name -> value) and ``annotations`` (task
@@ -402,7 +402,8 @@ class Fleet:
                                            acks_late=acks_late, visibility_timeout=visibility_timeout,
                                            settings=toml_settings, annotations=annotations)
             argv = [celeriac_bin(), "worker", "--broker", broker,
-                    "--result-backend", result_backend, *common, "--config", str(config)]
+                    "--result-backend", result_backend, *common, "--config", str(config),
+                    *(extra_args or [])]
             cwd = self.log_dir
         else:
             env.update(self._pyapp_env(acks_late=acks_late, visibility_timeout=visibility_timeout,

@@ -17,6 +17,8 @@ afterwards, so runs never collide. Same conventions as test_interop.py otherwise
     q10  a queue that exists with other arguments stops the worker, naming them      celeriac-only
     q11  x-max-priority queue: priority 9 runs before five earlier priority 1 tasks
     q11b task_queue_max_priority applies to every queue the worker consumes, as in Celery
+    q12  RabbitMQ stopped and started under load: /health 503 while down, 200 after,
+         nothing lost, consuming again within 5 s of the restart                     celeriac-only
 """
 import json
 import os
@@ -373,3 +375,61 @@ def test_q11b_task_queue_max_priority_applies_to_every_queue(amqp, workers, iso)
     workers.wait_ready(worker, worker.ready_queue)
     assert app.send_task("bench.add", (1, 2), queue=other, priority=5).get(timeout=GET_TIMEOUT) == 3
     assert app.send_task("bench.add", (2, 2), priority=9).get(timeout=GET_TIMEOUT) == 4
+
+
+# ------------------------------------------------------- q12. broker restart
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _health(port):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+@pytest.mark.celeriac_only(reason="/health is celeriac's endpoint")
+def test_q12_rabbitmq_restart_under_load(amqp, workers, iso, redis_client):
+    n = 150
+    port = _free_port()
+    worker = workers.start(concurrency=4, prefetch=1, acks_late=True,
+                           extra_args=["--metrics-addr", f"127.0.0.1:{port}"])
+    assert _health(port) == 200
+    app = amqp.app
+    with app.producer_or_acquire() as producer:
+        ids = [app.send_task("bench.sleep", (0.05,), producer=producer).id for _ in range(n)]
+
+    def done_count():
+        return sum(1 for m in fetch_metas(redis_client, iso.prefix, ids) if m and m["status"] == "SUCCESS")
+
+    wait_for(lambda: done_count() >= 20, 20, message="20 tasks done before the restart")
+    try:
+        out = rabbitmqctl("stop_app")
+        down_done = done_count()
+        wait_for(lambda: _health(port) == 503, 10, interval=0.2, message="/health to answer 503 while RabbitMQ is down")
+        time.sleep(2)
+        assert done_count() <= down_done + 4, "tasks completed while the broker was down beyond those held"
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+    started = time.monotonic()
+    wait_for(lambda: _health(port) == 200, 30, interval=0.2, message="/health back to 200 after the restart")
+    before = done_count()
+    wait_for(lambda: done_count() > before, 30, interval=0.05, message="a task to complete after the restart")
+    resumed = time.monotonic() - started
+    print(f"consuming again {resumed:.2f}s after RabbitMQ was back")
+    assert resumed < 5, f"took {resumed:.2f}s to resume consuming after the restart"
+    wait_for(lambda: done_count() == n, 60, interval=0.5, message="every task to complete after the restart")
+    log = worker.log_path.read_text(errors="replace")
+    assert "reconnected to RabbitMQ" in log, worker.log_tail()
+    assert worker.alive
+    wait_for(lambda: drained(amqp, iso.queue), 10, interval=0.5, message="the queue to drain")

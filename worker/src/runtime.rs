@@ -511,6 +511,7 @@ async fn fetcher(
 ) {
     let mut timers: JoinSet<(Box<Job>, bool)> = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
+    let mut down = false;
     loop {
         while let Some(Ok((job, _))) = timers.try_join_next() {
             eta_fired(&shared, job, &ready);
@@ -578,6 +579,10 @@ async fn fetcher(
         {
             Ok(deliveries) => {
                 backoff = Duration::from_millis(100);
+                if down {
+                    info!("broker connection back; consuming again");
+                    down = false;
+                }
                 shared.health.contact();
                 for (tag, _) in &acks {
                     shared.slots.forget(tag);
@@ -598,8 +603,15 @@ async fn fetcher(
                     .expect("pending_acks")
                     .extend(acks);
                 shared.slots.wake_flusher.notify_one();
-                if matches!(e, celeriac_broker::BrokerError::NotConnected(_)) {
-                    warn!(error = %e, retry_in = ?backoff, "broker connection down; waiting for it to come back");
+                let reconnecting = matches!(e, celeriac_broker::BrokerError::NotConnected(_));
+                if reconnecting {
+                    // The transport reconnects on its own and answers at once meanwhile: poll briskly so
+                    // consuming resumes as soon as the connection is back.
+                    backoff = backoff.min(Duration::from_millis(200));
+                    if !down {
+                        warn!(error = %e, "broker connection down; waiting for it to come back");
+                    }
+                    down = true;
                 } else {
                     error!(error = %e, retry_in = ?backoff, "fetching from the broker failed");
                 }
