@@ -17,6 +17,7 @@ afterwards, so runs never collide. Same conventions as test_interop.py otherwise
     q10  a queue that exists with other arguments stops the worker, naming them      celeriac-only
     q11  x-max-priority queue: priority 9 runs before five earlier priority 1 tasks
     q11b task_queue_max_priority applies to every queue the worker consumes, as in Celery
+    q13  task events reach Celery's own event receiver through the celeryev exchange
     q12  RabbitMQ stopped and started under load: /health 503 while down, 200 after,
          nothing lost, consuming again within 5 s of the restart                     celeriac-only
 """
@@ -433,3 +434,31 @@ def test_q12_rabbitmq_restart_under_load(amqp, workers, iso, redis_client):
     assert "reconnected to RabbitMQ" in log, worker.log_tail()
     assert worker.alive
     wait_for(lambda: drained(amqp, iso.queue), 10, interval=0.5, message="the queue to drain")
+
+
+# ----------------------------------------------------------- q13. events
+def test_q13_task_events_over_amqp(amqp, workers, iso):
+    app = amqp.app
+    seen = []
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False),
+                                  daemon=True)
+        thread.start()
+        try:
+            worker = workers.start(settings={"worker_send_task_events": True})
+            result = app.send_task("bench.add", (2, 3))
+            assert result.get(timeout=GET_TIMEOUT) == 5
+            wait_for(lambda: any(e.get("type") == "task-succeeded" and e.get("uuid") == result.id for e in seen),
+                     10, interval=0.1, message="task-succeeded through the celeryev exchange")
+        finally:
+            receiver.should_stop = True
+            thread.join(timeout=5)
+    mine = [e for e in seen if e.get("uuid") == result.id]
+    assert [e["type"] for e in mine] == ["task-received", "task-started", "task-succeeded"], mine
+    assert {e["hostname"] for e in mine} == {worker.name}
+    received, started, succeeded = mine
+    assert received["name"] == "bench.add"
+    assert received["args"] == "(2, 3)"
+    assert succeeded["result"] == "5"
+    assert isinstance(succeeded["runtime"], float)
