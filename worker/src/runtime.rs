@@ -212,7 +212,26 @@ type TimeLimits = (Option<f64>, Option<f64>);
 /// A task's rate limiter: per worker (governor) or shared by every worker through the broker.
 enum Limiter {
     Local(governor::DefaultDirectRateLimiter),
-    Cluster { key: String, interval: Duration },
+    Cluster {
+        key: String,
+        interval: Duration,
+        /// Used when the broker has no shared limiter (RabbitMQ) or it fails: this worker limits alone.
+        fallback: governor::DefaultDirectRateLimiter,
+        warned: std::sync::atomic::AtomicBool,
+    },
+}
+
+fn local_limiter(interval: Duration) -> governor::DefaultDirectRateLimiter {
+    let quota = governor::Quota::with_period(interval.max(Duration::from_nanos(1)))
+        .expect("non-zero period");
+    governor::RateLimiter::direct(quota)
+}
+
+fn local_check(l: &governor::DefaultDirectRateLimiter) -> Option<Duration> {
+    use governor::clock::Clock;
+    l.check()
+        .err()
+        .map(|not_until| not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
 }
 
 impl Limiter {
@@ -221,32 +240,32 @@ impl Limiter {
             Self::Cluster {
                 key: name.to_string(),
                 interval: rate.interval,
+                fallback: local_limiter(rate.interval),
+                warned: std::sync::atomic::AtomicBool::new(false),
             }
         } else {
-            let quota = governor::Quota::with_period(rate.interval.max(Duration::from_nanos(1)))
-                .expect("non-zero period");
-            Self::Local(governor::RateLimiter::direct(quota))
+            Self::Local(local_limiter(rate.interval))
         }
     }
 
     /// `None`: run now; `Some(wait)`: not before `wait` from now.
     async fn check(&self, broker: &dyn Broker) -> Option<Duration> {
         match self {
-            Self::Local(l) => {
-                use governor::clock::Clock;
-                l.check().err().map(|not_until| {
-                    not_until.wait_time_from(governor::clock::DefaultClock::default().now())
-                })
-            }
-            Self::Cluster { key, interval } => {
-                match broker.take_shared_token(key, *interval, 1).await {
-                    Ok(wait) => wait,
-                    Err(e) => {
-                        warn!(error = %e, task = %key, "shared rate limiter unavailable; running without it");
-                        None
+            Self::Local(l) => local_check(l),
+            Self::Cluster {
+                key,
+                interval,
+                fallback,
+                warned,
+            } => match broker.take_shared_token(key, *interval, 1).await {
+                Ok(wait) => wait,
+                Err(e) => {
+                    if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        warn!(error = %e, task = %key, "shared rate limiter unavailable; this worker limits on its own");
                     }
+                    local_check(fallback)
                 }
-            }
+            },
         }
     }
 }
