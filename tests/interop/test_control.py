@@ -26,7 +26,9 @@ def test_celery_inspect_sees_a_celeriac_worker(workers, client_app, iso):
 
     running = client_app.send_task("bench.sleep", (2,))
     active = wait_for(lambda: inspect.active()[worker.name], 5, message="the sleeping task in inspect active")
-    assert [(t["id"], t["name"], t["args"]) for t in active] == [(running.id, "bench.sleep", "(2,)")]
+    # Celery's Request.info(safe=False): the decoded args, not their repr.
+    assert [(t["id"], t["name"], t["args"], t["kwargs"]) for t in active] == [(running.id, "bench.sleep", [2], {})]
+    assert active[0]["acknowledged"] is True and active[0]["worker_pid"] > 0
     assert active[0]["hostname"] == worker.name and active[0]["time_start"] > 0
     running.get(timeout=10)
 
@@ -44,6 +46,32 @@ def test_celery_inspect_sees_a_celeriac_worker(workers, client_app, iso):
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[:2] == [f"->  {worker.name}: OK", "        pong"], done.stdout
     assert "1 node online." in done.stdout
+
+
+def test_inspect_reserved_scheduled_and_query_task(workers, client_app, iso):
+    worker = workers.start(kind="celeriac", concurrency=1)
+    inspect = client_app.control.inspect(destination=[worker.name], timeout=2)
+    running = client_app.send_task("bench.sleep", (3,))
+    wait_for(lambda: inspect.active()[worker.name], 5, message="the sleeping task in inspect active")
+    waiting = client_app.send_task("bench.add", (1, 1))
+    later = client_app.send_task("bench.add", (9, 9), countdown=30)
+
+    reserved = wait_for(lambda: inspect.reserved()[worker.name], 5, message="a reserved task")
+    assert [(t["id"], t["name"], t["args"], t["time_start"], t["acknowledged"], t["worker_pid"]) for t in reserved] \
+        == [(waiting.id, "bench.add", [1, 1], None, False, None)]
+    assert reserved[0]["delivery_info"] == {"exchange": "", "routing_key": iso.queue, "priority": 0,
+                                            "redelivered": False}
+    scheduled = wait_for(lambda: inspect.scheduled()[worker.name], 5, message="a scheduled task")
+    assert len(scheduled) == 1 and scheduled[0]["priority"] == 6
+    assert scheduled[0]["request"]["id"] == later.id and scheduled[0]["request"]["args"] == [9, 9]
+    assert scheduled[0]["eta"].endswith("+00:00") and scheduled[0]["request"]["time_start"] is None
+
+    states = inspect.query_task(running.id, waiting.id, later.id)[worker.name]
+    assert {k: v[0] for k, v in states.items()} == {running.id: "active", waiting.id: "reserved",
+                                                     later.id: "scheduled"}
+    assert waiting.get(timeout=10) == 2
+    assert inspect.reserved()[worker.name] == []
+    client_app.control.revoke(later.id, destination=[worker.name], reply=True, timeout=2)
 
 
 def test_revokes_persist_across_restarts_and_terminate_running_tasks(workers, client_app, iso, redis_client):

@@ -191,6 +191,9 @@ struct Shared {
     events: Arc<crate::events::Events>,
     /// Tasks running now (for `inspect active`).
     running: Mutex<HashMap<String, pidbox::Running>>,
+    /// Tasks received and not started: waiting for a slot (`inspect reserved`) or for their ETA
+    /// (`inspect scheduled`, with the ETA).
+    waiting: Mutex<HashMap<String, pidbox::Waiting>>,
     /// Revoked task ids (persisted in the broker; loaded at start, extended by `revoke` broadcasts).
     revoked: std::sync::RwLock<HashSet<String>>,
     /// Queues consumed now (`add_consumer` / `cancel_consumer` change them).
@@ -271,6 +274,20 @@ impl Limiter {
 }
 
 impl Shared {
+    /// Records a received job as waiting (for a slot, or for `eta`) until it starts or leaves.
+    fn wait_for(&self, job: &Job, eta: Option<String>) {
+        let info = pidbox::request_info(job, &self.settings.hostname, None, false, None);
+        self.waiting
+            .lock()
+            .expect("waiting")
+            .insert(job.message.id().to_string(), pidbox::Waiting { info, eta });
+    }
+
+    /// The job started or left the worker.
+    fn unwait(&self, id: &str) {
+        self.waiting.lock().expect("waiting").remove(id);
+    }
+
     /// REVOKED with `TaskRevokedError(reason)` and `children: null`, as Celery stores a revoked task
     /// (`None` when results are ignored).
     fn revoked_meta(&self, job: &Job, reason: &str) -> Option<Box<ResultMeta>> {
@@ -430,6 +447,7 @@ pub async fn run(
         canvas,
         events: Arc::clone(&events),
         running: Mutex::new(HashMap::new()),
+        waiting: Mutex::new(HashMap::new()),
         revoked: std::sync::RwLock::new(revoked),
         queues: std::sync::RwLock::new(settings_queues),
         concurrency: Arc::new(Semaphore::new(settings_concurrency)),
@@ -774,9 +792,11 @@ async fn receive(
             // Held in a timer; like Celery, an ETA task does not count against prefetch while it waits.
             job.holds_slot = false;
             shared.slots.prefetch.add_permits(1);
+            shared.wait_for(&job, job.message.headers.eta.clone());
             timers.spawn(hold(job, wait, warm.clone()));
         }
         None => {
+            shared.wait_for(&job, None);
             let _ = ready.send(job);
         }
     }
@@ -805,12 +825,14 @@ fn eta_fired(shared: &Shared, job: Box<Job>, ready: &mpsc::UnboundedSender<Box<J
     } else if shared.is_revoked(job.message.id()) {
         discard_revoked(shared, job);
     } else {
+        shared.wait_for(&job, None);
         let _ = ready.send(job);
     }
 }
 
 /// A revoked task seen on receipt or when its ETA fires: REVOKED (not over a SUCCESS), acked, never run.
 fn discard_revoked(shared: &Shared, job: Box<Job>) {
+    shared.unwait(job.message.id());
     info!(task = %job.message.task(), id = %job.message.id(), "Discarding revoked task");
     shared
         .metrics
@@ -832,6 +854,7 @@ fn discard_revoked(shared: &Shared, job: Box<Job>) {
 }
 
 fn revoke_expired(shared: &Shared, job: Box<Job>) {
+    shared.unwait(job.message.id());
     info!(task = %job.message.task(), id = %job.message.id(), "Discarding expired task");
     shared
         .metrics
@@ -860,6 +883,9 @@ fn revoke_expired(shared: &Shared, job: Box<Job>) {
 async fn give_back(shared: &Shared, jobs: Vec<Box<Job>>) {
     if jobs.is_empty() {
         return;
+    }
+    for j in &jobs {
+        shared.unwait(j.message.id());
     }
     let held: Vec<&Held> = jobs.iter().map(|j| &j.held).collect();
     match shared.broker.requeue(&held, true).await {
@@ -911,6 +937,7 @@ async fn dispatcher(
                 let due = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
                 match shared.broker.park(&job.held, due).await {
                     Ok(_) => {
+                        shared.unwait(job.message.id());
                         shared.release(&job.held.tag, false);
                         continue;
                     }
@@ -1025,9 +1052,10 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         .events
         .task("task-started", vec![("uuid", json!(job.message.id()))]);
     let terminate = CancellationToken::new();
+    shared.unwait(job.message.id());
     shared.running.lock().expect("running").insert(
         job.message.id().to_string(),
-        pidbox::running_from(&job, terminate.clone()),
+        pidbox::running_from(&job, &shared.settings.hostname, terminate.clone()),
     );
     if opts.track_started.unwrap_or(shared.settings.track_started) {
         let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
@@ -1900,14 +1928,32 @@ mod pidbox {
 
     /// What `inspect active` shows of a running task.
     pub(super) struct Running {
-        pub name: String,
-        pub args: Option<String>,
-        pub kwargs: Option<String>,
-        pub routing_key: String,
-        pub priority: u8,
-        pub redelivered: bool,
-        pub started: f64,
+        /// Celery's request info (`Request.info()`).
+        pub info: Value,
         pub terminate: CancellationToken,
+    }
+
+    /// A received task not started yet.
+    pub(super) struct Waiting {
+        pub info: Value,
+        /// Set while it waits for its ETA (`inspect scheduled`).
+        pub eta: Option<String>,
+    }
+
+    /// Celery's `Request.info()`: what `inspect active/reserved/scheduled/query_task` show of a task.
+    pub(super) fn request_info(
+        job: &Job,
+        hostname: &str,
+        time_start: Option<f64>,
+        acknowledged: bool,
+        pid: Option<u32>,
+    ) -> Value {
+        let h = &job.message.headers;
+        json!({"id": h.id, "name": h.task, "args": job.message.args, "kwargs": job.message.kwargs,
+            "type": h.task, "hostname": hostname, "time_start": time_start, "acknowledged": acknowledged,
+            "delivery_info": {"exchange": "", "routing_key": job.held.routing_key,
+                "priority": job.message.properties.priority, "redelivered": job.held.redelivered},
+            "worker_pid": pid})
     }
 
     fn unix_now() -> f64 {
@@ -1917,16 +1963,15 @@ mod pidbox {
             .as_secs_f64()
     }
 
-    pub(super) fn running_from(job: &Job, terminate: CancellationToken) -> Running {
-        let h = &job.message.headers;
+    pub(super) fn running_from(job: &Job, hostname: &str, terminate: CancellationToken) -> Running {
         Running {
-            name: h.task.clone(),
-            args: h.argsrepr.clone(),
-            kwargs: h.kwargsrepr.clone(),
-            routing_key: job.held.routing_key.clone(),
-            priority: job.message.properties.priority,
-            redelivered: job.held.redelivered,
-            started: unix_now(),
+            info: request_info(
+                job,
+                hostname,
+                Some(unix_now()),
+                true,
+                Some(std::process::id()),
+            ),
             terminate,
         }
     }
@@ -1984,25 +2029,54 @@ mod pidbox {
             ),
             "active" => {
                 let running = shared.running.lock().expect("running");
+                Value::Array(running.values().map(|r| r.info.clone()).collect())
+            }
+            "reserved" => {
+                let waiting = shared.waiting.lock().expect("waiting");
                 Value::Array(
-                    running
-                        .iter()
-                        .map(|(id, r)| {
-                            json!({"id": id, "name": r.name, "args": r.args, "kwargs": r.kwargs, "type": r.name,
-                            "hostname": s.hostname, "time_start": r.started, "acknowledged": true,
-                            "delivery_info": {"exchange": "", "routing_key": r.routing_key, "priority": r.priority,
-                            "redelivered": r.redelivered}, "worker_pid": std::process::id()})
+                    waiting
+                        .values()
+                        .filter(|w| w.eta.is_none())
+                        .map(|w| w.info.clone())
+                        .collect(),
+                )
+            }
+            "scheduled" => {
+                let waiting = shared.waiting.lock().expect("waiting");
+                // Celery's timer entries for ETA tasks have priority 6.
+                Value::Array(
+                    waiting
+                        .values()
+                        .filter_map(|w| {
+                            w.eta.as_ref().map(|eta| json!({"eta": eta, "priority": 6, "request": w.info}))
                         })
                         .collect(),
                 )
             }
-            "reserved" | "scheduled" => json!([]),
             "revoked" => {
                 let mut ids: Vec<String> = shared.revoked.read().expect("revoked").iter().cloned().collect();
                 ids.sort();
                 json!(ids)
             }
-            "query_task" => json!({}),
+            "query_task" => {
+                let ids: Vec<&str> = match args.get("ids") {
+                    Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+                    Some(Value::String(one)) => vec![one.as_str()],
+                    _ => Vec::new(),
+                };
+                let running = shared.running.lock().expect("running");
+                let waiting = shared.waiting.lock().expect("waiting");
+                let mut out = Map::new();
+                for id in ids {
+                    if let Some(r) = running.get(id) {
+                        out.insert(id.to_string(), json!(["active", r.info]));
+                    } else if let Some(w) = waiting.get(id) {
+                        let state = if w.eta.is_some() { "scheduled" } else { "reserved" };
+                        out.insert(id.to_string(), json!([state, w.info]));
+                    }
+                }
+                Value::Object(out)
+            }
             "stats" => json!({
                 "total": shared.metrics.totals(),
                 "pid": std::process::id(),
