@@ -51,7 +51,7 @@ lint: ## cargo fmt --check and clippy with warnings as errors.
 fmt: ## Format the code.
 	cargo fmt --all
 
-bench: redis venv release ## Drain 50,000 bench.noop tasks with celeriac and with Python Celery, same run.
+bench: redis rabbitmq venv release ## Drain 50,000 bench.noop tasks with celeriac and with Python Celery, same run, over Redis and over RabbitMQ (BENCH_ARGS="--broker redis" for one).
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/drain.py $(BENCH_ARGS)
 
 bench-eta: redis venv release ## ETA soak: 100,000 tasks due in 1 h (RSS), due after the visibility timeout, worker killed.

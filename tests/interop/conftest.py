@@ -356,7 +356,7 @@ class Fleet:
     # -- workers --------------------------------------------------------
     def start(self, kind=None, *, concurrency=2, prefetch=4, acks_late=False,
               visibility_timeout=None, queues=None, wait_ready=True, settings=None, annotations=None,
-              broker=None, result_backend=None, extra_args=None):
+              broker=None, result_backend=None, extra_args=None, heartbeat=None):
         """Start a worker consuming ``queues`` (default: the test's queue).
 
         ``settings`` (Celery setting name -> value) and ``annotations`` (task
@@ -369,6 +369,11 @@ class Fleet:
         Both kinds get the test queue as ``task_default_queue``: where a worker
         routes the tasks it publishes itself (chain steps, link callbacks, chord
         bodies) when their signature names no queue.
+
+        ``heartbeat``: worker-online/heartbeat/offline events. ``None`` keeps
+        each kind's default (celeriac sends them; Python workers run
+        ``--without-heartbeat``); ``True`` turns them on for Python workers too
+        (what Flower needs to show a worker online), ``False`` off for both.
 
         ``kind`` defaults to the worker under test (``INTEROP_WORKER``). Each
         worker also consumes a private ``<queue>.ready.<n>`` queue: readiness
@@ -403,14 +408,15 @@ class Fleet:
                                            settings=toml_settings, annotations=annotations)
             argv = [celeriac_bin(), "worker", "--broker", broker,
                     "--result-backend", result_backend, *common, "--config", str(config),
-                    *(extra_args or [])]
+                    *(["--without-heartbeat"] if heartbeat is False else []), *(extra_args or [])]
             cwd = self.log_dir
         else:
             env.update(self._pyapp_env(acks_late=acks_late, visibility_timeout=visibility_timeout,
                                        settings=settings, annotations=annotations,
                                        broker=broker, backend=result_backend))
             argv = [sys.executable, "-m", "celery", "-A", "pyapp", "worker", *common,
-                    "--pool", "prefork", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+                    "--pool", "prefork", "--without-mingle", "--without-gossip",
+                    *([] if heartbeat else ["--without-heartbeat"])]
             cwd = HERE
         worker = WorkerProcess(kind, name, queues, argv, env, cwd, log_path)
         self.started.append(worker)
