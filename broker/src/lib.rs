@@ -163,6 +163,10 @@ pub trait Broker: Send + Sync + 'static {
     /// exchange, in one round trip.
     async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()>;
 
+    /// Every Celery event published from now on (what `celery events` and Flower receive), as envelopes.
+    /// The stream ends when the connection is lost; subscribe again.
+    async fn event_stream(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>>;
+
     /// Remote-control requests broadcast to workers (kombu's `celery.pidbox` fanout), as raw envelopes.
     async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>>;
 

@@ -444,3 +444,37 @@ fn kombu_url_forms() {
     );
     let _ = FieldTable::default();
 }
+
+#[tokio::test]
+async fn events_reach_an_event_stream() {
+    use futures::StreamExt;
+    let b = broker(BrokerOptions::default()).await;
+    let mut events = b.event_stream().await.unwrap();
+    let marker = uuid::Uuid::new_v4().to_string();
+    let envelope = {
+        use base64::Engine;
+        let body = celeriac_protocol::json::to_vec(&json!({"type": "task-sent", "uuid": marker}));
+        celeriac_protocol::json::to_vec(&json!({
+            "body": base64::engine::general_purpose::STANDARD.encode(body),
+            "content-encoding": "utf-8", "content-type": "application/json",
+            "headers": {"hostname": "test@node"}, "properties": {"body_encoding": "base64"}}))
+    };
+    b.publish_events(&[("task.sent".into(), envelope)])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let raw = events.next().await.expect("stream open");
+            let env = celeriac_protocol::envelope::Envelope::parse(&raw).unwrap();
+            let body: Value = serde_json::from_slice(&env.body_bytes().unwrap()).unwrap();
+            if body["uuid"] == json!(marker) {
+                return (env, body);
+            }
+        }
+    })
+    .await
+    .expect("the event within 5 s");
+    assert_eq!(got.1["type"], "task-sent");
+    assert_eq!(got.0.headers["hostname"], "test@node");
+    assert_eq!(got.0.route(), ("celeryev", "task.sent"));
+}

@@ -1078,6 +1078,57 @@ impl Broker for AmqpBroker {
         Ok(())
     }
 
+    async fn event_stream(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
+        let link = self.inner.link().await?;
+        self.inner
+            .ensure_exchange(&link, topology::EVENT_EXCHANGE, ExchangeKind::Topic, true)
+            .await?;
+        let ch = link.conn.create_channel().await?;
+        let queue = format!("celeryev.{}", uuid::Uuid::new_v4());
+        // As Celery's event receiver: transient, expires 60 s after its consumer left, events live 5 s.
+        let mut args = Map::new();
+        args.insert("x-expires".into(), 60_000.into());
+        args.insert("x-message-ttl".into(), 5_000.into());
+        ch.queue_declare(short(&queue), transient_queue(), table::to_table(&args))
+            .await?;
+        ch.queue_bind(
+            short(&queue),
+            short(topology::EVENT_EXCHANGE),
+            short("#"),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let consumer = ch
+            .basic_consume(
+                short(&queue),
+                short(""),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(
+            futures::stream::unfold((consumer, ch), |(mut consumer, ch)| async move {
+                match consumer.next().await {
+                    Some(Ok(d)) => Some((
+                        table::to_envelope(
+                            &d.properties,
+                            &d.data,
+                            d.exchange.as_str(),
+                            d.routing_key.as_str(),
+                        ),
+                        (consumer, ch),
+                    )),
+                    _ => None,
+                }
+            })
+            .boxed(),
+        )
+    }
+
     async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.inner.pidbox.lock().expect("pidbox") = Some(tx);

@@ -470,6 +470,18 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    async fn event_stream(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
+        use futures::StreamExt;
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub
+            .psubscribe(format!("{}/{}.celeryev/*", self.keys.prefix(), self.db))
+            .await?;
+        Ok(pubsub
+            .into_on_message()
+            .filter_map(|m| async move { m.get_payload::<Vec<u8>>().ok() })
+            .boxed())
+    }
+
     async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
         use futures::StreamExt;
         let mut pubsub = self.client.get_async_pubsub().await?;
