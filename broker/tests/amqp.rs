@@ -478,3 +478,43 @@ async fn events_reach_an_event_stream() {
     assert_eq!(got.0.headers["hostname"], "test@node");
     assert_eq!(got.0.route(), ("celeryev", "task.sent"));
 }
+
+#[tokio::test]
+async fn batched_acks_settle_exactly_the_acked_messages() {
+    let (a, bq) = (unique("acks-a"), unique("acks-b"));
+    let _c = Cleanup(vec![a.clone(), bq.clone()]);
+    let b = broker(BrokerOptions::default()).await;
+    for i in 0..10 {
+        b.publish(&task("a", vec![json!(i)]), &a).await.unwrap();
+        b.publish(&task("b", vec![json!(i)]), &bq).await.unwrap();
+    }
+    let queues = vec![a.clone(), bq.clone()];
+    let got = fetch_n(&b, &queues, 20).await;
+    assert_eq!(got.len(), 20);
+    // Ack every other message (mixing both queues), keep the rest held: a `multiple` ack must not cover them.
+    let (acked, kept): (Vec<_>, Vec<_>) = got.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let acked: Vec<String> = acked.iter().map(|(_, d)| d.held.tag.clone()).collect();
+    b.ack(&acked).await.unwrap();
+    // Give the kept ones back: exactly those come again.
+    let kept: Vec<&celeriac_broker::Held> = kept.iter().map(|(_, d)| &d.held).collect();
+    let kept_ids: std::collections::BTreeSet<String> = got
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, d)| d.message.as_ref().unwrap().id().to_string())
+        .collect();
+    assert_eq!(b.requeue(&kept, true).await.unwrap(), 10);
+    let again = fetch_n(&b, &queues, 10).await;
+    let again_ids: std::collections::BTreeSet<String> = again
+        .iter()
+        .map(|d| d.message.as_ref().unwrap().id().to_string())
+        .collect();
+    assert_eq!(again_ids, kept_ids);
+    let tags: Vec<String> = again.iter().map(|d| d.held.tag.clone()).collect();
+    b.ack(&tags).await.unwrap();
+    b.ping().await.unwrap(); // an ack of an unknown tag would have closed the channel
+    b.close().await;
+    let fresh = broker(BrokerOptions::default()).await;
+    assert_eq!(fresh.queue_length(&a).await.unwrap(), 0);
+    assert_eq!(fresh.queue_length(&bq).await.unwrap(), 0);
+}

@@ -88,6 +88,11 @@ struct State {
     /// Delivery tag → queue of every message handed to the worker and not yet settled.
     outstanding: HashMap<u64, String>,
     consuming: Vec<String>,
+    /// Every delivery tag up to this one has reached a buffer (tags are channel-wide, but each queue's pump
+    /// pushes on its own, so a lower tag may still be on its way): the bound for `multiple` acks.
+    contiguous: u64,
+    /// Tags that arrived above `contiguous`.
+    ahead: std::collections::BTreeSet<u64>,
     waiting_since: Option<Instant>,
     last_delivery: Instant,
 }
@@ -166,6 +171,8 @@ impl AmqpBroker {
                 buffers: HashMap::new(),
                 outstanding: HashMap::new(),
                 consuming: Vec::new(),
+                contiguous: 0,
+                ahead: std::collections::BTreeSet::new(),
                 waiting_since: None,
                 last_delivery: Instant::now(),
             }),
@@ -350,6 +357,8 @@ impl Inner {
             st.generation = generation;
             st.buffers.clear();
             st.outstanding.clear();
+            st.contiguous = 0;
+            st.ahead.clear();
             st.last_delivery = Instant::now();
             st.consuming.clone()
         };
@@ -531,6 +540,16 @@ impl Inner {
             return; // RabbitMQ gives it to someone else: its channel is gone.
         }
         st.last_delivery = Instant::now();
+        let tag = d.delivery_tag;
+        if tag == st.contiguous + 1 {
+            st.contiguous = tag;
+            let st = &mut *st;
+            while st.ahead.remove(&(st.contiguous + 1)) {
+                st.contiguous += 1;
+            }
+        } else if tag > st.contiguous {
+            st.ahead.insert(tag);
+        }
         st.buffers
             .entry(queue.to_string())
             .or_default()
@@ -574,16 +593,34 @@ impl Inner {
 
     /// Settles deliveries of the current generation (stale ones were requeued by RabbitMQ already).
     fn settle(&self, tags: &[String]) -> Vec<u64> {
+        self.settle_for_ack(tags).0
+    }
+
+    /// Settles `tags` and also returns the lowest delivery tag of this connection still unsettled (held by
+    /// the worker, buffered, or possibly still on its way): every acked tag below it can go in one
+    /// `multiple` ack.
+    fn settle_for_ack(&self, tags: &[String]) -> (Vec<u64>, u64) {
         let mut st = self.state.lock().expect("state");
         let generation = st.generation;
-        tags.iter()
+        let settled: Vec<u64> = tags
+            .iter()
             .filter_map(|t| parse_tag(t))
             .filter(|(g, _)| *g == generation)
             .map(|(_, t)| {
                 st.outstanding.remove(&t);
                 t
             })
-            .collect()
+            .collect();
+        let mut floor = st.contiguous + 1;
+        if let Some(min) = st.outstanding.keys().min() {
+            floor = floor.min(*min);
+        }
+        for buf in st.buffers.values() {
+            if let Some(front) = buf.front() {
+                floor = floor.min(front.delivery_tag);
+            }
+        }
+        (settled, floor)
     }
 
     /// Publishes with a confirm; `mandatory` turns "no queue" into an error.
@@ -933,16 +970,31 @@ impl Broker for AmqpBroker {
         if tags.is_empty() {
             return Ok(());
         }
-        let current = self.inner.settle(tags);
+        let (mut current, floor) = self.inner.settle_for_ack(tags);
         if current.is_empty() {
             return Ok(());
         }
         let Some(link) = self.inner.current() else {
             return Ok(());
         };
-        let acks = current
-            .iter()
-            .map(|t| link.consume.basic_ack(*t, BasicAckOptions::default()));
+        current.sort_unstable();
+        // Tags below every unsettled one go in a single `multiple` ack (one frame, much less broker work).
+        let below = current.partition_point(|t| *t < floor);
+        let mut acks = Vec::with_capacity(current.len() - below + 1);
+        if below >= 2 {
+            acks.push(
+                link.consume
+                    .basic_ack(current[below - 1], BasicAckOptions { multiple: true }),
+            );
+        } else if below == 1 {
+            acks.push(
+                link.consume
+                    .basic_ack(current[0], BasicAckOptions::default()),
+            );
+        }
+        for t in &current[below..] {
+            acks.push(link.consume.basic_ack(*t, BasicAckOptions::default()));
+        }
         for r in futures::future::join_all(acks).await {
             r?;
         }
