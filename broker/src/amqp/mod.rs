@@ -55,6 +55,7 @@ pub struct AmqpBroker {
     inner: Arc<Inner>,
     stop: CancellationToken,
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    settler: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for AmqpBroker {
@@ -79,6 +80,22 @@ struct Inner {
     declared: Mutex<BTreeSet<String>>,
     /// Total consumer restarts by the watchdog (for tests and logs).
     watchdog_restarts: AtomicU64,
+    /// Acks and rejects, in the order they were settled, to the task that sends them (see [`settle_loop`]).
+    settles: mpsc::UnboundedSender<SettleBatch>,
+}
+
+/// One acknowledgement frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    Ack { tag: u64, multiple: bool },
+    Reject { tag: u64 },
+}
+
+/// Frames for one connection generation, sent in order; `done` hears when they were written.
+struct SettleBatch {
+    generation: u64,
+    ops: Vec<Settle>,
+    done: Option<tokio::sync::oneshot::Sender<Result<()>>>,
 }
 
 /// Consumer-side state of the current connection generation.
@@ -160,6 +177,7 @@ fn is_not_found(e: &lapin::Error) -> bool {
 impl AmqpBroker {
     /// Connects (failing fast if RabbitMQ does not answer) and starts the reconnecting supervisor.
     pub async fn connect(uri: String, options: BrokerOptions) -> Result<Self> {
+        let (settles, settle_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             uri,
             options,
@@ -180,14 +198,17 @@ impl AmqpBroker {
             pidbox: Mutex::new(None),
             declared: Mutex::new(BTreeSet::new()),
             watchdog_restarts: AtomicU64::new(0),
+            settles,
         });
         Inner::reconnect(&inner).await?;
         let stop = CancellationToken::new();
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&inner), stop.clone()));
+        let settler = tokio::spawn(settle_loop(Arc::downgrade(&inner), settle_rx));
         Ok(Self {
             inner,
             stop,
             supervisor: Mutex::new(Some(supervisor)),
+            settler: Mutex::new(Some(settler)),
         })
     }
 
@@ -208,6 +229,11 @@ impl AmqpBroker {
         if let Some(h) = handle {
             let _ = h.await;
         }
+        // Let queued acks go out before the connection closes.
+        let _ = self.inner.enqueue(Vec::new(), true).await;
+        if let Some(h) = self.settler.lock().expect("settler").take() {
+            h.abort();
+        }
         let link = self.inner.link.lock().expect("link").take();
         if let Some(link) = link {
             let _ = link.conn.close(200, short("celeriac closing")).await;
@@ -220,6 +246,57 @@ impl Drop for AmqpBroker {
         self.stop.cancel();
         if let Some(h) = self.supervisor.lock().expect("supervisor").take() {
             h.abort();
+        }
+        if let Some(h) = self.settler.lock().expect("settler").take() {
+            h.abort();
+        }
+    }
+}
+
+/// Sends acks and rejects in the order they were settled. Acks are never answered by the broker, so nobody
+/// needs to wait for them (the fetch path does not); rejects are awaited by their caller. One ordered
+/// stream matters: a `multiple` ack must never overtake an earlier single ack or reject of a lower tag.
+async fn settle_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<SettleBatch>) {
+    while let Some(batch) = rx.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        let res = match inner.current() {
+            Some(link) if link.generation == batch.generation && !batch.ops.is_empty() => {
+                type Frame =
+                    std::pin::Pin<Box<dyn std::future::Future<Output = lapin::Result<()>> + Send>>;
+                let frames: Vec<Frame> = batch
+                    .ops
+                    .iter()
+                    .map(|op| -> Frame {
+                        let ch = link.consume.clone();
+                        match *op {
+                            Settle::Ack { tag, multiple } => Box::pin(async move {
+                                ch.basic_ack(tag, BasicAckOptions { multiple }).await
+                            }),
+                            Settle::Reject { tag } => Box::pin(async move {
+                                ch.basic_reject(tag, BasicRejectOptions { requeue: true })
+                                    .await
+                            }),
+                        }
+                    })
+                    .collect();
+                futures::future::join_all(frames)
+                    .await
+                    .into_iter()
+                    .find_map(std::result::Result::err)
+                    .map_or(Ok(()), |e| Err(BrokerError::Amqp(e)))
+            }
+            // A lost connection: RabbitMQ already requeued those messages.
+            _ => Ok(()),
+        };
+        match batch.done {
+            Some(done) => {
+                let _ = done.send(res);
+            }
+            None => {
+                if let Err(e) = res {
+                    warn!(error = %e, "sending acknowledgements failed; RabbitMQ will redeliver those messages");
+                }
+            }
         }
     }
 }
@@ -430,12 +507,8 @@ impl Inner {
                     let mut st = self.state.lock().expect("state");
                     st.buffers.remove(&q).map(Vec::from).unwrap_or_default()
                 };
-                for d in buffered {
-                    let _ = link
-                        .consume
-                        .basic_reject(d.delivery_tag, BasicRejectOptions { requeue: true })
-                        .await;
-                }
+                let tags = buffered.iter().map(|d| d.delivery_tag).collect();
+                let _ = self.enqueue_frames(tags, false, true, false).await;
                 info!(queue = %q, "stopped consuming");
             }
         }
@@ -592,35 +665,81 @@ impl Inner {
     }
 
     /// Settles deliveries of the current generation (stale ones were requeued by RabbitMQ already).
-    fn settle(&self, tags: &[String]) -> Vec<u64> {
-        self.settle_for_ack(tags).0
+    /// Settles `tags` of the current connection and queues their frames for [`settle_loop`], under the state
+    /// lock so the order of frames is the order of settling. Acks below every still-unsettled tag (held by
+    /// the worker, buffered, or possibly still on its way) go in one `multiple` ack. With `wait`, returns
+    /// once the frames were written.
+    async fn enqueue(&self, tags: Vec<u64>, ack: bool) -> Result<()> {
+        self.enqueue_frames(tags, ack, true, true).await
     }
 
-    /// Settles `tags` and also returns the lowest delivery tag of this connection still unsettled (held by
-    /// the worker, buffered, or possibly still on its way): every acked tag below it can go in one
-    /// `multiple` ack.
-    fn settle_for_ack(&self, tags: &[String]) -> (Vec<u64>, u64) {
-        let mut st = self.state.lock().expect("state");
-        let generation = st.generation;
-        let settled: Vec<u64> = tags
-            .iter()
-            .filter_map(|t| parse_tag(t))
-            .filter(|(g, _)| *g == generation)
-            .map(|(_, t)| {
-                st.outstanding.remove(&t);
-                t
-            })
-            .collect();
-        let mut floor = st.contiguous + 1;
-        if let Some(min) = st.outstanding.keys().min() {
-            floor = floor.min(*min);
-        }
-        for buf in st.buffers.values() {
-            if let Some(front) = buf.front() {
-                floor = floor.min(front.delivery_tag);
+    async fn enqueue_frames(
+        &self,
+        mut tags: Vec<u64>,
+        ack: bool,
+        wait: bool,
+        outstanding: bool,
+    ) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut st = self.state.lock().expect("state");
+            if outstanding {
+                for t in &tags {
+                    st.outstanding.remove(t);
+                }
+            }
+            let ops = if ack {
+                let mut floor = st.contiguous + 1;
+                if let Some(min) = st.outstanding.keys().min() {
+                    floor = floor.min(*min);
+                }
+                for buf in st.buffers.values() {
+                    if let Some(front) = buf.front() {
+                        floor = floor.min(front.delivery_tag);
+                    }
+                }
+                tags.sort_unstable();
+                let below = tags.partition_point(|t| *t < floor);
+                let mut ops = Vec::with_capacity(tags.len() - below + 1);
+                if below >= 1 {
+                    ops.push(Settle::Ack {
+                        tag: tags[below - 1],
+                        multiple: below >= 2,
+                    });
+                }
+                ops.extend(tags[below..].iter().map(|&tag| Settle::Ack {
+                    tag,
+                    multiple: false,
+                }));
+                ops
+            } else {
+                tags.iter().map(|&tag| Settle::Reject { tag }).collect()
+            };
+            let batch = SettleBatch {
+                generation: st.generation,
+                ops,
+                done: wait.then_some(tx),
+            };
+            if self.settles.send(batch).is_err() {
+                return Ok(()); // closing: the connection goes, RabbitMQ requeues
             }
         }
-        (settled, floor)
+        if wait {
+            rx.await.unwrap_or(Ok(()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Delivery tags of `tags` that belong to the current connection (older ones were requeued by
+    /// RabbitMQ when their channel closed).
+    fn current_tags(&self, tags: &[String]) -> Vec<u64> {
+        let generation = self.state.lock().expect("state").generation;
+        tags.iter()
+            .filter_map(|t| parse_tag(t))
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, t)| t)
+            .collect()
     }
 
     /// Publishes with a confirm; `mandatory` turns "no queue" into an error.
@@ -922,8 +1041,8 @@ impl Broker for AmqpBroker {
         let link = match self.inner.current() {
             Some(l) => l,
             None => {
-                // Acks of a lost connection are moot: RabbitMQ requeued those messages.
-                self.inner.settle(acks);
+                // Acks of a lost connection are moot: RabbitMQ requeues those messages (the caller retries
+                // them; by then their generation is stale and they are dropped).
                 return Err(BrokerError::NotConnected(
                     "no connection to RabbitMQ (reconnecting)".into(),
                 ));
@@ -970,48 +1089,19 @@ impl Broker for AmqpBroker {
         if tags.is_empty() {
             return Ok(());
         }
-        let (mut current, floor) = self.inner.settle_for_ack(tags);
+        let current = self.inner.current_tags(tags);
         if current.is_empty() {
             return Ok(());
         }
-        let Some(link) = self.inner.current() else {
-            return Ok(());
-        };
-        current.sort_unstable();
-        // Tags below every unsettled one go in a single `multiple` ack (one frame, much less broker work).
-        let below = current.partition_point(|t| *t < floor);
-        let mut acks = Vec::with_capacity(current.len() - below + 1);
-        if below >= 2 {
-            acks.push(
-                link.consume
-                    .basic_ack(current[below - 1], BasicAckOptions { multiple: true }),
-            );
-        } else if below == 1 {
-            acks.push(
-                link.consume
-                    .basic_ack(current[0], BasicAckOptions::default()),
-            );
-        }
-        for t in &current[below..] {
-            acks.push(link.consume.basic_ack(*t, BasicAckOptions::default()));
-        }
-        for r in futures::future::join_all(acks).await {
-            r?;
-        }
-        Ok(())
+        // basic.ack has no reply: queue the frames and go on (they leave in settling order).
+        self.inner.enqueue_frames(current, true, false, true).await
     }
 
     async fn requeue(&self, held: &[&Held], _front: bool) -> Result<usize> {
         let tags: Vec<String> = held.iter().map(|h| h.tag.clone()).collect();
-        let current = self.inner.settle(&tags);
-        if let Some(link) = self.inner.current() {
-            // basic.reject(requeue=True): back to its place in the queue, redelivered=1 (spec §3.3).
-            for t in current {
-                link.consume
-                    .basic_reject(t, BasicRejectOptions { requeue: true })
-                    .await?;
-            }
-        }
+        let current = self.inner.current_tags(&tags);
+        // basic.reject(requeue=True): back to its place in the queue, redelivered=1 (spec §3.3).
+        self.inner.enqueue(current, false).await?;
         Ok(held.len())
     }
 
