@@ -6,10 +6,12 @@
 //!   spellings.
 //! - [`redis`]: the Redis transport (keys, Lua scripts, consume/ack/restore, publish).
 //! - [`amqp`]: the RabbitMQ transport (topology, consumers with per-consumer QoS, confirms, reconnection).
+//! - [`pidbox`]: the client side of remote control (broadcast a command, collect replies).
 //! - [`error`]: the error type, [`BrokerError`].
 
 pub mod amqp;
 pub mod error;
+pub mod pidbox;
 pub mod redis;
 pub mod url;
 

@@ -4,11 +4,8 @@
 
 use crate::settings::GlobalArgs;
 use anyhow::Context;
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use celeriac_protocol::envelope::Envelope;
 use clap::Args;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::time::Duration;
 
 /// `celeriac inspect` / `celeriac control` options.
@@ -66,54 +63,18 @@ fn arguments(a: &ControlArgs) -> anyhow::Result<Value> {
 pub async fn run(global: &GlobalArgs, a: ControlArgs) -> anyhow::Result<i32> {
     let resolved = global.resolve()?;
     let broker = resolved.broker().await?;
-    let oid = uuid::Uuid::new_v4().to_string();
-    let ticket = uuid::Uuid::new_v4().to_string();
-    let destination = a
+    let destination: Option<Vec<String>> = a
         .destination
         .as_ref()
-        .map(|d| json!(d.split(',').map(str::trim).collect::<Vec<_>>()));
-    let mut body = Map::new();
-    body.insert("method".into(), json!(a.method));
-    body.insert("arguments".into(), arguments(&a)?);
-    body.insert("destination".into(), destination.unwrap_or(Value::Null));
-    body.insert("pattern".into(), Value::Null);
-    body.insert("matcher".into(), Value::Null);
-    body.insert("ticket".into(), json!(ticket));
-    body.insert(
-        "reply_to".into(),
-        json!({"exchange": "reply.celery.pidbox", "routing_key": oid}),
-    );
-    let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
-    let envelope = json!({
-        "body": STANDARD.encode(celeriac_protocol::json::to_vec(&body)),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"clock": 1, "expires": now + a.timeout},
-        "properties": {"delivery_mode": 2, "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
-            "priority": 0, "body_encoding": "base64", "delivery_tag": uuid::Uuid::new_v4().to_string()},
-    });
-    let raw = broker
-        .control_call(
-            &celeriac_protocol::json::to_vec(&envelope),
-            &oid,
-            Duration::from_secs_f64(a.timeout.max(0.05)),
-        )
-        .await?;
-    let mut replies = Map::new();
-    for r in raw {
-        let Ok(env) = Envelope::parse(&r) else {
-            continue;
-        };
-        if env.headers.get("ticket").and_then(Value::as_str) != Some(ticket.as_str()) {
-            continue;
-        }
-        let Ok(bytes) = env.body_bytes() else {
-            continue;
-        };
-        if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(&bytes) {
-            replies.extend(m);
-        }
-    }
+        .map(|d| d.split(',').map(|n| n.trim().to_string()).collect());
+    let replies = celeriac_broker::pidbox::call(
+        broker.as_ref(),
+        &a.method,
+        arguments(&a)?,
+        destination.as_deref(),
+        Duration::from_secs_f64(a.timeout.max(0.05)),
+    )
+    .await?;
     if a.json {
         println!(
             "{}",

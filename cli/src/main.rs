@@ -5,6 +5,7 @@ mod apply;
 mod beat;
 mod call;
 mod control;
+mod flower;
 mod purge;
 mod result;
 mod settings;
@@ -41,6 +42,8 @@ enum Command {
     Result(result::ResultArgs),
     /// Delete all waiting messages from queues.
     Purge(purge::PurgeArgs),
+    /// Serve Flower's REST API and metrics (flower-compat), with a persisted task history.
+    Flower(flower::FlowerArgs),
 }
 
 /// Log output format.
@@ -130,6 +133,7 @@ fn main() {
             Command::Beat(args) => beat::run(&cli.global, args).await,
             Command::Result(args) => result::run(&cli.global, args).await,
             Command::Purge(args) => purge::run(&cli.global, args).await,
+            Command::Flower(args) => flower::run(&cli.global, args).await,
         };
         match outcome {
             Ok(code) => code,

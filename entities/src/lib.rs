@@ -4,9 +4,11 @@
 //!
 //! # Layout
 //! - [`periodic_task`], [`interval_schedule`], [`crontab_schedule`], [`solar_schedule`], [`clocked_schedule`].
+//! - [`flower_task`]: the task history of `celeriac flower`.
 
 pub mod clocked_schedule;
 pub mod crontab_schedule;
+pub mod flower_task;
 pub mod interval_schedule;
 pub mod periodic_task;
 pub mod solar_schedule;

@@ -1986,6 +1986,18 @@ mod pidbox {
         }
     }
 
+    /// Python's `bool(value)` for JSON values.
+    pub(super) fn truthy(v: &Value) -> bool {
+        match v {
+            Value::Null => false,
+            Value::Bool(b) => *b,
+            Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+            Value::String(s) => !s.is_empty(),
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+        }
+    }
+
     fn glob(pattern: &str, text: &str) -> bool {
         match pattern.split_once('*') {
             None => pattern == text,
@@ -2058,6 +2070,31 @@ mod pidbox {
                 ids.sort();
                 json!(ids)
             }
+            "conf" => {
+                // Celery answers with the settings it was configured with (`with_defaults=False`).
+                let routes: Map<String, Value> = s
+                    .routes
+                    .iter()
+                    .map(|(task, queue)| (task.clone(), json!({"queue": queue})))
+                    .collect();
+                json!({
+                    "task_default_queue": s.default_queue,
+                    "task_routes": routes,
+                    "worker_concurrency": s.concurrency,
+                    "worker_prefetch_multiplier": s.prefetch_multiplier,
+                    "task_acks_late": s.acks_late,
+                    "task_reject_on_worker_lost": s.reject_on_worker_lost,
+                    "task_ignore_result": s.ignore_result,
+                    "result_extended": s.result_extended,
+                    "task_track_started": s.track_started,
+                    "task_acks_on_failure_or_timeout": s.acks_on_failure_or_timeout,
+                    "task_time_limit": s.time_limit,
+                    "task_soft_time_limit": s.soft_time_limit,
+                    "worker_send_task_events": shared.events.task_events(),
+                    "broker_transport_options": {"visibility_timeout": s.visibility_timeout.as_secs_f64()},
+                    "include": [],
+                })
+            }
             "query_task" => {
                 let ids: Vec<&str> = match args.get("ids") {
                     Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
@@ -2120,11 +2157,8 @@ mod pidbox {
                 .collect(),
             _ => Vec::new(),
         };
-        let terminate = force_terminate
-            || args
-                .get("terminate")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+        // Python truthiness, as Celery's `if terminate:` (Flower sends `1`).
+        let terminate = force_terminate || args.get("terminate").is_some_and(truthy);
         shared
             .revoked
             .write()
@@ -2373,6 +2407,18 @@ mod pidbox {
 
     #[cfg(test)]
     mod tests {
+        #[test]
+        fn python_truthiness() {
+            use serde_json::json;
+            assert!(super::truthy(&json!(1)));
+            assert!(super::truthy(&json!(true)));
+            assert!(super::truthy(&json!("SIGTERM")));
+            assert!(!super::truthy(&json!(0)));
+            assert!(!super::truthy(&json!(null)));
+            assert!(!super::truthy(&json!(false)));
+            assert!(!super::truthy(&json!("")));
+        }
+
         #[test]
         fn glob_patterns() {
             assert!(super::glob("w*@vm", "w1@vm"));

@@ -1,0 +1,352 @@
+//! flower-compat: Flower's REST API (paths, parameters, status codes and JSON shapes of Flower 2.2) served by
+//! celeriac, over any celeriac broker (Redis or RabbitMQ), with what Flower lacks: the task history is
+//! persisted through sea-orm (SQLite by default, PostgreSQL by URL) with retention limits, `/api/workers`
+//! status comes from live events, and `/metrics` adds queue lengths and worker concurrency and can drop the
+//! per-worker label.
+//!
+//! # Layout
+//! - [`state`]: cluster state from Celery events (Celery's `events.state` semantics).
+//! - [`store`]: the persisted task history and Flower's task queries.
+//! - [`api`]: the HTTP routes, authentication and read-only mode.
+//! - [`metrics`]: Flower's Prometheus metrics.
+
+pub mod api;
+pub mod metrics;
+pub mod state;
+pub mod store;
+
+use celeriac_backend::ResultBackend;
+use celeriac_broker::Broker;
+use celeriac_canvas::Canvas;
+use celeriac_protocol::envelope::Envelope;
+use serde_json::{Map, Value};
+use state::{ClusterState, TaskRecord, events_in};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use store::TaskStore;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Why flower-compat stopped.
+#[derive(Debug, Error)]
+pub enum FlowerError {
+    /// The task database failed.
+    #[error("task database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    /// The HTTP listener failed.
+    #[error("http: {0}")]
+    Io(#[from] std::io::Error),
+    /// The broker failed.
+    #[error("broker: {0}")]
+    Broker(#[from] celeriac_broker::BrokerError),
+}
+
+/// How `celeriac flower` runs.
+#[derive(Debug, Clone)]
+pub struct FlowerSettings {
+    /// Where to listen.
+    pub address: SocketAddr,
+    /// `user:password` pairs accepted by basic auth (none: the API needs `unauthenticated_api`).
+    pub basic_auth: Vec<(String, String)>,
+    /// Serve the API without authentication (Flower's `FLOWER_UNAUTHENTICATED_API`).
+    pub unauthenticated_api: bool,
+    /// Refuse every request that changes something (403).
+    pub read_only: bool,
+    /// Task database URL (`sqlite://flower.db?mode=rwc`, `postgres://...`).
+    pub db_url: String,
+    /// PostgreSQL schema.
+    pub db_schema: Option<String>,
+    /// Keep at most this many tasks.
+    pub max_tasks: u64,
+    /// Drop tasks whose last event is older than this.
+    pub max_age: Option<Duration>,
+    /// Label metrics by worker (Flower does; off avoids per-worker cardinality).
+    pub metrics_worker_label: bool,
+    /// How long `refresh` and control commands wait for replies.
+    pub inspect_timeout: Duration,
+}
+
+/// Everything the routes share.
+pub struct App {
+    /// Settings.
+    pub settings: FlowerSettings,
+    /// The broker (events, remote control, queue lengths).
+    pub broker: Arc<dyn Broker>,
+    /// The result backend (`/api/task/result`).
+    pub backend: Arc<dyn ResultBackend>,
+    /// Publishes tasks (`/api/task/async-apply`, `send-task`, `apply`).
+    pub canvas: Canvas,
+    /// Task history.
+    pub store: TaskStore,
+    /// Live workers.
+    pub cluster: Mutex<ClusterState>,
+    /// Tasks changed since the last flush (and recently seen unfinished ones).
+    pub cache: Mutex<HashMap<String, TaskRecord>>,
+    dirty: Mutex<HashSet<String>>,
+    /// The last inspect replies per worker (`/api/workers`): `{stats, registered, active_queues, ...}`.
+    pub inspected: Mutex<Map<String, Value>>,
+    /// Prometheus metrics.
+    pub metrics: metrics::FlowerMetrics,
+}
+
+/// Unix time now.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+impl App {
+    /// A task: the cached (freshest) copy, else the stored one.
+    pub async fn task(&self, uuid: &str) -> Result<Option<TaskRecord>, sea_orm::DbErr> {
+        let cached = self.cache.lock().expect("cache").get(uuid).cloned();
+        match cached {
+            Some(t) => Ok(Some(t)),
+            None => self.store.get(uuid).await,
+        }
+    }
+
+    /// Applies one event from the broker.
+    pub async fn ingest(&self, event: Map<String, Value>) {
+        let kind = event
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let received = now();
+        if kind.starts_with("worker-") {
+            self.cluster
+                .lock()
+                .expect("cluster")
+                .worker_event(&event, received);
+            return;
+        }
+        if !kind.starts_with("task-") {
+            return;
+        }
+        self.cluster
+            .lock()
+            .expect("cluster")
+            .task_event_seen(&event);
+        let Some(uuid) = event
+            .get("uuid")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+        else {
+            return;
+        };
+        let mut task = match self.task(&uuid).await {
+            Ok(Some(t)) => t,
+            Ok(None) => TaskRecord::new(&uuid),
+            Err(e) => {
+                warn!(error = %e, "reading the task history failed");
+                TaskRecord::new(&uuid)
+            }
+        };
+        let was_new = task.name.is_none() && task.received.is_none() && task.sent.is_none();
+        task.apply(&event);
+        self.metrics
+            .observe(&kind, &task, self.settings.metrics_worker_label);
+        let parent = task.parent_id.clone().filter(|_| was_new);
+        {
+            let mut cache = self.cache.lock().expect("cache");
+            cache.insert(uuid.clone(), task);
+            self.dirty.lock().expect("dirty").insert(uuid.clone());
+        }
+        if let Some(parent) = parent
+            && let Ok(Some(mut p)) = self.task(&parent).await
+            && !p.children.contains(&uuid)
+        {
+            p.children.push(uuid);
+            self.cache.lock().expect("cache").insert(parent.clone(), p);
+            self.dirty.lock().expect("dirty").insert(parent);
+        }
+    }
+
+    /// Writes changed tasks to the database; keeps unfinished ones cached.
+    pub async fn flush(&self) -> Result<(), sea_orm::DbErr> {
+        let ids: Vec<String> = self.dirty.lock().expect("dirty").drain().collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let tasks: Vec<TaskRecord> = {
+            let cache = self.cache.lock().expect("cache");
+            ids.iter().filter_map(|id| cache.get(id).cloned()).collect()
+        };
+        if let Err(e) = self.store.save(&tasks).await {
+            self.dirty.lock().expect("dirty").extend(ids);
+            return Err(e);
+        }
+        let mut cache = self.cache.lock().expect("cache");
+        let dirty = self.dirty.lock().expect("dirty");
+        cache.retain(|id, t| {
+            dirty.contains(id)
+                || !matches!(
+                    t.state.as_str(),
+                    "SUCCESS" | "FAILURE" | "REVOKED" | "REJECTED"
+                )
+        });
+        // Bound the cache of unfinished tasks too (their rows are in the database).
+        if cache.len() > 50_000 {
+            cache.retain(|id, _| dirty.contains(id));
+        }
+        Ok(())
+    }
+
+    /// Asks workers for `stats`, `registered`, `active_queues`, `conf`, `active`, `reserved`, `scheduled` and
+    /// `revoked`, as Flower's `/api/workers?refresh=1` does, and caches the replies.
+    pub async fn refresh_workers(&self, workername: Option<&str>) -> Result<(), FlowerError> {
+        let destination = workername.map(|w| vec![w.to_string()]);
+        let timeout = self.settings.inspect_timeout;
+        let methods: [(&str, Value); 8] = [
+            ("stats", Value::Object(Map::new())),
+            ("active_queues", Value::Object(Map::new())),
+            ("registered", serde_json::json!({"taskinfoitems": []})),
+            ("scheduled", Value::Object(Map::new())),
+            ("active", serde_json::json!({"safe": null})),
+            ("reserved", Value::Object(Map::new())),
+            ("revoked", Value::Object(Map::new())),
+            ("conf", serde_json::json!({"with_defaults": false})),
+        ];
+        let calls = methods.iter().map(|(m, args)| {
+            celeriac_broker::pidbox::call(
+                self.broker.as_ref(),
+                m,
+                args.clone(),
+                destination.as_deref(),
+                timeout,
+            )
+        });
+        let replies = futures::future::join_all(calls).await;
+        let stamp = now();
+        let mut inspected = self.inspected.lock().expect("inspected");
+        for ((method, _), reply) in methods.iter().zip(replies) {
+            for (node, value) in reply? {
+                let entry = inspected
+                    .entry(node)
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(e) = entry {
+                    e.insert((*method).to_string(), value);
+                    e.insert("timestamp".into(), serde_json::json!(stamp));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Consumes events until `stop`, resubscribing after a broker loss.
+async fn consume_events(app: Arc<App>, stop: CancellationToken) {
+    use futures::StreamExt;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut stream = tokio::select! {
+            s = app.broker.event_stream() => match s {
+                Ok(s) => { backoff = Duration::from_millis(200); s }
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "subscribing to events failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        loop {
+            let raw = tokio::select! {
+                m = stream.next() => match m { Some(m) => m, None => break },
+                _ = stop.cancelled() => return,
+            };
+            let Ok(env) = Envelope::parse(&raw) else {
+                continue;
+            };
+            let Ok(body) = env.body_bytes() else { continue };
+            let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+                continue;
+            };
+            for event in events_in(value) {
+                app.ingest(event).await;
+            }
+        }
+        warn!("event stream ended; subscribing again");
+    }
+}
+
+/// Writes the task history every half second and applies retention every minute, until `stop`.
+async fn persist(app: Arc<App>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last_prune = std::time::Instant::now();
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.cancelled() => true,
+        };
+        if let Err(e) = app.flush().await {
+            warn!(error = %e, "writing the task history failed; retrying");
+        }
+        if stopping {
+            return;
+        }
+        if last_prune.elapsed() > Duration::from_secs(60) {
+            last_prune = std::time::Instant::now();
+            match app.store.prune(now()).await {
+                Ok(0) => {}
+                Ok(n) => info!(deleted = n, "task history retention"),
+                Err(e) => warn!(error = %e, "task history retention failed"),
+            }
+        }
+    }
+}
+
+/// Runs flower-compat until `shutdown`.
+pub async fn run(
+    settings: FlowerSettings,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    canvas: Canvas,
+    shutdown: CancellationToken,
+) -> Result<(), FlowerError> {
+    let store = TaskStore::open(
+        &settings.db_url,
+        settings.db_schema.as_deref(),
+        settings.max_tasks,
+        settings.max_age,
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(settings.address).await?;
+    let app = Arc::new(App {
+        metrics: metrics::FlowerMetrics::new(),
+        settings,
+        broker,
+        backend,
+        canvas,
+        store,
+        cluster: Mutex::new(ClusterState::default()),
+        cache: Mutex::new(HashMap::new()),
+        dirty: Mutex::new(HashSet::new()),
+        inspected: Mutex::new(Map::new()),
+    });
+    info!(address = %listener.local_addr()?, db = %celeriac_broker::url::redact(&app.settings.db_url), "celeriac flower listening");
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(consume_events(Arc::clone(&app), stop.clone()));
+    tasks.spawn(persist(Arc::clone(&app), stop.clone()));
+    if let Err(e) = app.refresh_workers(None).await {
+        warn!(error = %e, "asking workers for their state failed");
+    }
+    let router = api::router(Arc::clone(&app));
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    served?;
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! Flower's Prometheus metrics, same names and labels (`flower_events_total{task,type,worker}`,
+//! `flower_task_runtime_seconds`, `flower_task_prefetch_time_seconds`, `flower_worker_prefetched_tasks`,
+//! `flower_worker_online`, `flower_worker_number_of_currently_executing_tasks`), plus queue lengths and
+//! worker concurrency; with the worker label switched off every series drops it (one series per task
+//! instead of one per task and worker).
+
+use crate::state::TaskRecord;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+type Labels = Vec<(String, String)>;
+type RuntimeFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn runtime_histogram() -> Histogram {
+    // Flower's buckets (prometheus_client's defaults in Python).
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    ])
+}
+
+/// The metrics and their registry.
+pub struct FlowerMetrics {
+    registry: Registry,
+    events: Family<Labels, Counter>,
+    runtime: RuntimeFamily,
+    prefetch_time: Family<Labels, Gauge<f64, AtomicU64>>,
+    prefetched: Family<Labels, Gauge>,
+    /// `flower_worker_online{worker}`.
+    pub online: Family<Labels, Gauge>,
+    /// `flower_worker_number_of_currently_executing_tasks{worker}`.
+    pub executing: Family<Labels, Gauge>,
+    /// `celeriac_flower_queue_length{queue}`.
+    pub queue_length: Family<Labels, Gauge>,
+    /// `celeriac_flower_worker_concurrency{worker}`.
+    pub concurrency: Family<Labels, Gauge>,
+}
+
+impl Default for FlowerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FlowerMetrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let events = Family::<Labels, Counter>::default();
+        let runtime = RuntimeFamily::new_with_constructor(runtime_histogram as fn() -> Histogram);
+        let prefetch_time = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let prefetched = Family::<Labels, Gauge>::default();
+        let online = Family::<Labels, Gauge>::default();
+        let executing = Family::<Labels, Gauge>::default();
+        let queue_length = Family::<Labels, Gauge>::default();
+        let concurrency = Family::<Labels, Gauge>::default();
+        registry.register("flower_events", "Number of events", events.clone());
+        registry.register(
+            "flower_task_runtime_seconds",
+            "Task runtime",
+            runtime.clone(),
+        );
+        registry.register(
+            "flower_task_prefetch_time_seconds",
+            "The time the task spent waiting at the worker to be executed since it was received by the worker",
+            prefetch_time.clone(),
+        );
+        registry.register(
+            "flower_worker_prefetched_tasks",
+            "Number of tasks of given type prefetched at a worker",
+            prefetched.clone(),
+        );
+        registry.register(
+            "flower_worker_online",
+            "Worker online status",
+            online.clone(),
+        );
+        registry.register(
+            "flower_worker_number_of_currently_executing_tasks",
+            "Number of tasks currently executing at a worker",
+            executing.clone(),
+        );
+        registry.register(
+            "celeriac_flower_queue_length",
+            "Messages waiting in a queue",
+            queue_length.clone(),
+        );
+        registry.register(
+            "celeriac_flower_worker_concurrency",
+            "Concurrency (pool size) of a worker",
+            concurrency.clone(),
+        );
+        Self {
+            registry,
+            events,
+            runtime,
+            prefetch_time,
+            prefetched,
+            online,
+            executing,
+            queue_length,
+            concurrency,
+        }
+    }
+
+    /// Label set of a task series.
+    fn task_labels(task: &TaskRecord, with_worker: bool) -> Labels {
+        let mut l = vec![("task".to_string(), task.name.clone().unwrap_or_default())];
+        if with_worker {
+            l.push(("worker".into(), task.worker.clone().unwrap_or_default()));
+        }
+        l
+    }
+
+    /// Label set of a worker series.
+    pub fn worker_labels(worker: &str) -> Labels {
+        vec![("worker".into(), worker.to_string())]
+    }
+
+    /// Counts a task event (after it was applied to `task`), as Flower's event handler does.
+    pub fn observe(&self, kind: &str, task: &TaskRecord, with_worker: bool) {
+        let mut labels = Self::task_labels(task, with_worker);
+        labels.insert(1, ("type".into(), kind.to_string()));
+        self.events.get_or_create(&labels).inc();
+        let series = Self::task_labels(task, with_worker);
+        match kind {
+            "task-received" => {
+                self.prefetched.get_or_create(&series).inc();
+            }
+            "task-started" => {
+                if let (Some(started), Some(received)) = (task.started, task.received) {
+                    self.prefetch_time
+                        .get_or_create(&series)
+                        .set(started - received);
+                }
+                let g = self.prefetched.get_or_create(&series);
+                if g.get() > 0 {
+                    g.dec();
+                }
+            }
+            "task-succeeded" => {
+                if let Some(r) = task.runtime {
+                    self.runtime.get_or_create(&series).observe(r);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flower_names_with_and_without_the_worker_label() {
+        let m = FlowerMetrics::new();
+        let t = TaskRecord {
+            name: Some("tasks.add".into()),
+            worker: Some("w1@vm".into()),
+            runtime: Some(0.02),
+            ..TaskRecord::default()
+        };
+        m.observe("task-succeeded", &t, true);
+        m.observe("task-succeeded", &t, false);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"flower_events_total{task="tasks.add",type="task-succeeded",worker="w1@vm"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"flower_events_total{task="tasks.add",type="task-succeeded"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"flower_task_runtime_seconds_count{task="tasks.add",worker="w1@vm"} 1"#
+            )
+        );
+    }
+}
