@@ -1,0 +1,1 @@
+// celeriac flower UI
