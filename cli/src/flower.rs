@@ -50,6 +50,9 @@ pub struct FlowerArgs {
     /// Seconds to wait for worker replies (Flower's `--inspect-timeout`, in seconds here).
     #[arg(long = "inspect-timeout", default_value_t = 1.0)]
     pub inspect_timeout: f64,
+    /// Seconds between retention runs (`--max-tasks`, `--max-age`).
+    #[arg(long = "prune-interval", default_value_t = 60.0)]
+    pub prune_interval: f64,
 }
 
 fn truthy(v: &str) -> bool {
@@ -85,6 +88,7 @@ pub async fn run(global: &GlobalArgs, args: FlowerArgs) -> anyhow::Result<i32> {
         max_age: (args.max_age > 0).then(|| Duration::from_secs(args.max_age)),
         metrics_worker_label: !args.metrics_without_worker_label,
         inspect_timeout: Duration::from_secs_f64(args.inspect_timeout.max(0.05)),
+        prune_interval: Duration::from_secs_f64(args.prune_interval.max(0.1)),
     };
     let broker = resolved.broker().await?;
     let backend = resolved.backend().await?;

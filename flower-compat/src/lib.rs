@@ -67,6 +67,8 @@ pub struct FlowerSettings {
     pub metrics_worker_label: bool,
     /// How long `refresh` and control commands wait for replies.
     pub inspect_timeout: Duration,
+    /// How often retention runs.
+    pub prune_interval: Duration,
 }
 
 /// Everything the routes share.
@@ -279,7 +281,7 @@ async fn consume_events(app: Arc<App>, stop: CancellationToken) {
     }
 }
 
-/// Writes the task history every half second and applies retention every minute, until `stop`.
+/// Writes the task history every half second and applies retention every `prune_interval`, until `stop`.
 async fn persist(app: Arc<App>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last_prune = std::time::Instant::now();
@@ -294,7 +296,7 @@ async fn persist(app: Arc<App>, stop: CancellationToken) {
         if stopping {
             return;
         }
-        if last_prune.elapsed() > Duration::from_secs(60) {
+        if last_prune.elapsed() >= app.settings.prune_interval {
             last_prune = std::time::Instant::now();
             match app.store.prune(now()).await {
                 Ok(0) => {}
