@@ -821,35 +821,6 @@ async fn queues_length(State(app): Shared) -> Response {
     ok(json!({"active_queues": out}))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn result_answers_as_flower() {
-        assert_eq!(
-            result_answer("t", None),
-            json!({"task-id": "t", "state": "PENDING"})
-        );
-        assert_eq!(
-            result_answer("t", Some(&json!({"status": "SUCCESS", "result": 5}))),
-            json!({"task-id": "t", "state": "SUCCESS", "result": 5})
-        );
-        let failure = json!({"status": "FAILURE", "traceback": "tb",
-            "result": {"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"}});
-        assert_eq!(
-            result_answer("t", Some(&failure)),
-            json!({"task-id": "t", "state": "FAILURE", "result": "ValueError('boom')", "traceback": "tb"})
-        );
-    }
-
-    #[test]
-    fn received_range_minutes() {
-        assert_eq!(parse_minute("2020-01-01 00:00"), Some(1_577_836_800.0));
-        assert_eq!(parse_minute("nope"), None);
-    }
-}
-
 /// The web UI's files: embedded in the binary, or read from `CELERIAC_FLOWER_UI_DIR` when set (development).
 fn ui_file(name: &str) -> Option<(Vec<u8>, &'static str)> {
     let kind = match name.rsplit('.').next() {
@@ -955,5 +926,34 @@ async fn tasks_datatable(State(app): Shared, Query(p): Params) -> Response {
             "recordsFiltered": filtered,
         })),
         Err(e) => internal(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_answers_as_flower() {
+        assert_eq!(
+            result_answer("t", None),
+            json!({"task-id": "t", "state": "PENDING"})
+        );
+        assert_eq!(
+            result_answer("t", Some(&json!({"status": "SUCCESS", "result": 5}))),
+            json!({"task-id": "t", "state": "SUCCESS", "result": 5})
+        );
+        let failure = json!({"status": "FAILURE", "traceback": "tb",
+            "result": {"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"}});
+        assert_eq!(
+            result_answer("t", Some(&failure)),
+            json!({"task-id": "t", "state": "FAILURE", "result": "ValueError('boom')", "traceback": "tb"})
+        );
+    }
+
+    #[test]
+    fn received_range_minutes() {
+        assert_eq!(parse_minute("2020-01-01 00:00"), Some(1_577_836_800.0));
+        assert_eq!(parse_minute("nope"), None);
     }
 }
