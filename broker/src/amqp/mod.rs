@@ -174,6 +174,50 @@ fn is_not_found(e: &lapin::Error) -> bool {
     e.to_string().contains("NOT_FOUND")
 }
 
+/// A transient queue (exclusive, auto-delete, `args`) bound to `exchange` (declared as `kind`, `durable`)
+/// with `routing_key`, consumed without acks: the shape of Celery's pidbox, reply and event queues.
+async fn transient_consumer(
+    ch: &Channel,
+    exchange: &str,
+    kind: ExchangeKind,
+    durable: bool,
+    queue: &str,
+    routing_key: &str,
+    args: &Map<String, Value>,
+) -> Result<lapin::Consumer> {
+    ch.exchange_declare(
+        short(exchange),
+        kind,
+        ExchangeDeclareOptions {
+            durable,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(short(queue), transient_queue(), table::to_table(args))
+        .await?;
+    ch.queue_bind(
+        short(queue),
+        short(exchange),
+        short(routing_key),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(ch
+        .basic_consume(
+            short(queue),
+            short(""),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?)
+}
+
 impl AmqpBroker {
     /// Connects (failing fast if RabbitMQ does not answer) and starts the reconnecting supervisor.
     pub async fn connect(uri: String, options: BrokerOptions) -> Result<Self> {
@@ -557,38 +601,16 @@ impl Inner {
             .unwrap_or_else(|| format!("celeriac-{}", uuid::Uuid::new_v4().simple()));
         let queue = format!("{node}.celery.pidbox");
         let ch = link.conn.create_channel().await?;
-        ch.exchange_declare(
-            short(topology::PIDBOX_EXCHANGE),
+        let mut consumer = transient_consumer(
+            &ch,
+            topology::PIDBOX_EXCHANGE,
             ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
+            false,
+            &queue,
+            "",
+            &topology::control_queue_args(),
         )
         .await?;
-        ch.queue_declare(
-            short(&queue),
-            transient_queue(),
-            table::to_table(&topology::control_queue_args()),
-        )
-        .await?;
-        ch.queue_bind(
-            short(&queue),
-            short(topology::PIDBOX_EXCHANGE),
-            short(""),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        let mut consumer = ch
-            .basic_consume(
-                short(&queue),
-                short(""),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
         let handle = tokio::spawn(async move {
             let _ch = ch;
             while let Some(Ok(d)) = consumer.next().await {
@@ -1222,36 +1244,22 @@ impl Broker for AmqpBroker {
 
     async fn event_stream(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
         let link = self.inner.link().await?;
-        self.inner
-            .ensure_exchange(&link, topology::EVENT_EXCHANGE, ExchangeKind::Topic, true)
-            .await?;
         let ch = link.conn.create_channel().await?;
         let queue = format!("celeryev.{}", uuid::Uuid::new_v4());
         // As Celery's event receiver: transient, expires 60 s after its consumer left, events live 5 s.
         let mut args = Map::new();
         args.insert("x-expires".into(), 60_000.into());
         args.insert("x-message-ttl".into(), 5_000.into());
-        ch.queue_declare(short(&queue), transient_queue(), table::to_table(&args))
-            .await?;
-        ch.queue_bind(
-            short(&queue),
-            short(topology::EVENT_EXCHANGE),
-            short("#"),
-            QueueBindOptions::default(),
-            FieldTable::default(),
+        let consumer = transient_consumer(
+            &ch,
+            topology::EVENT_EXCHANGE,
+            ExchangeKind::Topic,
+            true,
+            &queue,
+            "#",
+            &args,
         )
         .await?;
-        let consumer = ch
-            .basic_consume(
-                short(&queue),
-                short(""),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
         Ok(
             futures::stream::unfold((consumer, ch), |(mut consumer, ch)| async move {
                 match consumer.next().await {
@@ -1358,38 +1366,16 @@ impl Broker for AmqpBroker {
     ) -> Result<Vec<Vec<u8>>> {
         let (link, ch) = self.inner.temp_channel().await?;
         let queue = format!("{oid}.reply.celery.pidbox");
-        ch.exchange_declare(
-            short(topology::REPLY_EXCHANGE),
+        let mut consumer = transient_consumer(
+            &ch,
+            topology::REPLY_EXCHANGE,
             ExchangeKind::Direct,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
+            false,
+            &queue,
+            oid,
+            &topology::control_queue_args(),
         )
         .await?;
-        ch.queue_declare(
-            short(&queue),
-            transient_queue(),
-            table::to_table(&topology::control_queue_args()),
-        )
-        .await?;
-        ch.queue_bind(
-            short(&queue),
-            short(topology::REPLY_EXCHANGE),
-            short(oid),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        let mut consumer = ch
-            .basic_consume(
-                short(&queue),
-                short(""),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
         ch.exchange_declare(
             short(topology::PIDBOX_EXCHANGE),
             ExchangeKind::Fanout,
