@@ -137,6 +137,9 @@ pub struct Canvas {
     routes: HashMap<String, String>,
     origin: String,
     reply_to: String,
+    /// Publish a `task-sent` event for every task (Celery's `task_send_sent_event`).
+    sent_events: bool,
+    clock: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Canvas {
@@ -266,6 +269,53 @@ impl Canvas {
             routes,
             origin: origin.into(),
             reply_to: new_id(),
+            sent_events: false,
+            clock: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    /// Publishes a `task-sent` event after each task, as Celery clients do with `task_send_sent_event`.
+    pub fn with_sent_events(mut self, on: bool) -> Self {
+        self.sent_events = on;
+        self
+    }
+
+    /// Celery's `task-sent` event for a message just published to `queue` (best effort, as Celery's).
+    async fn sent_event(&self, msg: &TaskMessage, queue: &str) {
+        use celeriac_protocol::event;
+        let h = &msg.headers;
+        let mut fields = serde_json::Map::new();
+        for (k, v) in [
+            ("uuid", json!(h.id)),
+            ("root_id", json!(h.root_id)),
+            ("parent_id", json!(h.parent_id)),
+            ("name", json!(h.task)),
+            ("args", json!(h.argsrepr)),
+            ("kwargs", json!(h.kwargsrepr)),
+            ("retries", json!(h.retries)),
+            ("eta", json!(h.eta)),
+            ("expires", json!(h.expires)),
+            ("queue", json!(queue)),
+            ("exchange", json!("")),
+            ("routing_key", json!(queue)),
+        ] {
+            fields.insert(k.into(), v);
+        }
+        let header = event::EventHeader {
+            hostname: &self.origin,
+            utcoffset: 0.0,
+            pid: std::process::id(),
+            clock: self
+                .clock
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
+            timestamp: chrono::Utc::now().timestamp_micros() as f64 / 1e6,
+        };
+        let body = event::body(&header, "task-sent", &fields);
+        let rk = event::routing_key("task-sent");
+        let envelope = event::envelope(&body, &self.origin, &rk, &new_id());
+        if let Err(e) = self.broker.publish_events(&[(rk, envelope)]).await {
+            tracing::debug!(error = %e, "publishing a task-sent event failed");
         }
     }
 
@@ -415,6 +465,9 @@ impl Canvas {
             .or_else(|| self.routes.get(&s.task).cloned())
             .unwrap_or_else(|| self.default_queue.clone());
         self.broker.publish(&msg, &queue).await?;
+        if self.sent_events {
+            self.sent_event(&msg, &queue).await;
+        }
         Ok(Applied::Task(id))
     }
 

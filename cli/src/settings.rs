@@ -153,7 +153,8 @@ impl Resolved {
             self.config.task_default_queue.clone(),
             self.routes(),
             format!("gen{}@{host}", std::process::id()),
-        ))
+        )
+        .with_sent_events(self.config.task_send_sent_event))
     }
 }
 

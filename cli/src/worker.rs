@@ -107,6 +107,7 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
         default_queue: cfg.task_default_queue.clone(),
         routes: resolved.routes(),
         send_task_events: args.task_events || cfg.worker_send_task_events,
+        send_sent_event: cfg.task_send_sent_event,
         heartbeat: !args.without_heartbeat,
     };
     let mut registry = Registry::new();

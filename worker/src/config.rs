@@ -57,6 +57,8 @@ pub struct CeleryConfig {
     pub worker_eta_max_in_memory: usize,
     /// Send task events (as `-E`).
     pub worker_send_task_events: bool,
+    /// Publish a `task-sent` event for every task this process publishes.
+    pub task_send_sent_event: bool,
     /// Queue declarations, as Celery's `task_queues`:
     /// `[task_queues.realtime] queue_arguments = { "x-max-length" = 1000, "x-overflow" = "reject-publish" }`.
     /// A queue listed here takes exactly these arguments; `realtime` and `bulk` otherwise default to
@@ -102,6 +104,7 @@ impl Default for CeleryConfig {
             worker_eta_horizon: 60.0,
             worker_eta_max_in_memory: 10_000,
             worker_send_task_events: false,
+            task_send_sent_event: false,
             task_queues: BTreeMap::new(),
             task_queue_max_priority: None,
         }

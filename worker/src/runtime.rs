@@ -75,6 +75,8 @@ pub struct WorkerSettings {
     pub routes: HashMap<String, String>,
     /// Send task events (`-E`, `worker_send_task_events`).
     pub send_task_events: bool,
+    /// Publish `task-sent` events for tasks the worker publishes (retries, callbacks, chain steps).
+    pub send_sent_event: bool,
     /// Send worker heartbeats and online/offline events.
     pub heartbeat: bool,
 }
@@ -388,7 +390,8 @@ pub async fn run(
         settings.default_queue.clone(),
         settings.routes.clone(),
         origin,
-    );
+    )
+    .with_sent_events(settings.send_sent_event);
     let registry = crate::builtins::with_builtins(registry);
     let revoked: HashSet<String> = broker.revoked().await?.into_iter().collect();
     let settings_queues = settings.queues.clone();

@@ -78,6 +78,7 @@ impl Env {
             default_queue: "q".into(),
             routes: Default::default(),
             send_task_events: true,
+            send_sent_event: false,
             heartbeat: true,
         }
     }
