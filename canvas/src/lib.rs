@@ -281,7 +281,7 @@ impl Canvas {
     }
 
     /// Celery's `task-sent` event for a message just published to `queue` (best effort, as Celery's).
-    async fn sent_event(&self, msg: &TaskMessage, queue: &str) {
+    pub async fn sent_event(&self, msg: &TaskMessage, queue: &str) {
         use celeriac_protocol::event;
         let h = &msg.headers;
         let mut fields = serde_json::Map::new();

@@ -90,6 +90,9 @@ pub async fn run(global: &GlobalArgs, args: CallArgs) -> anyhow::Result<i32> {
         .publish(&msg, &queue)
         .await
         .with_context(|| format!("publishing {} to queue {queue:?}", args.task))?;
+    if resolved.config.task_send_sent_event {
+        resolved.canvas().await?.sent_event(&msg, &queue).await;
+    }
     println!("{}", msg.id());
     Ok(0)
 }

@@ -64,3 +64,32 @@ def test_worker_and_task_events_reach_celery_receivers(workers, client_app, iso)
     assert state.tasks[ok.id].state == "SUCCESS" and state.tasks[ok.id].result == "5"
     assert state.tasks[bad.id].state == "FAILURE"
     conn.release()
+
+
+def test_task_sent_events_from_the_publisher(workers, client_app, iso):
+    """With task_send_sent_event the publisher announces each task as a Celery 5.7 client does."""
+    captured = []
+    conn = client_app.connection()
+    receiver = client_app.events.Receiver(conn, handlers={"task-sent": captured.append})
+    thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False),
+                              daemon=True)
+    thread.start()
+    time.sleep(0.5)  # the receiver has subscribed
+    try:
+        task_id = workers.cli_call("bench.add", "[2, 3]", settings={"task_send_sent_event": True})
+        wait_for(lambda: [e for e in captured if e.get("uuid") == task_id], 10, interval=0.1,
+                 message="the task-sent event")
+    finally:
+        receiver.should_stop = True
+        thread.join(timeout=5)
+    event = next(e for e in captured if e.get("uuid") == task_id)
+    # The fields of Celery 5.7's task-sent (spec captures, wire-events-samples.json), in its order.
+    assert list(event)[:17] == ["hostname", "utcoffset", "pid", "clock", "uuid", "root_id", "parent_id", "name",
+                                "args", "kwargs", "retries", "eta", "expires", "queue", "exchange",
+                                "routing_key", "timestamp"]
+    assert (event["name"], event["kwargs"], event["queue"], event["routing_key"]) == \
+        ("bench.add", "{}", iso.queue, iso.queue)
+    # `celery call` parses --args into a list, so its argsrepr is "[2, 3]"; celeriac call sends a tuple's.
+    assert event["args"] in ("(2, 3)", "[2, 3]")
+    assert event["root_id"] == task_id and event["parent_id"] is None and event["retries"] == 0
+    assert event["hostname"].startswith("gen")
