@@ -21,7 +21,9 @@ METRICS_ADDR ?= 127.0.0.1:9091
 CELERIAC_DEBUG := $(CARGO_TARGET_DIR)/debug/celeriac
 CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
 
-.PHONY: up test lint fmt unit interop bench bench-eta build release redis postgres rabbitmq venv clean help
+FLOWER_PORT ?= 5555
+
+.PHONY: up flower test lint fmt unit interop bench bench-eta build release redis postgres rabbitmq venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +35,10 @@ up: $(UP_SERVICES) release ## Start a worker on realtime,bulk against local Redi
 	@echo "  $(CELERIAC_RELEASE) --result-backend $(REDIS_URL) result <task id>                              # prints the result meta"
 	@echo "or from Python:  Celery(broker='$(UP_BROKER)', backend='$(REDIS_URL)').send_task('bench.add', (2, 3), queue='realtime').get()"
 	exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) worker -Q realtime,bulk -l info --metrics-addr $(METRICS_ADDR)
+
+flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and web UI) on http://127.0.0.1:$(FLOWER_PORT) for the `make up` broker.
+	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"
+	FLOWER_UNAUTHENTICATED_API=1 exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) flower --port $(FLOWER_PORT) --db "sqlite://$(CACHE)/flower.db?mode=rwc"
 
 test: redis postgres rabbitmq venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ) and interop (real Python Celery).
 	cargo test --workspace --all-targets
