@@ -23,7 +23,7 @@ CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up flower test lint fmt unit interop bench bench-eta build release redis postgres rabbitmq venv clean help
+.PHONY: up flower test lint fmt unit interop bench bench-eta build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,14 +40,14 @@ flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and
 	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"
 	FLOWER_UNAUTHENTICATED_API=1 exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) flower --port $(FLOWER_PORT) --db "sqlite://$(CACHE)/flower.db?mode=rwc"
 
-test: redis postgres rabbitmq venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ) and interop (real Python Celery).
+test: redis postgres rabbitmq chromium venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ) and interop (real Python Celery, Flower, headless Chromium).
 	cargo test --workspace --all-targets
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
 
 unit: redis postgres rabbitmq ## Only the Rust tests.
 	cargo test --workspace --all-targets
 
-interop: redis rabbitmq venv build ## Only the Python interop tests.
+interop: redis rabbitmq chromium venv build ## Only the Python interop tests.
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
 
 lint: ## cargo fmt --check and clippy with warnings as errors.
@@ -77,6 +77,9 @@ redis: ## Make sure a Redis answers on 127.0.0.1:6379 (starts a local redis-serv
 
 rabbitmq: ## Make sure RabbitMQ answers on 127.0.0.1:5672 (guest/guest; starts a local rabbitmq-server if one is installed).
 	@scripts/ensure-rabbitmq.sh
+
+chromium: ## Make sure a headless Chromium is installed for the web UI tests (Debian's chromium, as root).
+	@scripts/ensure-chromium.sh
 
 postgres: ## Make sure PostgreSQL answers on 127.0.0.1:5432 with a database `test` (beat's database tests).
 	@scripts/ensure-postgres.sh

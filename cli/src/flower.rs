@@ -89,6 +89,9 @@ pub async fn run(global: &GlobalArgs, args: FlowerArgs) -> anyhow::Result<i32> {
         metrics_worker_label: !args.metrics_without_worker_label,
         inspect_timeout: Duration::from_secs_f64(args.inspect_timeout.max(0.05)),
         prune_interval: Duration::from_secs_f64(args.prune_interval.max(0.1)),
+        default_queues: std::iter::once(resolved.config.task_default_queue.clone())
+            .chain(resolved.config.task_queues.keys().cloned())
+            .collect(),
     };
     let broker = resolved.broker().await?;
     let backend = resolved.backend().await?;

@@ -590,8 +590,16 @@ async fn revoke(
     let signal = a.get("signal").cloned().unwrap_or_else(|| "SIGTERM".into());
     let args = json!({"task_id": [id], "terminate": terminate, "signal": signal});
     // Celery's control.revoke does not wait for replies.
-    if let Err(r) = broadcast(&app, "revoke", args, None).await {
-        return r;
+    if let Err(e) = celeriac_broker::pidbox::call(
+        app.broker.as_ref(),
+        "revoke",
+        args,
+        None,
+        Duration::from_millis(50),
+    )
+    .await
+    {
+        return internal(e);
     }
     ok(json!({"message": format!("Revoked '{id}'")}))
 }
@@ -810,6 +818,9 @@ async fn queues_length(State(app): Shared) -> Response {
                 }
             }
         }
+    }
+    if names.is_empty() {
+        names = app.settings.default_queues.clone();
     }
     let mut out = Vec::new();
     for q in names {

@@ -69,6 +69,9 @@ pub struct FlowerSettings {
     pub inspect_timeout: Duration,
     /// How often retention runs.
     pub prune_interval: Duration,
+    /// Queues `/api/queues/length` reports while no worker told its own (`task_default_queue` and
+    /// `task_queues`, as Flower falls back to).
+    pub default_queues: Vec<String>,
 }
 
 /// Everything the routes share.
@@ -92,6 +95,8 @@ pub struct App {
     pub inspected: Mutex<Map<String, Value>>,
     /// Prometheus metrics.
     pub metrics: metrics::FlowerMetrics,
+    /// Workers seen in events that were never inspected: the refresher asks them.
+    discovered: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 /// Unix time now.
@@ -125,6 +130,12 @@ impl App {
                 .lock()
                 .expect("cluster")
                 .worker_event(&event, received);
+            if kind != "worker-offline"
+                && let Some(host) = event.get("hostname").and_then(Value::as_str)
+                && !self.inspected.lock().expect("inspected").contains_key(host)
+            {
+                let _ = self.discovered.send(host.to_string());
+            }
             return;
         }
         if !kind.starts_with("task-") {
@@ -281,6 +292,30 @@ async fn consume_events(app: Arc<App>, stop: CancellationToken) {
     }
 }
 
+/// Asks newly seen workers for their stats, queues and registered tasks (one at a time, each once until it
+/// answered), until `stop`.
+async fn refresher(
+    app: Arc<App>,
+    mut discovered: tokio::sync::mpsc::UnboundedReceiver<String>,
+    stop: CancellationToken,
+) {
+    if let Err(e) = app.refresh_workers(None).await {
+        warn!(error = %e, "asking workers for their state failed");
+    }
+    loop {
+        let node = tokio::select! {
+            n = discovered.recv() => match n { Some(n) => n, None => return },
+            _ = stop.cancelled() => return,
+        };
+        if app.inspected.lock().expect("inspected").contains_key(&node) {
+            continue;
+        }
+        if let Err(e) = app.refresh_workers(Some(&node)).await {
+            warn!(error = %e, %node, "asking a new worker for its state failed");
+        }
+    }
+}
+
 /// Writes the task history every half second and applies retention every `prune_interval`, until `stop`.
 async fn persist(app: Arc<App>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -323,7 +358,9 @@ pub async fn run(
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(settings.address).await?;
+    let (discovered, discovered_rx) = tokio::sync::mpsc::unbounded_channel();
     let app = Arc::new(App {
+        discovered,
         metrics: metrics::FlowerMetrics::new(),
         settings,
         broker,
@@ -340,9 +377,7 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(consume_events(Arc::clone(&app), stop.clone()));
     tasks.spawn(persist(Arc::clone(&app), stop.clone()));
-    if let Err(e) = app.refresh_workers(None).await {
-        warn!(error = %e, "asking workers for their state failed");
-    }
+    tasks.spawn(refresher(Arc::clone(&app), discovered_rx, stop.clone()));
     let router = api::router(Arc::clone(&app));
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -22,6 +22,11 @@ Which implementation is "the worker under test" is chosen by the environment:
 Worker logs go to ``test-artifacts/interop/<test>/<node>.log`` and their
 tails are attached to the report of a failing test.
 
+Flower: ``flower`` starts the real, unmodified Flower (PyPI ``flower``) and
+``celeriac_flower`` starts ``celeriac flower``, both for the test's isolation,
+each on a port it picks itself, logs next to the worker logs; both answer
+through an ``interop_helpers.FlowerClient``.
+
 RabbitMQ (``INTEROP_AMQP_URL``, default ``amqp://guest:guest@127.0.0.1:5672//``):
 a test that takes the ``amqp`` fixture runs its fleet, its CLI calls and its
 client over that broker (results still go to the isolated Redis unless the test
@@ -45,7 +50,7 @@ import pytest
 import redis
 from celery import Celery
 
-from interop_helpers import priority_key
+from interop_helpers import FlowerClient, priority_key
 from pyapp import celery_settings
 
 HERE = Path(__file__).resolve().parent
@@ -93,8 +98,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     fleet = getattr(item, "_interop_workers", None)
     if report.failed and fleet is not None:
-        for worker in fleet.started:
-            report.sections.append((f"worker log {worker.name} ({worker.log_path})", worker.log_tail()))
+        for worker in fleet.started + fleet.services:
+            report.sections.append((f"{worker.kind} log {worker.name} ({worker.log_path})", worker.log_tail()))
 
 
 # ----------------------------------------------------------------- isolation
@@ -344,6 +349,8 @@ class Fleet:
         self.redis = redis_client
         self.log_dir = log_dir
         self.started = []
+        #: other processes of the test (Flowers) whose logs a failing report shows
+        self.services = []
         #: which implementation the suite is testing ("celeriac" or "python")
         self.kind_under_test = WORKER_KIND
         self._client_config = None
@@ -561,6 +568,124 @@ def workers(request, iso, client_app, redis_client):
     request.node._interop_workers = fleet
     yield fleet
     fleet.stop_all()
+
+
+# -------------------------------------------------------------------- Flower
+def stop_service(proc, timeout=5.0):
+    """SIGTERM ``proc`` (a ``WorkerProcess``), wait up to ``timeout`` s, then SIGKILL what is left of its group."""
+    if proc.alive:
+        proc.proc.send_signal(signal.SIGTERM)
+        try:
+            proc.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    proc._reap_group()
+    return proc.proc.returncode
+
+
+def _service_log(fleet, stem):
+    """A log path in the test's artifacts that no earlier process of this test used."""
+    path, n = fleet.log_dir / f"{stem}.log", 1
+    while path.exists():
+        n += 1
+        path = fleet.log_dir / f"{stem}-{n}.log"
+    return path
+
+
+@pytest.fixture
+def flower(workers):
+    """``flower(*extra_args, env=None, unauthenticated=True)`` starts the real Flower for this test's isolation
+    (``celery -A pyapp --broker URL flower --port=0 ...``, pyapp's environment: the same ``global_keyprefix``
+    and default queue as the test's workers); returns a ``FlowerClient`` once ``/healthcheck`` answers.
+    ``unauthenticated``: ``FLOWER_UNAUTHENTICATED_API=true``. Every Flower started is stopped afterwards."""
+    started = []
+
+    def start(*extra_args, env=None, unauthenticated=True):
+        argv = [sys.executable, "-m", "celery", "-A", "pyapp", "--broker", workers.broker_url, "flower",
+                "--port=0", "--address=127.0.0.1", "--unix_socket=", "--logging=debug", *extra_args]
+        penv = dict(os.environ, **workers._pyapp_env(), PYTHONUNBUFFERED="1")
+        penv.pop("FLOWER_UNAUTHENTICATED_API", None)
+        if unauthenticated:
+            penv["FLOWER_UNAUTHENTICATED_API"] = "true"
+        penv.update(env or {})
+        proc = WorkerProcess("flower", "flower", [], argv, penv, HERE, _service_log(workers, "flower"))
+        started.append(proc)
+        workers.services.append(proc)
+        client = FlowerClient(proc, "flower")
+
+        def port():
+            if not proc.alive:
+                pytest.fail(f"flower exited with status {proc.proc.returncode}:\n{proc.log_tail()}")
+            found = re.search(r"Visit me at http://127\.0\.0\.1:(\d+)", proc.log_path.read_text(errors="replace"))
+            return found and int(found.group(1))
+
+        client.base = f"http://127.0.0.1:{client.wait(port, 20, 'flower to listen')}"
+        client.wait(lambda: client.call("GET", "/healthcheck").status == 200, 10, "flower's /healthcheck")
+        client.stop = lambda: stop_service(proc)
+        return client
+
+    yield start
+    for proc in started:
+        stop_service(proc)
+
+
+@pytest.fixture
+def celeriac_flower(workers):
+    """``celeriac_flower(*extra_args, db=None, env=None, unauthenticated=True, settings=None, broker=None,
+    result_backend=None)`` starts ``celeriac --broker .. --result-backend .. --config FILE flower --port 0
+    --address 127.0.0.1 --db DB *extra_args`` for this test's isolation (its TOML has the test's
+    ``global_keyprefix`` for broker and results, ``task_default_queue`` = the test queue, plus ``settings``);
+    returns a ``FlowerClient`` (with ``.stop()`` and ``.db``) once ``/healthcheck`` answers.
+
+    ``db`` defaults to a fresh SQLite file in the test's artifacts (pass the same URL again to restart on
+    the same history); ``unauthenticated``: ``FLOWER_UNAUTHENTICATED_API=1``. Broker and backend default to
+    the fleet's. Every one started is stopped afterwards (SIGTERM, then SIGKILL)."""
+    started = []
+
+    def start(*extra_args, db=None, env=None, unauthenticated=True, settings=None, broker=None,
+              result_backend=None):
+        log_path = _service_log(workers, "celeriac-flower")
+        stem = log_path.stem
+        config = write_celeriac_config(workers.log_dir / f"{stem}.toml", workers.iso.prefix,
+                                       settings={"task_default_queue": workers.iso.queue, **(settings or {})})
+        db = db or f"sqlite://{workers.log_dir / (stem + '.db')}?mode=rwc"
+        argv = [celeriac_bin(), "--broker", broker or workers.broker_url,
+                "--result-backend", result_backend or workers.result_backend, "--config", str(config),
+                "-l", "info", "--log-format", "json",
+                "flower", "--port", "0", "--address", "127.0.0.1", "--db", db, *extra_args]
+        penv = dict(os.environ, RUST_BACKTRACE="1")
+        for name in ("FLOWER_UNAUTHENTICATED_API", "FLOWER_BASIC_AUTH", "CELERIAC_FLOWER_DB", "CELERIAC_CONFIG",
+                     "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+            penv.pop(name, None)
+        if unauthenticated:
+            penv["FLOWER_UNAUTHENTICATED_API"] = "1"
+        penv.update(env or {})
+        proc = WorkerProcess("celeriac-flower", stem, [], argv, penv, workers.log_dir, log_path)
+        started.append(proc)
+        workers.services.append(proc)
+        client = FlowerClient(proc, "celeriac")
+        client.db = db
+
+        def address():
+            if not proc.alive:
+                pytest.fail(f"celeriac flower exited with status {proc.proc.returncode}:\n{proc.log_tail()}")
+            for line in proc.log_path.read_text(errors="replace").splitlines():
+                try:
+                    fields = json.loads(line).get("fields", {})
+                except ValueError:
+                    continue
+                if fields.get("message") == "celeriac flower listening":
+                    return fields["address"]
+            return None
+
+        client.base = f"http://{client.wait(address, 20, 'celeriac flower to listen')}"
+        client.wait(lambda: client.call("GET", "/healthcheck").status == 200, 10, "celeriac flower's /healthcheck")
+        client.stop = lambda: stop_service(proc)
+        return client
+
+    yield start
+    for proc in started:
+        stop_service(proc)
 
 
 

@@ -2,10 +2,13 @@
 
 Polling, fast publishing through the real Celery client, reading result metas
 straight from Redis, and the kombu Redis key layout (priority sub-lists,
-unacked bookkeeping) that both celeriac and Python Celery must use.
+unacked bookkeeping) that both celeriac and Python Celery must use; a client
+for Flower's HTTP API (the real Flower's and ``celeriac flower``'s) and a
+Prometheus text parser.
 """
 import contextlib
 import json
+import re
 import time
 
 #: kombu's Redis priority separator and steps (kombu/transport/redis.py).
@@ -96,3 +99,138 @@ def fetch_metas(redis_client, prefix, task_ids, chunk=2000):
         keys = [f"{prefix}celery-task-meta-{tid}" for tid in task_ids[i:i + chunk]]
         metas.extend(json.loads(v) if v is not None else None for v in redis_client.mget(keys))
     return metas
+
+
+# ------------------------------------------------------------ Flower's HTTP API
+class HttpAnswer:
+    """One HTTP answer: status, headers, raw body; ``body`` is the decoded JSON when the
+    Content-Type says JSON, else the text (exactly as sent, no unquoting)."""
+
+    def __init__(self, status, headers, raw):
+        self.status = status
+        self.headers = headers
+        self.raw = raw
+
+    @property
+    def content_type(self):
+        return self.headers.get("Content-Type", "")
+
+    @property
+    def text(self):
+        return self.raw.decode(errors="replace")
+
+    def json(self):
+        return json.loads(self.raw)
+
+    @property
+    def body(self):
+        return self.json() if self.content_type.startswith("application/json") else self.text
+
+    def __repr__(self):
+        return f"<{self.status} {self.content_type!r} {self.text[:400]!r}>"
+
+
+class FlowerClient:
+    """A client for a running Flower (the real one or ``celeriac flower``) and its process.
+
+    ``request`` / ``get`` / ``post`` take query parameters as keywords (``get`` and ``post`` insist on 200);
+    ``call`` is the general form: JSON or form bodies, basic auth, and the whole ``HttpAnswer``.
+    """
+
+    def __init__(self, proc, kind, base=None, auth=None):
+        self.proc = proc
+        #: "flower" (the real one) or "celeriac"
+        self.kind = kind
+        self.base = base
+        #: "user:password" sent as basic auth with every request unless ``call`` says otherwise
+        self.auth = auth
+
+    def log_tail(self, lines=40):
+        return self.proc.log_tail(lines)
+
+    def call(self, method, path, params=None, *, json_body=None, form=None, auth=None, timeout=15):
+        """``METHOD path?params`` (``json_body`` or ``form`` as the body; POST without either sends an
+        empty body); returns an ``HttpAnswer`` whatever the status."""
+        import base64
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        url = self.base + path
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        headers = {}
+        data = b"" if method == "POST" else None
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        elif form is not None:
+            data = urllib.parse.urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        auth = self.auth if auth is None else auth
+        if auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return HttpAnswer(resp.status, resp.headers, resp.read())
+        except urllib.error.HTTPError as exc:
+            return HttpAnswer(exc.code, exc.headers, exc.read())
+
+    def request(self, method, path, **query):
+        """(status, decoded JSON body or text) of ``METHOD path?query``."""
+        answer = self.call(method, path, query or None)
+        return answer.status, answer.body
+
+    def get(self, path, **query):
+        answer = self.call("GET", path, query or None)
+        assert answer.status == 200, f"{self.kind}: GET {path} {query}: {answer!r}\nlog:\n{self.log_tail()}"
+        return answer.body
+
+    def post(self, path, **query):
+        answer = self.call("POST", path, query or None)
+        assert answer.status == 200, f"{self.kind}: POST {path} {query}: {answer!r}\nlog:\n{self.log_tail()}"
+        return answer.body
+
+    def wait(self, predicate, timeout, message):
+        try:
+            return wait_for(predicate, timeout, interval=0.2, message=f"{self.kind}: {message}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.kind} log:\n{self.log_tail()}") from None
+
+    def task(self, task_id):
+        """/api/task/info/<id>, or None while Flower has seen no event of it."""
+        answer = self.call("GET", f"/api/task/info/{task_id}")
+        return answer.body if answer.status == 200 else None
+
+    def task_in(self, task_id, state):
+        info = self.task(task_id)
+        return info if info and info["state"] == state else None
+
+    def dashboard_row(self, name):
+        """The worker's row of the dashboard (``/workers?json=1``, what the workers table renders)."""
+        rows = [row for row in self.get("/workers", json=1)["data"] if row["hostname"] == name]
+        return rows[0] if rows else None
+
+
+_METRIC_LINE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\S+)?$')
+_METRIC_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text):
+    """Prometheus text or OpenMetrics -> ``{(name, frozenset(labels.items())): float}`` (comments skipped)."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        found = _METRIC_LINE.match(line)
+        assert found, f"not a metric sample line: {line!r}"
+        name, labels, value = found.groups()
+        labels = frozenset(_METRIC_LABEL.findall(labels or ""))
+        samples[(name, labels)] = float(value)
+    return samples
+
+
+def metric(samples, name, **labels):
+    """The value of series ``name{labels}`` (exactly those labels), or None."""
+    return samples.get((name, frozenset(labels.items())))

@@ -4,25 +4,16 @@ control endpoints (revoke, pool grow/shrink, consumers, shutdown) act on it.
 
 Flower runs as ``celery -A pyapp --broker URL flower`` with the test's pyapp environment (the same
 ``global_keyprefix`` as the test's workers and client), on a port it picks itself, its log next to the
-worker logs. ``FLOWER_UNAUTHENTICATED_API=true`` opens its API without credentials.
+worker logs (the ``flower`` fixture in conftest.py). ``FLOWER_UNAUTHENTICATED_API=true`` opens its API
+without credentials.
 
 Workers are started with task events and heartbeats on (celeriac always sends heartbeats; the
 Python stand-in needs ``heartbeat=True`` and remote control, which pyapp turns off by default).
 """
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 
 import pytest
 
-from conftest import HERE, WorkerProcess
 from interop_helpers import wait_for
 
 GET_TIMEOUT = 10
@@ -30,95 +21,8 @@ N = 5
 
 
 # ------------------------------------------------------------------- helpers
-class Flower:
-    """A running Flower process (its own process group) and a tiny client for its HTTP API."""
-
-    def __init__(self, proc):
-        self.proc = proc
-        self.base = None
-
-    def log_tail(self, lines=40):
-        return self.proc.log_tail(lines)
-
-    def request(self, method, path, **query):
-        """(status, decoded JSON body or text) of ``METHOD path?query``."""
-        url = self.base + path
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=15) as resp:
-                status, body, ctype = resp.status, resp.read().decode(), resp.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as exc:
-            status, body, ctype = exc.code, exc.read().decode(), exc.headers.get("Content-Type", "")
-        return status, (json.loads(body) if ctype.startswith("application/json") else body)
-
-    def get(self, path, **query):
-        status, body = self.request("GET", path, **query)
-        assert status == 200, f"GET {path} {query}: {status} {body!r}\nflower log:\n{self.log_tail()}"
-        return body
-
-    def post(self, path, **query):
-        status, body = self.request("POST", path, **query)
-        assert status == 200, f"POST {path} {query}: {status} {body!r}\nflower log:\n{self.log_tail()}"
-        return body
-
-    def wait(self, predicate, timeout, message):
-        try:
-            return wait_for(predicate, timeout, interval=0.2, message=message)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nflower log:\n{self.log_tail()}") from None
-
-    def task(self, task_id):
-        """/api/task/info/<id>, or None while Flower has seen no event of it."""
-        status, body = self.request("GET", f"/api/task/info/{task_id}")
-        return body if status == 200 else None
-
-    def task_in(self, task_id, state):
-        info = self.task(task_id)
-        return info if info and info["state"] == state else None
-
-    def dashboard_row(self, name):
-        """The worker's row of the dashboard (``/workers?json=1``, what the workers table renders)."""
-        rows = [row for row in self.get("/workers", json=1)["data"] if row["hostname"] == name]
-        return rows[0] if rows else None
-
-
-@pytest.fixture
-def flower(workers):
-    """``flower()`` starts Flower for this test's isolation; it is stopped (SIGTERM, then SIGKILL) afterwards."""
-    started = []
-
-    def start():
-        argv = [sys.executable, "-m", "celery", "-A", "pyapp", "--broker", workers.broker_url, "flower",
-                "--port=0", "--address=127.0.0.1", "--unix_socket=", "--logging=debug"]
-        env = dict(os.environ, **workers._pyapp_env(), PYTHONUNBUFFERED="1",
-                   FLOWER_UNAUTHENTICATED_API="true")
-        proc = WorkerProcess("flower", "flower", [], argv, env, HERE, workers.log_dir / "flower.log")
-        started.append(proc)
-        flower = Flower(proc)
-
-        def port():
-            if not proc.alive:
-                pytest.fail(f"flower exited with status {proc.proc.returncode}:\n{proc.log_tail()}")
-            found = re.search(r"Visit me at http://127\.0\.0\.1:(\d+)", proc.log_path.read_text(errors="replace"))
-            return found and int(found.group(1))
-
-        flower.base = f"http://127.0.0.1:{flower.wait(port, 20, 'flower to listen')}"
-        flower.wait(lambda: flower.request("GET", "/healthcheck")[0] == 200, 10, "flower's /healthcheck")
-        return flower
-
-    yield start
-    for proc in started:
-        if proc.alive:
-            proc.proc.send_signal(signal.SIGTERM)
-            try:
-                proc.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        proc._reap_group()  # SIGKILL to the group, whatever is left
-
-
+# The ``flower`` fixture (conftest.py) starts the real Flower and answers with an
+# ``interop_helpers.FlowerClient``.
 def start_worker(workers, **options):
     """A worker with task events and heartbeats (and, for Python Celery, remote control) on."""
     settings = {"worker_send_task_events": True}

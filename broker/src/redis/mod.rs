@@ -558,18 +558,25 @@ impl Broker for RedisBroker {
         let lists = self.keys.queue_lists(&queue);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut replies = Vec::new();
+        // Poll the reply lists on the shared connection (a blocking pop would need a connection of its own
+        // per call, or serialize concurrent calls behind one): replies arrive within 20 ms.
         loop {
+            let mut got = false;
+            for list in &lists {
+                let raw: Option<Vec<u8>> = conn.rpop(list, None).await?;
+                if let Some(raw) = raw {
+                    replies.push(raw);
+                    got = true;
+                }
+            }
+            if got {
+                continue;
+            }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 break;
             }
-            let popped: Option<(String, Vec<u8>)> = {
-                let mut blocking = self.blocking.lock().await;
-                blocking.brpop(&lists, left.as_secs_f64().max(0.01)).await?
-            };
-            if let Some((_, raw)) = popped {
-                replies.push(raw);
-            }
+            tokio::time::sleep(left.min(Duration::from_millis(20))).await;
         }
         let _: i64 = conn.srem(&binding, &member).await?;
         let _: i64 = conn.del(&lists).await?;
