@@ -41,14 +41,9 @@ fn ok(v: Value) -> Response {
     json_response(StatusCode::OK, &v)
 }
 
-/// Flower's `HTTPError(status, reason)`: the reason as a JSON string, text/plain.
+/// Flower's `HTTPError(status, reason)`: the reason as text.
 fn error(status: StatusCode, reason: String) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, TEXT_TYPE)],
-        celeriac_protocol::json::to_vec(&json!(reason)),
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, TEXT_TYPE)], reason).into_response()
 }
 
 /// Flower's control failure: 403 with the text, text/html.
@@ -56,7 +51,7 @@ fn failed(text: String) -> Response {
     (
         StatusCode::FORBIDDEN,
         [(header::CONTENT_TYPE, HTML_TYPE)],
-        celeriac_protocol::json::to_vec(&json!(text)),
+        text,
     )
         .into_response()
 }
@@ -125,21 +120,21 @@ async fn guard(State(app): Shared, req: Request, next: Next) -> Response {
             let good = decode_basic(req.headers())
                 .is_some_and(|(u, p)| s.basic_auth.iter().any(|(bu, bp)| *bu == u && *bp == p));
             if !good {
-                let mut r = if api {
-                    (
+                if api {
+                    // Flower's API answers a bare 401; only its pages ask the browser for credentials.
+                    return (
                         StatusCode::UNAUTHORIZED,
                         [(header::CONTENT_TYPE, HTML_TYPE)],
                         "",
                     )
-                        .into_response()
-                } else {
-                    (
-                        StatusCode::UNAUTHORIZED,
-                        [(header::CONTENT_TYPE, HTML_TYPE)],
-                        "Access denied",
-                    )
-                        .into_response()
-                };
+                        .into_response();
+                }
+                let mut r = (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::CONTENT_TYPE, HTML_TYPE)],
+                    "Access denied",
+                )
+                    .into_response();
                 r.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Basic realm=\"flower\""),
@@ -292,38 +287,94 @@ fn parse_minute(s: &str) -> Option<f64> {
         .map(|t| t.and_utc().timestamp() as f64)
 }
 
+/// Flower's sortable task fields.
+const SORT_KEYS: [&str; 4] = ["name", "received", "started", "state"];
+
+/// A Flower list parameter: absent, empty or `All` means no filter.
+fn filter(p: &HashMap<String, String>, key: &str) -> Option<String> {
+    p.get(key).filter(|v| !v.is_empty() && *v != "All").cloned()
+}
+
+/// An optional integer argument; Flower answers 400 to a non-number.
+fn int_arg(p: &HashMap<String, String>, key: &str) -> Result<Option<i64>, Response> {
+    match p.get(key) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("Invalid argument '{v}' of type 'int'"),
+            )
+        }),
+    }
+}
+
 async fn tasks(State(app): Shared, Query(p): Params) -> Response {
+    let (limit, offset) = match (int_arg(&p, "limit"), int_arg(&p, "offset")) {
+        (Ok(l), Ok(o)) => (l, o.unwrap_or(0)),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let sort_by = p.get("sort_by").filter(|s| !s.is_empty()).cloned();
+    if let Some(s) = &sort_by
+        && !SORT_KEYS.contains(&s.trim_start_matches('-'))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Invalid sort_by '{s}', expected one of {}",
+                SORT_KEYS.join(", ")
+            ),
+        );
+    }
+    let mut range = [None, None];
+    for (slot, key) in range.iter_mut().zip(["received_start", "received_end"]) {
+        if let Some(v) = p.get(key).filter(|v| !v.is_empty()) {
+            match parse_minute(v) {
+                Some(t) => *slot = Some(t),
+                None => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "Invalid received_start or received_end, expected format 'YYYY-MM-DD HH:MM'"
+                            .into(),
+                    );
+                }
+            }
+        }
+    }
+    let search = match p.get("search").map(|s| crate::search::parse(s)) {
+        None => None,
+        Some(Ok(q)) => Some(q),
+        Some(Err(e)) => {
+            return json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()}));
+        }
+    };
     if let Err(e) = app.flush().await {
         return internal(e);
     }
     let q = crate::store::TaskQuery {
-        limit: p.get("limit").and_then(|v| v.parse().ok()),
-        offset: p.get("offset").and_then(|v| v.parse().ok()).unwrap_or(0),
-        sort_by: p.get("sort_by").cloned(),
-        workername: p.get("workername").cloned().filter(|s| !s.is_empty()),
-        taskname: p.get("taskname").cloned().filter(|s| !s.is_empty()),
-        states: p
-            .get("state")
-            .map(|s| {
-                s.split(',')
-                    .filter(|x| !x.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default(),
-        received_start: p.get("received_start").and_then(|s| parse_minute(s)),
-        received_end: p.get("received_end").and_then(|s| parse_minute(s)),
-        search: p.get("search").cloned().filter(|s| !s.is_empty()),
+        // A negative limit selects nothing, as Python's slice does.
+        limit: limit.map(|l| l.max(0) as u64),
+        offset: offset.max(0) as u64,
+        sort_by,
+        workername: filter(&p, "workername"),
+        taskname: filter(&p, "taskname"),
+        state: filter(&p, "state"),
+        received_start: range[0],
+        received_end: range[1],
+        search,
     };
     match app.store.list(&q).await {
         Ok(list) => {
             let mut out = Map::new();
             for t in list {
-                // /api/tasks lists `worker` last (Flower appends it to the task's dict).
+                // /api/tasks lists `worker` last, and only when the task has one (Flower pops and re-adds it).
                 let mut j = t.to_json();
                 if let Value::Object(m) = &mut j {
-                    let worker = m.shift_remove("worker").unwrap_or(Value::Null);
-                    m.insert("worker".into(), worker);
+                    match m.shift_remove("worker") {
+                        Some(Value::Null) | None => {}
+                        Some(w) => {
+                            m.insert("worker".into(), w);
+                        }
+                    }
                 }
                 out.insert(t.uuid.clone(), j);
             }
@@ -896,7 +947,17 @@ async fn tasks_datatable(State(app): Shared, Query(p): Params) -> Response {
     let draw: i64 = p.get("draw").and_then(|v| v.parse().ok()).unwrap_or(0);
     let start: u64 = p.get("start").and_then(|v| v.parse().ok()).unwrap_or(0);
     let length: u64 = p.get("length").and_then(|v| v.parse().ok()).unwrap_or(10);
-    let search = p.get("search[value]").cloned().filter(|s| !s.is_empty());
+    let search = match p
+        .get("search[value]")
+        .filter(|s| !s.is_empty())
+        .map(|s| crate::search::parse(s))
+    {
+        None => None,
+        Some(Ok(q)) => Some(q),
+        Some(Err(e)) => {
+            return json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()}));
+        }
+    };
     let sort_by = p.get("order[0][column]").and_then(|c| {
         let field = p.get(&format!("columns[{c}][data]"))?;
         let desc = p.get("order[0][dir]").is_some_and(|d| d == "desc");

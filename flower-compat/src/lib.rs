@@ -7,11 +7,13 @@
 //! # Layout
 //! - [`state`]: cluster state from Celery events (Celery's `events.state` semantics).
 //! - [`store`]: the persisted task history and Flower's task queries.
+//! - [`search`]: Flower's task search language.
 //! - [`api`]: the HTTP routes, authentication and read-only mode.
 //! - [`metrics`]: Flower's Prometheus metrics.
 
 pub mod api;
 pub mod metrics;
+pub mod search;
 pub mod state;
 pub mod store;
 

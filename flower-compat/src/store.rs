@@ -2,9 +2,10 @@
 //! Flower's task list filters (worker, name, state, received range, search, sort, limit/offset), task types
 //! and retention (at most `max_tasks` rows, none older than `max_age`).
 
+use crate::search::Query;
 use crate::state::TaskRecord;
 use celeriac_entities::flower_task::{ActiveModel, Column, Entity, Model};
-use sea_orm::sea_query::OnConflict;
+use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr, OnConflict, SimpleExpr};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, ConnectOptions, Database, DatabaseConnection, DbErr,
     EntityTrait, Order, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -24,15 +25,14 @@ pub struct TaskQuery {
     pub workername: Option<String>,
     /// Only this task name.
     pub taskname: Option<String>,
-    /// Only these states.
-    pub states: Vec<String>,
+    /// Only this state.
+    pub state: Option<String>,
     /// Received at or after (Unix time).
     pub received_start: Option<f64>,
     /// Received before (Unix time).
     pub received_end: Option<f64>,
-    /// Flower's search: `key:value` terms (`state`, `name`, `uuid`, `args`, `kwargs`, `result`, `worker`) and
-    /// free text matched against name, uuid, args, kwargs and result.
-    pub search: Option<String>,
+    /// Flower's search query ([`crate::search`]).
+    pub search: Option<crate::search::Query>,
 }
 
 /// Where tasks are kept.
@@ -223,41 +223,36 @@ impl TaskStore {
         Ok(())
     }
 
-    /// Flower's task list.
+    /// Flower's task list: filters, search, then Flower's order (`sort_by`, or newest event first).
     pub async fn list(&self, q: &TaskQuery) -> Result<Vec<TaskRecord>, DbErr> {
         let mut cond = Condition::all();
+        // Flower compares names, workers and states casefolded.
         if let Some(w) = &q.workername {
-            cond = cond.add(Column::Worker.eq(w.clone()));
+            cond = cond.add(lower(Column::Worker).eq(w.to_lowercase()));
         }
         if let Some(n) = &q.taskname {
-            cond = cond.add(Column::Name.eq(n.clone()));
+            cond = cond.add(lower(Column::Name).eq(n.to_lowercase()));
         }
-        if !q.states.is_empty() {
-            cond = cond.add(Column::State.is_in(q.states.clone()));
+        if let Some(s) = &q.state {
+            cond = cond.add(lower(Column::State).eq(s.to_lowercase()));
         }
+        // A task never received stays in every received range (Flower's `_task_in_time_range`).
         if let Some(t) = q.received_start {
-            cond = cond.add(Column::Received.gte(t));
+            cond = cond.add(
+                Condition::any()
+                    .add(Column::Received.is_null())
+                    .add(Column::Received.gte(t)),
+            );
         }
         if let Some(t) = q.received_end {
-            cond = cond.add(Column::Received.lt(t));
+            cond = cond.add(
+                Condition::any()
+                    .add(Column::Received.is_null())
+                    .add(Column::Received.lte(t)),
+            );
         }
-        if let Some(search) = q.search.as_deref() {
-            for term in search.split_whitespace() {
-                cond = cond.add(match term.split_once(':') {
-                    Some((key, value)) if column(key).is_some() && key != "state" => {
-                        Condition::all().add(column(key).expect("checked").contains(value))
-                    }
-                    Some(("state", value)) => {
-                        Condition::all().add(Column::State.eq(value.to_uppercase()))
-                    }
-                    _ => Condition::any()
-                        .add(Column::Name.contains(term))
-                        .add(Column::Uuid.contains(term))
-                        .add(Column::Args.contains(term))
-                        .add(Column::Kwargs.contains(term))
-                        .add(Column::Result.contains(term)),
-                });
-            }
+        if let Some(query) = &q.search {
+            cond = cond.add(search_condition(query));
         }
         let mut find = Entity::find().filter(cond);
         match q.sort_by.as_deref() {
@@ -267,16 +262,32 @@ impl TaskStore {
                     None => (s, Order::Asc),
                 };
                 if let Some(c) = column(field) {
-                    find = find.order_by(c, order);
+                    // Flower's key (has value, value, uuid), reversed as a whole when descending: missing
+                    // values first ascending, last descending; strings casefolded.
+                    let value: SimpleExpr = match field {
+                        "received" | "started" | "runtime" | "timestamp" | "succeeded"
+                        | "failed" | "retried" | "revoked" | "rejected" | "sent" | "retries"
+                        | "clock" => Expr::col(c).into(),
+                        _ => lower(c),
+                    };
+                    find = find
+                        .order_by(Expr::col(c).is_not_null(), order.clone())
+                        .order_by(value, order.clone())
+                        .order_by(Column::Uuid, order);
                 }
             }
             None => {
-                find = find.order_by(Column::Received, Order::Asc);
+                // Newest event first (Flower: `timestamp or 0`, then uuid, descending).
+                find = find
+                    .order_by(
+                        Func::coalesce([Expr::col(Column::Timestamp), Expr::val(0.0)]),
+                        Order::Desc,
+                    )
+                    .order_by(Column::Uuid, Order::Desc);
             }
         }
         // SQLite needs a LIMIT with OFFSET; "no limit" is the largest one.
         find = find
-            .order_by(Column::Uuid, Order::Asc)
             .offset(q.offset)
             .limit(q.limit.unwrap_or(i64::MAX as u64));
         Ok(find
@@ -396,13 +407,14 @@ mod tests {
         };
         assert_eq!(
             ids(s.list(&TaskQuery::default()).await.unwrap()),
-            ["a", "b", "c", "d"]
+            ["d", "c", "b", "a"],
+            "Flower's default order: newest event first"
         );
         assert_eq!(
             ids(s
                 .list(&q(|q| {
                     q.taskname = Some("tasks.add".into());
-                    q.states = vec!["SUCCESS".into()];
+                    q.state = Some("success".into());
                     q.sort_by = Some("-received".into());
                     q.limit = Some(3);
                 }))
@@ -426,18 +438,25 @@ mod tests {
                 }))
                 .await
                 .unwrap()),
-            ["c", "d"]
+            ["c", "b"]
         );
+        let search = |text: &str| TaskQuery {
+            search: Some(crate::search::parse(text).unwrap()),
+            ..TaskQuery::default()
+        };
+        assert_eq!(ids(s.list(&search("state:FAILURE")).await.unwrap()), ["b"]);
+        assert_eq!(ids(s.list(&search("MUL")).await.unwrap()), ["c"]);
+        assert_eq!(
+            ids(s.list(&search("tasks.mul OR w2@vm")).await.unwrap()),
+            ["c", "b"]
+        );
+        assert_eq!(ids(s.list(&search("args:\"(40,)\"")).await.unwrap()), ["d"]);
         assert_eq!(
             ids(s
-                .list(&q(|q| q.search = Some("state:failure".into())))
+                .list(&q(|q| q.sort_by = Some("-name".into())))
                 .await
                 .unwrap()),
-            ["b"]
-        );
-        assert_eq!(
-            ids(s.list(&q(|q| q.search = Some("mul".into()))).await.unwrap()),
-            ["c"]
+            ["c", "d", "b", "a"]
         );
         assert_eq!(s.types().await.unwrap(), ["tasks.add", "tasks.mul"]);
     }
@@ -462,6 +481,61 @@ mod tests {
             .into_iter()
             .map(|t| t.uuid)
             .collect();
-        assert_eq!(left, ["b", "c"]);
+        assert_eq!(left, ["c", "b"]);
+    }
+}
+
+fn lower(c: Column) -> SimpleExpr {
+    Func::lower(Expr::col(c)).into()
+}
+
+/// `%value%` with LIKE's wildcards escaped.
+fn contains_pattern(value: &str) -> LikeExpr {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    LikeExpr::new(format!("%{escaped}%")).escape('\\')
+}
+
+/// A search query as a condition on the casefolded columns.
+fn search_condition(q: &Query) -> Condition {
+    match q {
+        Query::All => Condition::all(),
+        Query::And(children) => children
+            .iter()
+            .fold(Condition::all(), |c, child| c.add(search_condition(child))),
+        Query::Or(children) => children
+            .iter()
+            .fold(Condition::any(), |c, child| c.add(search_condition(child))),
+        Query::Term { field, value } => match field.as_deref() {
+            Some("state") => Condition::all().add(lower(Column::State).eq(value.clone())),
+            Some("kwargs") if value.contains('=') => {
+                // Flower matches `key=value` against the kwargs dict: here against its repr,
+                // `'key': value` or `'key': 'value'`.
+                let (k, v) = value.split_once('=').expect("checked");
+                let (k, v) = (k.trim(), v.trim());
+                Condition::any()
+                    .add(lower(Column::Kwargs).like(contains_pattern(&format!("'{k}': {v}"))))
+                    .add(lower(Column::Kwargs).like(contains_pattern(&format!("'{k}': '{v}'"))))
+            }
+            Some(f) => match column(f) {
+                Some(c) => Condition::all().add(lower(c).like(contains_pattern(value))),
+                None => Condition::all(),
+            },
+            None => [
+                Column::Uuid,
+                Column::Name,
+                Column::State,
+                Column::Worker,
+                Column::Args,
+                Column::Kwargs,
+                Column::Result,
+            ]
+            .into_iter()
+            .fold(Condition::any(), |c, col| {
+                c.add(lower(col).like(contains_pattern(value)))
+            }),
+        },
     }
 }

@@ -52,7 +52,7 @@ async fn history_survives_reopening_with_retention() {
     assert_eq!(store.get("b").await.unwrap().unwrap().state, "FAILURE");
     let failed: Vec<String> = store
         .list(&TaskQuery {
-            search: Some("state:FAILURE".into()),
+            search: Some(celeriac_flower::search::parse("state:FAILURE").unwrap()),
             ..TaskQuery::default()
         })
         .await
@@ -69,7 +69,7 @@ async fn history_survives_reopening_with_retention() {
         .into_iter()
         .map(|t| t.uuid)
         .collect();
-    assert_eq!(left, ["b", "c"]);
+    assert_eq!(left, ["c", "b"]);
     admin
         .execute_unprepared(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
