@@ -183,13 +183,15 @@ pub trait Broker: Send + Sync + 'static {
     async fn revoked(&self) -> Result<Vec<String>>;
 
     /// Broadcasts a remote-control request (the client side of [`Broker::control_requests`]) and collects the
-    /// reply envelopes sent to reply queue `oid` within `timeout`; the reply queue is declared first and
-    /// deleted afterwards, as Celery's client does.
+    /// reply envelopes sent to reply queue `oid` within `timeout`, or until `limit` replies came (kombu stops
+    /// after one reply per destination); the reply queue is declared first and deleted afterwards, as
+    /// Celery's client does.
     async fn control_call(
         &self,
         envelope: &[u8],
         oid: &str,
         timeout: Duration,
+        limit: Option<usize>,
     ) -> Result<Vec<Vec<u8>>>;
 
     /// Publishes a task to a queue (Celery's anonymous-exchange routing: routing key = queue name).

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use std::time::Duration;
 
 /// Broadcasts `method` with `arguments` to `destination` (every worker when `None`) and returns the replies
-/// received within `timeout`, keyed by node name.
+/// received within `timeout`, keyed by node name; with a destination it stops once each node answered.
 pub async fn call(
     broker: &dyn Broker,
     method: &str,
@@ -45,6 +45,7 @@ pub async fn call(
             &celeriac_protocol::json::to_vec(&envelope),
             &oid,
             timeout.max(Duration::from_millis(50)),
+            destination.map(<[String]>::len),
         )
         .await?;
     let mut replies = Map::new();

@@ -340,7 +340,7 @@ async fn remote_control_request_and_reply() {
         worker
     });
     let replies = client
-        .control_call(&req_env, &oid, Duration::from_secs(2))
+        .control_call(&req_env, &oid, Duration::from_secs(2), Some(1))
         .await
         .unwrap();
     let _worker = served.await.unwrap();

@@ -160,7 +160,7 @@ async fn healthcheck() -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, HTML_TYPE)], "OK").into_response()
 }
 
-async fn metrics(State(app): Shared) -> Response {
+async fn metrics(State(app): Shared, headers: HeaderMap) -> Response {
     let t = now();
     let with_worker = app.settings.metrics_worker_label;
     let workers: Vec<(String, bool, i64)> = app
@@ -216,12 +216,19 @@ async fn metrics(State(app): Shared) -> Response {
                 .set(n as i64);
         }
     }
+    // Flower serves text/plain; a scraper asking for OpenMetrics gets that type.
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let kind = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain"
+    };
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, kind)],
         app.metrics.encode(),
     )
         .into_response()
@@ -245,8 +252,6 @@ fn known_worker(app: &App, node: &str) -> bool {
 async fn workers(State(app): Shared, Query(p): Params) -> Response {
     let workername = p.get("workername").cloned();
     if let Some(w) = &workername
-        && !known_worker(&app, w)
-        && app.refresh_workers(Some(w)).await.is_ok()
         && !known_worker(&app, w)
     {
         return error(StatusCode::NOT_FOUND, format!("Unknown worker '{w}'"));
@@ -402,7 +407,8 @@ async fn task_info(State(app): Shared, Path(id): Path<String>) -> Response {
     }
 }
 
-/// Flower's result answer from a stored meta: `{"task-id", "state"[, "result"[, "traceback"]]}`.
+/// Flower's result answer from a stored meta: `{"task-id", "state"}`, plus `result` once ready (an exception
+/// as its repr) and `traceback` for a failure.
 fn result_answer(id: &str, meta: Option<&Value>) -> Value {
     let state = meta
         .and_then(|m| m.get("status"))
@@ -411,21 +417,20 @@ fn result_answer(id: &str, meta: Option<&Value>) -> Value {
     let mut out = Map::new();
     out.insert("task-id".into(), json!(id));
     out.insert("state".into(), json!(state));
-    match (state, meta) {
-        ("FAILURE", Some(m)) => {
-            out.insert("result".into(), json!(exception_repr(m.get("result"))));
+    if let (true, Some(m)) = (matches!(state, "SUCCESS" | "FAILURE" | "REVOKED"), meta) {
+        let result = m.get("result").cloned().unwrap_or(Value::Null);
+        let shown = if result.get("exc_type").is_some() {
+            json!(exception_repr(Some(&result)))
+        } else {
+            result
+        };
+        out.insert("result".into(), shown);
+        if state == "FAILURE" {
             out.insert(
                 "traceback".into(),
                 m.get("traceback").cloned().unwrap_or(Value::Null),
             );
         }
-        ("SUCCESS", Some(m)) => {
-            out.insert(
-                "result".into(),
-                m.get("result").cloned().unwrap_or(Value::Null),
-            );
-        }
-        _ => {}
     }
     Value::Object(out)
 }
@@ -469,6 +474,15 @@ fn apply_body(body: &Bytes) -> Result<Map<String, Value>, Response> {
         Ok(Value::Object(m)) => Ok(m),
         _ => Err(error(StatusCode::BAD_REQUEST, "Invalid JSON body".into())),
     }
+}
+
+/// Flower's 404 for a task no worker registered (asked again once before answering).
+async fn unknown_task(app: &App, name: &str) -> Option<Response> {
+    if registered(app, name) {
+        return None;
+    }
+    let _ = app.refresh_workers(None).await;
+    (!registered(app, name)).then(|| error(StatusCode::NOT_FOUND, format!("Unknown task '{name}'")))
 }
 
 fn registered(app: &App, name: &str) -> bool {
@@ -563,13 +577,23 @@ async fn apply(State(app): Shared, Path(name): Path<String>, body: Bytes) -> Res
         Ok(b) => b,
         Err(r) => return r,
     };
+    let timeout = body
+        .get("timeout")
+        .and_then(Value::as_f64)
+        .map_or(Duration::from_secs(3600), |t| {
+            Duration::from_secs_f64(t.max(0.0))
+        });
     let id = match publish(&app, &name, body).await {
         Ok(id) => id,
         Err(r) => return r,
     };
-    match app.backend.wait(&id, Duration::from_secs(3600)).await {
+    match app.backend.wait(&id, timeout).await {
         Ok(meta) => {
             let answer = result_answer(&id, meta.as_ref());
+            if answer.get("result").is_none() {
+                // Not ready within `timeout`: Flower answers the id and the state.
+                return ok(json!({"task-id": id, "state": answer["state"]}));
+            }
             // Flower's apply answers `{"task-id", "result", "state"}` (failure: result, traceback, state).
             let mut out = Map::new();
             out.insert("task-id".into(), json!(id));
@@ -661,6 +685,9 @@ async fn rate_limit(
     Query(p): Params,
     body: Bytes,
 ) -> Response {
+    if let Some(r) = unknown_task(&app, &name).await {
+        return r;
+    }
     let a = arguments(&p, &body);
     let Some(node) = a.get("workername").cloned() else {
         return error(
@@ -687,6 +714,9 @@ async fn timeout(
     Query(p): Params,
     body: Bytes,
 ) -> Response {
+    if let Some(r) = unknown_task(&app, &name).await {
+        return r;
+    }
     let a = arguments(&p, &body);
     let Some(node) = a.get("workername").cloned() else {
         return error(
@@ -873,6 +903,8 @@ async fn queues_length(State(app): Shared) -> Response {
     if names.is_empty() {
         names = app.settings.default_queues.clone();
     }
+    names.sort();
+    names.dedup();
     let mut out = Vec::new();
     for q in names {
         match app.broker.queue_length(&q).await {

@@ -99,6 +99,8 @@ pub struct App {
     pub metrics: metrics::FlowerMetrics,
     /// Workers seen in events that were never inspected: the refresher asks them.
     discovered: tokio::sync::mpsc::UnboundedSender<String>,
+    /// The receiver's Lamport clock (Celery's `EventReceiver.clock`).
+    clock: std::sync::atomic::AtomicI64,
 }
 
 /// Unix time now.
@@ -120,7 +122,20 @@ impl App {
     }
 
     /// Applies one event from the broker.
-    pub async fn ingest(&self, event: Map<String, Value>) {
+    pub async fn ingest(&self, mut event: Map<String, Value>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Celery's receiver: clients never sync clocks, so a task-sent event gets the receiver's clock - 1;
+        // any other event advances the receiver's clock past its own.
+        if event.get("type").and_then(Value::as_str) == Some("task-sent") {
+            let c = self.clock.load(Relaxed);
+            event.insert("clock".into(), Value::from(c.max(1) - 1));
+            self.clock.fetch_add(1, Relaxed);
+        } else {
+            let theirs = event.get("clock").and_then(Value::as_i64).unwrap_or(0);
+            let _ = self
+                .clock
+                .fetch_update(Relaxed, Relaxed, |c| Some(c.max(theirs) + 1));
+        }
         let kind = event
             .get("type")
             .and_then(Value::as_str)
@@ -165,7 +180,7 @@ impl App {
         let was_new = task.name.is_none() && task.received.is_none() && task.sent.is_none();
         task.apply(&event);
         self.metrics
-            .observe(&kind, &task, self.settings.metrics_worker_label);
+            .observe(&event, &task, self.settings.metrics_worker_label);
         let parent = task.parent_id.clone().filter(|_| was_new);
         {
             let mut cache = self.cache.lock().expect("cache");
@@ -217,16 +232,22 @@ impl App {
     pub async fn refresh_workers(&self, workername: Option<&str>) -> Result<(), FlowerError> {
         let destination = workername.map(|w| vec![w.to_string()]);
         let timeout = self.settings.inspect_timeout;
-        let methods: [(&str, Value); 8] = [
+        // Flower asks every worker for these four, and one named worker for its task lists too.
+        let all: [(&str, Value); 8] = [
             ("stats", Value::Object(Map::new())),
             ("active_queues", Value::Object(Map::new())),
             ("registered", serde_json::json!({"taskinfoitems": []})),
+            ("conf", serde_json::json!({"with_defaults": false})),
             ("scheduled", Value::Object(Map::new())),
             ("active", serde_json::json!({"safe": null})),
             ("reserved", Value::Object(Map::new())),
             ("revoked", Value::Object(Map::new())),
-            ("conf", serde_json::json!({"with_defaults": false})),
         ];
+        let methods = if workername.is_some() {
+            &all[..]
+        } else {
+            &all[..4]
+        };
         let calls = methods.iter().map(|(m, args)| {
             celeriac_broker::pidbox::call(
                 self.broker.as_ref(),
@@ -363,6 +384,7 @@ pub async fn run(
     let (discovered, discovered_rx) = tokio::sync::mpsc::unbounded_channel();
     let app = Arc::new(App {
         discovered,
+        clock: std::sync::atomic::AtomicI64::new(0),
         metrics: metrics::FlowerMetrics::new(),
         settings,
         broker,

@@ -107,45 +107,77 @@ impl FlowerMetrics {
         }
     }
 
-    /// Label set of a task series.
-    fn task_labels(task: &TaskRecord, with_worker: bool) -> Labels {
-        let mut l = vec![("task".to_string(), task.name.clone().unwrap_or_default())];
-        if with_worker {
-            l.push(("worker".into(), task.worker.clone().unwrap_or_default()));
-        }
-        l
-    }
-
     /// Label set of a worker series.
     pub fn worker_labels(worker: &str) -> Labels {
         vec![("worker".into(), worker.to_string())]
     }
 
-    /// Counts a task event (after it was applied to `task`), as Flower's event handler does.
-    pub fn observe(&self, kind: &str, task: &TaskRecord, with_worker: bool) {
-        let mut labels = Self::task_labels(task, with_worker);
-        labels.insert(1, ("type".into(), kind.to_string()));
-        self.events.get_or_create(&labels).inc();
-        let series = Self::task_labels(task, with_worker);
+    /// Counts a task event after it was applied to `task`, as Flower's `observe_task`: the worker label is
+    /// the event's hostname (the client's for `task-sent`); ETA tasks and tasks never received only count
+    /// as events.
+    pub fn observe(
+        &self,
+        event: &serde_json::Map<String, serde_json::Value>,
+        task: &TaskRecord,
+        with_worker: bool,
+    ) {
+        use serde_json::Value;
+        let kind = event
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let name = event
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| task.name.clone())
+            .unwrap_or_default();
+        let worker = event
+            .get("hostname")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let series = |extra: Option<(&str, &str)>| {
+            let mut l = vec![("task".to_string(), name.clone())];
+            if let Some((k, v)) = extra {
+                l.push((k.to_string(), v.to_string()));
+            }
+            if with_worker {
+                l.push(("worker".to_string(), worker.clone()));
+            }
+            l
+        };
+        self.events
+            .get_or_create(&series(Some(("type", kind))))
+            .inc();
+        let plain = series(None);
+        if let Some(r) = event
+            .get("runtime")
+            .and_then(Value::as_f64)
+            .filter(|r| *r != 0.0)
+        {
+            self.runtime.get_or_create(&plain).observe(r);
+        }
+        if task.eta.is_some() || task.received.is_none() {
+            return;
+        }
         match kind {
             "task-received" => {
-                self.prefetched.get_or_create(&series).inc();
+                self.prefetched.get_or_create(&plain).inc();
             }
             "task-started" => {
                 if let (Some(started), Some(received)) = (task.started, task.received) {
                     self.prefetch_time
-                        .get_or_create(&series)
+                        .get_or_create(&plain)
                         .set(started - received);
-                }
-                let g = self.prefetched.get_or_create(&series);
-                if g.get() > 0 {
-                    g.dec();
+                    self.prefetched.get_or_create(&plain).dec();
                 }
             }
-            "task-succeeded" => {
-                if let Some(r) = task.runtime {
-                    self.runtime.get_or_create(&series).observe(r);
-                }
+            "task-succeeded" | "task-failed" if task.started.is_some() => {
+                self.prefetch_time.get_or_create(&plain).set(0.0);
+            }
+            "task-revoked" | "task-rejected" if task.started.is_none() => {
+                self.prefetched.get_or_create(&plain).dec();
             }
             _ => {}
         }
@@ -172,8 +204,11 @@ mod tests {
             runtime: Some(0.02),
             ..TaskRecord::default()
         };
-        m.observe("task-succeeded", &t, true);
-        m.observe("task-succeeded", &t, false);
+        let ev =
+            serde_json::json!({"type": "task-succeeded", "hostname": "w1@vm", "runtime": 0.02});
+        let ev = ev.as_object().unwrap();
+        m.observe(ev, &t, true);
+        m.observe(ev, &t, false);
         let text = m.encode();
         assert!(
             text.contains(

@@ -169,6 +169,8 @@ impl TaskRecord {
                 "root_id" => self.root_id = opt_str(Some(v)),
                 "parent_id" => self.parent_id = opt_str(Some(v)),
                 "clock" => self.clock = v.as_i64().unwrap_or(self.clock),
+                // A late event's timestamp is merged too (Celery updates the task's dict with all fields).
+                "timestamp" => self.timestamp = v.as_f64(),
                 _ => {}
             }
         }
@@ -446,7 +448,11 @@ mod tests {
         assert_eq!(t.state, "SUCCESS");
         assert_eq!(t.name.as_deref(), Some("tasks.x"));
         assert_eq!(t.args.as_deref(), Some("(1,)"));
-        assert_eq!(t.timestamp, Some(5.0));
+        assert_eq!(
+            t.timestamp,
+            Some(4.5),
+            "the late STARTED's timestamp is merged, as Celery does"
+        );
         assert_eq!(t.received, Some(4.0));
         assert_eq!(
             t.clock, 8,

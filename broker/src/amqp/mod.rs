@@ -1363,6 +1363,7 @@ impl Broker for AmqpBroker {
         envelope: &[u8],
         oid: &str,
         timeout: Duration,
+        limit: Option<usize>,
     ) -> Result<Vec<Vec<u8>>> {
         let (link, ch) = self.inner.temp_channel().await?;
         let queue = format!("{oid}.reply.celery.pidbox");
@@ -1395,6 +1396,9 @@ impl Broker for AmqpBroker {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut replies = Vec::new();
         loop {
+            if limit.is_some_and(|l| replies.len() >= l) {
+                break;
+            }
             tokio::select! {
                 m = consumer.next() => match m {
                     Some(Ok(d)) => replies.push(table::to_envelope(&d.properties, &d.data, d.exchange.as_str(), d.routing_key.as_str())),

@@ -543,6 +543,7 @@ impl Broker for RedisBroker {
         envelope: &[u8],
         oid: &str,
         timeout: Duration,
+        limit: Option<usize>,
     ) -> Result<Vec<Vec<u8>>> {
         let queue = format!("{oid}.reply.celery.pidbox");
         let member = Keys::binding_member(oid, &queue);
@@ -568,6 +569,9 @@ impl Broker for RedisBroker {
                     replies.push(raw);
                     got = true;
                 }
+            }
+            if limit.is_some_and(|l| replies.len() >= l) {
+                break;
             }
             if got {
                 continue;
