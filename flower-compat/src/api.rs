@@ -285,11 +285,14 @@ async fn workers(State(app): Shared, Query(p): Params) -> Response {
     ok(Value::Object(out))
 }
 
-/// Flower's `received_start`/`received_end` (`%Y-%m-%d %H:%M`, taken as UTC).
+/// Flower's `received_start`/`received_end`: `%Y-%m-%d %H:%M` in this process's local time (`mktime`).
 fn parse_minute(s: &str) -> Option<f64> {
-    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M")
-        .ok()
-        .map(|t| t.and_utc().timestamp() as f64)
+    use chrono::TimeZone;
+    let naive = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").ok()?;
+    chrono::Local
+        .from_local_datetime(&naive)
+        .earliest()
+        .map(|t| t.timestamp() as f64)
 }
 
 /// Flower's sortable task fields.
@@ -1057,7 +1060,12 @@ mod tests {
 
     #[test]
     fn received_range_minutes() {
-        assert_eq!(parse_minute("2020-01-01 00:00"), Some(1_577_836_800.0));
+        use chrono::TimeZone;
+        let local = chrono::Local
+            .with_ymd_and_hms(2020, 1, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp() as f64;
+        assert_eq!(parse_minute("2020-01-01 00:00"), Some(local));
         assert_eq!(parse_minute("nope"), None);
     }
 }

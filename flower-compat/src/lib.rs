@@ -103,6 +103,24 @@ pub struct App {
     clock: std::sync::atomic::AtomicI64,
 }
 
+/// Celery's receiver localizes event times (`adjust_timestamp`): `timestamp - (utcoffset - here) × 3600`,
+/// `utcoffset` being the sender's hours west of UTC and `here` this process's (Python's `time.timezone`
+/// or `altzone`, floor-divided by 3600). Flower shows what that gives, so do we.
+fn localize(event: &mut Map<String, Value>) {
+    let (Some(ts), Some(offset)) = (
+        event.get("timestamp").and_then(Value::as_f64),
+        event.get("utcoffset").and_then(Value::as_f64),
+    ) else {
+        return;
+    };
+    let east = chrono::Local::now().offset().local_minus_utc();
+    let here = (-east).div_euclid(3600);
+    let adjusted = ts - (offset - f64::from(here)) * 3600.0;
+    if adjusted != ts {
+        event.insert("timestamp".into(), Value::from(adjusted));
+    }
+}
+
 /// Unix time now.
 pub fn now() -> f64 {
     SystemTime::now()
@@ -136,6 +154,7 @@ impl App {
                 .clock
                 .fetch_update(Relaxed, Relaxed, |c| Some(c.max(theirs) + 1));
         }
+        localize(&mut event);
         let kind = event
             .get("type")
             .and_then(Value::as_str)

@@ -686,6 +686,14 @@ async fn receive(
 ) {
     let Delivery { held, message } = d;
     shared.slots.hold(&held.tag);
+    if !shared.queues.read().expect("queues").contains(&held.queue) {
+        // Popped by a fetch that started before `cancel_consumer`: not ours any more, back to the front.
+        if let Err(e) = shared.broker.requeue(&[&held], true).await {
+            warn!(error = %e, queue = %held.queue, "giving back a message of a cancelled queue failed");
+        }
+        shared.release(&held.tag, true);
+        return;
+    }
     let message = match message {
         Ok(m) => m,
         Err(e) => {
