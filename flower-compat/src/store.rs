@@ -267,7 +267,7 @@ impl TaskStore {
                     let value: SimpleExpr = match field {
                         "received" | "started" | "runtime" | "timestamp" | "succeeded"
                         | "failed" | "retried" | "revoked" | "rejected" | "sent" | "retries"
-                        | "clock" => Expr::col(c).into(),
+                        | "clock" => Expr::col(c),
                         _ => lower(c),
                     };
                     find = find
