@@ -351,6 +351,61 @@ impl TaskStore {
     }
 }
 
+fn lower(c: Column) -> SimpleExpr {
+    Func::lower(Expr::col(c)).into()
+}
+
+/// `%value%` with LIKE's wildcards escaped.
+fn contains_pattern(value: &str) -> LikeExpr {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    LikeExpr::new(format!("%{escaped}%")).escape('\\')
+}
+
+/// A search query as a condition on the casefolded columns.
+fn search_condition(q: &Query) -> Condition {
+    match q {
+        Query::All => Condition::all(),
+        Query::And(children) => children
+            .iter()
+            .fold(Condition::all(), |c, child| c.add(search_condition(child))),
+        Query::Or(children) => children
+            .iter()
+            .fold(Condition::any(), |c, child| c.add(search_condition(child))),
+        Query::Term { field, value } => match field.as_deref() {
+            Some("state") => Condition::all().add(lower(Column::State).eq(value.clone())),
+            Some("kwargs") if value.contains('=') => {
+                // Flower matches `key=value` against the kwargs dict: here against its repr,
+                // `'key': value` or `'key': 'value'`.
+                let (k, v) = value.split_once('=').expect("checked");
+                let (k, v) = (k.trim(), v.trim());
+                Condition::any()
+                    .add(lower(Column::Kwargs).like(contains_pattern(&format!("'{k}': {v}"))))
+                    .add(lower(Column::Kwargs).like(contains_pattern(&format!("'{k}': '{v}'"))))
+            }
+            Some(f) => match column(f) {
+                Some(c) => Condition::all().add(lower(c).like(contains_pattern(value))),
+                None => Condition::all(),
+            },
+            None => [
+                Column::Uuid,
+                Column::Name,
+                Column::State,
+                Column::Worker,
+                Column::Args,
+                Column::Kwargs,
+                Column::Result,
+            ]
+            .into_iter()
+            .fold(Condition::any(), |c, col| {
+                c.add(lower(col).like(contains_pattern(value)))
+            }),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,60 +537,5 @@ mod tests {
             .map(|t| t.uuid)
             .collect();
         assert_eq!(left, ["c", "b"]);
-    }
-}
-
-fn lower(c: Column) -> SimpleExpr {
-    Func::lower(Expr::col(c)).into()
-}
-
-/// `%value%` with LIKE's wildcards escaped.
-fn contains_pattern(value: &str) -> LikeExpr {
-    let escaped = value
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    LikeExpr::new(format!("%{escaped}%")).escape('\\')
-}
-
-/// A search query as a condition on the casefolded columns.
-fn search_condition(q: &Query) -> Condition {
-    match q {
-        Query::All => Condition::all(),
-        Query::And(children) => children
-            .iter()
-            .fold(Condition::all(), |c, child| c.add(search_condition(child))),
-        Query::Or(children) => children
-            .iter()
-            .fold(Condition::any(), |c, child| c.add(search_condition(child))),
-        Query::Term { field, value } => match field.as_deref() {
-            Some("state") => Condition::all().add(lower(Column::State).eq(value.clone())),
-            Some("kwargs") if value.contains('=') => {
-                // Flower matches `key=value` against the kwargs dict: here against its repr,
-                // `'key': value` or `'key': 'value'`.
-                let (k, v) = value.split_once('=').expect("checked");
-                let (k, v) = (k.trim(), v.trim());
-                Condition::any()
-                    .add(lower(Column::Kwargs).like(contains_pattern(&format!("'{k}': {v}"))))
-                    .add(lower(Column::Kwargs).like(contains_pattern(&format!("'{k}': '{v}'"))))
-            }
-            Some(f) => match column(f) {
-                Some(c) => Condition::all().add(lower(c).like(contains_pattern(value))),
-                None => Condition::all(),
-            },
-            None => [
-                Column::Uuid,
-                Column::Name,
-                Column::State,
-                Column::Worker,
-                Column::Args,
-                Column::Kwargs,
-                Column::Result,
-            ]
-            .into_iter()
-            .fold(Condition::any(), |c, col| {
-                c.add(lower(col).like(contains_pattern(value)))
-            }),
-        },
     }
 }
