@@ -77,15 +77,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/task/rate-limit/{name}", post(rate_limit))
         .route("/api/task/timeout/{name}", post(timeout))
         .route("/api/worker/shutdown/{node}", post(shutdown))
-        .route("/api/worker/pool/grow/{node}", post(pool_grow))
-        .route("/api/worker/pool/shrink/{node}", post(pool_shrink))
-        .route("/api/worker/pool/autoscale/{node}", post(pool_autoscale))
-        .route("/api/worker/pool/restart/{node}", post(pool_restart))
-        .route("/api/worker/queue/add-consumer/{node}", post(add_consumer))
-        .route(
-            "/api/worker/queue/cancel-consumer/{node}",
-            post(cancel_consumer),
-        )
+        .route("/api/worker/pool/{action}/{node}", post(pool_action))
+        .route("/api/worker/queue/{action}/{node}", post(queue_action))
         .route("/api/queues/length", get(queues_length))
         .route("/", get(page))
         .route("/workers", get(workers_page))
@@ -785,103 +778,88 @@ fn n_arg(p: &HashMap<String, String>) -> u64 {
     p.get("n").and_then(|v| v.parse().ok()).unwrap_or(1)
 }
 
-async fn pool_grow(
+async fn pool_action(
     State(app): Shared,
-    Path(node): Path<String>,
+    Path((action, node)): Path<(String, String)>,
     Query(p): Params,
     body: Bytes,
 ) -> Response {
-    let a = arguments(&p, &body);
-    let n = n_arg(&a);
-    worker_command(
-        &app,
-        &node,
-        "pool_grow",
-        json!({"n": n}),
-        |_| format!("Growing '{node}' worker's pool by {n}"),
-        |r| format!("Failed to grow '{node}' worker's pool: {r}"),
-    )
-    .await
+    worker_action(&app, "pool", &action, &node, &arguments(&p, &body)).await
 }
 
-async fn pool_shrink(
+async fn queue_action(
     State(app): Shared,
-    Path(node): Path<String>,
+    Path((action, node)): Path<(String, String)>,
     Query(p): Params,
     body: Bytes,
 ) -> Response {
-    let a = arguments(&p, &body);
-    let n = n_arg(&a);
-    worker_command(
-        &app,
-        &node,
-        "pool_shrink",
-        json!({"n": n}),
-        |_| format!("Shrinking '{node}' worker's pool by {n}"),
-        |r| format!("Failed to shrink '{node}' worker's pool: {r}"),
-    )
-    .await
+    worker_action(&app, "queue", &action, &node, &arguments(&p, &body)).await
 }
 
-async fn pool_autoscale(
-    State(app): Shared,
-    Path(node): Path<String>,
-    Query(p): Params,
-    body: Bytes,
+/// `/api/worker/pool/{grow,shrink,autoscale,restart}/<node>` and
+/// `/api/worker/queue/{add-consumer,cancel-consumer}/<node>`: the command, its arguments, Flower's message on
+/// success (`None`: the worker's own) and the start of its failure message.
+async fn worker_action(
+    app: &App,
+    group: &str,
+    action: &str,
+    node: &str,
+    a: &HashMap<String, String>,
 ) -> Response {
-    let a = arguments(&p, &body);
-    let (min, max) = (a.get("min").cloned(), a.get("max").cloned());
-    worker_command(&app, &node, "autoscale", json!({"max": max.as_deref().and_then(|v| v.parse::<u64>().ok()), "min": min.as_deref().and_then(|v| v.parse::<u64>().ok())}),
-        |_| format!("Autoscaling '{node}' worker (min={}, max={})", min.clone().unwrap_or_default(), max.clone().unwrap_or_default()),
-        |r| format!("Failed to autoscale '{node}' worker: {r}")).await
-}
-
-async fn pool_restart(State(app): Shared, Path(node): Path<String>) -> Response {
-    worker_command(
-        &app,
-        &node,
-        "pool_restart",
-        json!({"reload": false}),
-        |_| format!("Restarting '{node}' worker's pool"),
-        |r| format!("Failed to restart the '{node}' pool: {r}"),
-    )
-    .await
-}
-
-async fn add_consumer(
-    State(app): Shared,
-    Path(node): Path<String>,
-    Query(p): Params,
-    body: Bytes,
-) -> Response {
-    let a = arguments(&p, &body);
+    let n = n_arg(a);
     let queue = a.get("queue").cloned().unwrap_or_default();
+    let num = |k: &str| a.get(k).and_then(|v| v.parse::<u64>().ok());
+    let text = |k: &str| a.get(k).cloned().unwrap_or_default();
+    let (method, args, success, failure) = match (group, action) {
+        ("pool", "grow") => (
+            "pool_grow",
+            json!({"n": n}),
+            Some(format!("Growing '{node}' worker's pool by {n}")),
+            format!("Failed to grow '{node}' worker's pool"),
+        ),
+        ("pool", "shrink") => (
+            "pool_shrink",
+            json!({"n": n}),
+            Some(format!("Shrinking '{node}' worker's pool by {n}")),
+            format!("Failed to shrink '{node}' worker's pool"),
+        ),
+        ("pool", "autoscale") => (
+            "autoscale",
+            json!({"max": num("max"), "min": num("min")}),
+            Some(format!(
+                "Autoscaling '{node}' worker (min={}, max={})",
+                text("min"),
+                text("max")
+            )),
+            format!("Failed to autoscale '{node}' worker"),
+        ),
+        ("pool", "restart") => (
+            "pool_restart",
+            json!({"reload": false}),
+            Some(format!("Restarting '{node}' worker's pool")),
+            format!("Failed to restart the '{node}' pool"),
+        ),
+        ("queue", "add-consumer") => (
+            "add_consumer",
+            json!({"queue": queue, "exchange": null, "exchange_type": "direct", "routing_key": null}),
+            None,
+            format!("Failed to add '{queue}' consumer to '{node}' worker"),
+        ),
+        ("queue", "cancel-consumer") => (
+            "cancel_consumer",
+            json!({"queue": queue}),
+            None,
+            format!("Failed to cancel '{queue}' consumer from '{node}' worker"),
+        ),
+        _ => return error(StatusCode::NOT_FOUND, "Not Found".into()),
+    };
     worker_command(
-        &app,
-        &node,
-        "add_consumer",
-        json!({"queue": queue, "exchange": null, "exchange_type": "direct", "routing_key": null}),
-        str::to_string,
-        |r| format!("Failed to add '{queue}' consumer to '{node}' worker: {r}"),
-    )
-    .await
-}
-
-async fn cancel_consumer(
-    State(app): Shared,
-    Path(node): Path<String>,
-    Query(p): Params,
-    body: Bytes,
-) -> Response {
-    let a = arguments(&p, &body);
-    let queue = a.get("queue").cloned().unwrap_or_default();
-    worker_command(
-        &app,
-        &node,
-        "cancel_consumer",
-        json!({"queue": queue}),
-        str::to_string,
-        |r| format!("Failed to cancel '{queue}' consumer from '{node}' worker: {r}"),
+        app,
+        node,
+        method,
+        args,
+        |reply| success.unwrap_or_else(|| reply.to_string()),
+        |reason| format!("{failure}: {reason}"),
     )
     .await
 }
