@@ -18,6 +18,7 @@ afterwards, so runs never collide. Same conventions as test_interop.py otherwise
     q11  x-max-priority queue: priority 9 runs before five earlier priority 1 tasks
     q11b task_queue_max_priority applies to every queue the worker consumes, as in Celery
     q13  task events reach Celery's own event receiver through the celeryev exchange
+    q14  a callback into a full queue fails its task with OperationalError, nothing is dropped   celeriac-only
     q12  RabbitMQ stopped and started under load: /health 503 while down, 200 after,
          nothing lost, consuming again within 5 s of the restart                     celeriac-only
 """
@@ -462,3 +463,23 @@ def test_q13_task_events_over_amqp(amqp, workers, iso):
     assert received["args"] == "(2, 3)"
     assert succeeded["result"] == "5"
     assert isinstance(succeeded["runtime"], float)
+
+
+# ------------------------------------------------- q14. refused callback
+@pytest.mark.celeriac_only(reason="Python Celery publishes callbacks without confirms: a refused one is lost silently")
+def test_q14_a_refused_callback_fails_its_task(amqp, workers, iso):
+    full = f"{iso.queue}.full"
+    settings = {"task_queues": {full: {"queue_arguments": {"x-max-length": 1, "x-overflow": "reject-publish"}}}}
+    workers.start(settings=settings)
+    parked = workers.cli_call("bench.noop", queue=full, settings=settings)  # the one message `full` takes
+    from celery import signature
+    from kombu.exceptions import OperationalError
+
+    result = amqp.app.send_task("bench.add", (2, 3), link=signature("bench.add", args=(1,), queue=full))
+    with pytest.raises(OperationalError) as raised:
+        result.get(timeout=GET_TIMEOUT)
+    assert "is full" in str(raised.value), str(raised.value)
+    assert result.state == "FAILURE"
+    # The refused callback did not land anywhere; the queue still holds exactly its one message.
+    assert amqp.queue_counts(full) == (1, 0)
+    assert [m.headers["id"] for m in amqp.get_all(full)] == [parked]

@@ -1206,7 +1206,27 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     let late_ack = job
         .acks_late
         .then(|| (job.held.tag.clone(), job.holds_slot));
-    // Celery's order: publish callbacks and the next chain step, store the result, then the chord part.
+    // Celery's order: publish callbacks and the next chain step, store the result, then the chord part. A
+    // callback the broker refused (a full queue) or never confirmed fails the task, as an exception raised
+    // while applying callbacks does in Celery: nothing is dropped silently.
+    let mut published = Vec::new();
+    let outcome = match outcome {
+        Ok(value) => match canvas_flow::on_success(shared, &job, &value).await {
+            Ok(children) => {
+                published = children;
+                Ok(value)
+            }
+            Err(e) => {
+                error!(task = %name, %id, error = %e, "publishing the task's callbacks failed; the task fails");
+                Err(TaskError::Failed(ExceptionInfo::new(
+                    "kombu.exceptions",
+                    "OperationalError",
+                    e,
+                )))
+            }
+        },
+        other => other,
+    };
     let mut chord_part = None;
     let meta = match outcome {
         Ok(value) => {
@@ -1223,7 +1243,7 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
             }
             debug!(task = %name, %id, runtime, "Task succeeded");
             let mut children = std::mem::take(&mut *started_children.lock().expect("children"));
-            children.extend(canvas_flow::on_success(shared, &job, &value).await);
+            children.append(&mut published);
             chord_part = Some(("SUCCESS", value.clone()));
             store.then(|| {
                 let mut m = shared.meta(&job, State::Success, value, extended);
@@ -1795,9 +1815,27 @@ mod canvas_flow {
         }
     }
 
+    async fn try_apply(
+        shared: &Shared,
+        sig: &Value,
+        args: &[Value],
+        opts: ApplyOptions,
+    ) -> Result<Applied, String> {
+        shared
+            .canvas
+            .apply(sig, args, opts)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Publishes callbacks (one: as is; several: plain ones as one group, groups separately) and the next
-    /// chain step, each with the result prepended. Returns the children as Celery records them.
-    pub(super) async fn on_success(shared: &Shared, job: &Job, value: &Value) -> Vec<Value> {
+    /// chain step, each with the result prepended. Returns the children as Celery records them, or why a
+    /// publish failed (the broker refused or never confirmed it): the task then fails, as in Celery.
+    pub(super) async fn on_success(
+        shared: &Shared,
+        job: &Job,
+        value: &Value,
+    ) -> Result<Vec<Value>, String> {
         let args = std::slice::from_ref(value);
         let mut children = Vec::new();
         if let Some(callbacks) = job
@@ -1808,16 +1846,16 @@ mod canvas_flow {
             .filter(|c| !c.is_empty())
         {
             if callbacks.len() == 1 {
-                children.extend(apply(shared, &callbacks[0], args, base(job)).await);
+                children.push(try_apply(shared, &callbacks[0], args, base(job)).await?);
             } else {
                 let (groups, plain): (Vec<&Value>, Vec<&Value>) =
                     callbacks.iter().partition(|c| is_group(c));
                 for g in groups {
-                    children.extend(apply(shared, g, args, base(job)).await);
+                    children.push(try_apply(shared, g, args, base(job)).await?);
                 }
                 if !plain.is_empty() {
                     let g = celeriac_canvas::group(plain.into_iter().cloned().collect());
-                    children.extend(apply(shared, &g, args, base(job)).await);
+                    children.push(try_apply(shared, &g, args, base(job)).await?);
                 }
             }
         }
@@ -1828,9 +1866,9 @@ mod canvas_flow {
                 chain: (!rest.is_empty()).then_some(rest),
                 ..base(job)
             };
-            children.extend(apply(shared, &next, args, opts).await);
+            children.push(try_apply(shared, &next, args, opts).await?);
         }
-        children.iter().map(Applied::as_tuple).collect()
+        Ok(children.iter().map(Applied::as_tuple).collect())
     }
 
     /// A failed task fails the rest of its chain with the same exception, then its errbacks are published as
