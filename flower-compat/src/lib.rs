@@ -93,6 +93,8 @@ pub struct App {
     /// Tasks changed since the last flush (and recently seen unfinished ones).
     pub cache: Mutex<HashMap<String, TaskRecord>>,
     dirty: Mutex<HashSet<String>>,
+    /// One flush at a time: a reader that flushes first must also wait for a flush already writing.
+    flushing: tokio::sync::Mutex<()>,
     /// The last inspect replies per worker (`/api/workers`): `{stats, registered, active_queues, ...}`.
     pub inspected: Mutex<Map<String, Value>>,
     /// Prometheus metrics.
@@ -218,6 +220,7 @@ impl App {
 
     /// Writes changed tasks to the database; keeps unfinished ones cached.
     pub async fn flush(&self) -> Result<(), sea_orm::DbErr> {
+        let _one = self.flushing.lock().await;
         let ids: Vec<String> = self.dirty.lock().expect("dirty").drain().collect();
         if ids.is_empty() {
             return Ok(());
@@ -413,6 +416,7 @@ pub async fn run(
         cluster: Mutex::new(ClusterState::default()),
         cache: Mutex::new(HashMap::new()),
         dirty: Mutex::new(HashSet::new()),
+        flushing: tokio::sync::Mutex::new(()),
         inspected: Mutex::new(Map::new()),
     });
     info!(address = %listener.local_addr()?, db = %celeriac_broker::url::redact(&app.settings.db_url), "celeriac flower listening");
