@@ -402,17 +402,8 @@ async fn reconnects_and_resumes_consuming_after_the_connection_is_closed() {
     let mut back = Vec::new();
     while back.is_empty() && closed_at.elapsed() < Duration::from_secs(10) {
         match b.fetch(&queues, 1, &[], Duration::from_millis(300)).await {
-            Ok(d) => {
-                eprintln!(
-                    "{:?} ok {} connected={}",
-                    closed_at.elapsed(),
-                    d.len(),
-                    b.is_connected()
-                );
-                back.extend(d)
-            }
+            Ok(d) => back.extend(d),
             Err(e) => {
-                eprintln!("{:?} err {e}", closed_at.elapsed());
                 assert!(matches!(e, BrokerError::NotConnected(_)), "{e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -78,8 +78,6 @@ struct Inner {
     pidbox: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
     /// Queues declared so far (redeclared after a reconnect).
     declared: Mutex<BTreeSet<String>>,
-    /// Total consumer restarts by the watchdog (for tests and logs).
-    watchdog_restarts: AtomicU64,
     /// Acks and rejects, in the order they were settled, to the task that sends them (see [`settle_loop`]).
     settles: mpsc::UnboundedSender<SettleBatch>,
 }
@@ -241,7 +239,6 @@ impl AmqpBroker {
             arrived: Notify::new(),
             pidbox: Mutex::new(None),
             declared: Mutex::new(BTreeSet::new()),
-            watchdog_restarts: AtomicU64::new(0),
             settles,
         });
         Inner::reconnect(&inner).await?;
@@ -254,16 +251,6 @@ impl AmqpBroker {
             supervisor: Mutex::new(Some(supervisor)),
             settler: Mutex::new(Some(settler)),
         })
-    }
-
-    /// How many times the watchdog restarted stalled consumers.
-    pub fn watchdog_restarts(&self) -> u64 {
-        self.inner.watchdog_restarts.load(Ordering::Relaxed)
-    }
-
-    /// True while a connection is up.
-    pub fn is_connected(&self) -> bool {
-        self.inner.current().is_some()
     }
 
     /// Closes the connection and stops the supervisor.
@@ -975,7 +962,6 @@ impl Inner {
                 .unwrap_or(0);
             let _ = ch.close(200, short("ok")).await;
             if count > 0 {
-                self.watchdog_restarts.fetch_add(1, Ordering::Relaxed);
                 warn!(queue = %q, waiting = count, silent_for = ?silent_for,
                     "watchdog: the consumer received nothing while messages wait; restarting the connection");
                 self.lost(link.generation, "consumer stalled");
