@@ -681,27 +681,17 @@ async fn rate_limit(
     Query(p): Params,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = unknown_task(&app, &name).await {
-        return r;
-    }
     let a = arguments(&p, &body);
-    let Some(node) = a.get("workername").cloned() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "Missing argument workername".into(),
-        );
-    };
-    if !known_worker(&app, &node) {
-        return error(StatusCode::NOT_FOUND, format!("Unknown worker '{node}'"));
-    }
     let args = json!({"task_name": name, "rate_limit": a.get("ratelimit")});
-    match broadcast(&app, "rate_limit", args, Some(&node)).await {
-        Ok(r) => match reply_ok(&r, &node) {
-            Some(m) => ok(json!({"message": m})),
-            None => failed(format!("Failed to set rate limit: '{}'", reason(&r, &node))),
-        },
-        Err(r) => r,
-    }
+    task_command(
+        &app,
+        &name,
+        &a,
+        "rate_limit",
+        args,
+        "Failed to set rate limit",
+    )
+    .await
 }
 
 async fn timeout(
@@ -710,28 +700,43 @@ async fn timeout(
     Query(p): Params,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = unknown_task(&app, &name).await {
+    let a = arguments(&p, &body);
+    let num = |k: &str| a.get(k).and_then(|v| v.parse::<f64>().ok());
+    let args = json!({"task_name": name, "hard": num("hard"), "soft": num("soft")});
+    task_command(
+        &app,
+        &name,
+        &a,
+        "time_limit",
+        args,
+        "Failed to set timeouts",
+    )
+    .await
+}
+
+/// A per-task command for the worker named by `workername` (Flower's rate-limit and timeout): the task must be
+/// known first, then the worker; the worker's own message on success.
+async fn task_command(
+    app: &App,
+    task: &str,
+    a: &HashMap<String, String>,
+    method: &str,
+    args: Value,
+    failure: &str,
+) -> Response {
+    if let Some(r) = unknown_task(app, task).await {
         return r;
     }
-    let a = arguments(&p, &body);
-    let Some(node) = a.get("workername").cloned() else {
+    let Some(node) = a.get("workername") else {
         return error(
             StatusCode::BAD_REQUEST,
             "Missing argument workername".into(),
         );
     };
-    if !known_worker(&app, &node) {
-        return error(StatusCode::NOT_FOUND, format!("Unknown worker '{node}'"));
-    }
-    let num = |k: &str| a.get(k).and_then(|v| v.parse::<f64>().ok());
-    let args = json!({"task_name": name, "hard": num("hard"), "soft": num("soft")});
-    match broadcast(&app, "time_limit", args, Some(&node)).await {
-        Ok(r) => match reply_ok(&r, &node) {
-            Some(m) => ok(json!({"message": m})),
-            None => failed(format!("Failed to set timeouts: '{}'", reason(&r, &node))),
-        },
-        Err(r) => r,
-    }
+    worker_command(app, node, method, args, str::to_string, |r| {
+        format!("{failure}: '{r}'")
+    })
+    .await
 }
 
 async fn shutdown(State(app): Shared, Path(node): Path<String>) -> Response {
