@@ -93,6 +93,9 @@ pub struct App {
     /// Tasks changed since the last flush (and recently seen unfinished ones).
     pub cache: Mutex<HashMap<String, TaskRecord>>,
     dirty: Mutex<HashSet<String>>,
+    /// Ids with a row in the database (loaded at start, grown by flushes, reloaded after retention): a task
+    /// not in here is new, so its first event costs no database read.
+    stored: Mutex<HashSet<String>>,
     /// One flush at a time: a reader that flushes first must also wait for a flush already writing.
     flushing: tokio::sync::Mutex<()>,
     /// The last inspect replies per worker (`/api/workers`): `{stats, registered, active_queues, ...}`.
@@ -137,7 +140,10 @@ impl App {
         let cached = self.cache.lock().expect("cache").get(uuid).cloned();
         match cached {
             Some(t) => Ok(Some(t)),
-            None => self.store.get(uuid).await,
+            None if self.stored.lock().expect("stored").contains(uuid) => {
+                self.store.get(uuid).await
+            }
+            None => Ok(None),
         }
     }
 
@@ -233,6 +239,7 @@ impl App {
             self.dirty.lock().expect("dirty").extend(ids);
             return Err(e);
         }
+        self.stored.lock().expect("stored").extend(ids);
         let mut cache = self.cache.lock().expect("cache");
         let dirty = self.dirty.lock().expect("dirty");
         cache.retain(|id, t| {
@@ -380,7 +387,13 @@ async fn persist(app: Arc<App>, stop: CancellationToken) {
             last_prune = std::time::Instant::now();
             match app.store.prune(now()).await {
                 Ok(0) => {}
-                Ok(n) => info!(deleted = n, "task history retention"),
+                Ok(n) => {
+                    info!(deleted = n, "task history retention");
+                    match app.store.ids().await {
+                        Ok(ids) => *app.stored.lock().expect("stored") = ids.into_iter().collect(),
+                        Err(e) => warn!(error = %e, "reading the task history failed"),
+                    }
+                }
                 Err(e) => warn!(error = %e, "task history retention failed"),
             }
         }
@@ -402,6 +415,7 @@ pub async fn run(
         settings.max_age,
     )
     .await?;
+    let store_ids = store.ids().await?.into_iter().collect();
     let listener = tokio::net::TcpListener::bind(settings.address).await?;
     let (discovered, discovered_rx) = tokio::sync::mpsc::unbounded_channel();
     let app = Arc::new(App {
@@ -418,6 +432,7 @@ pub async fn run(
         dirty: Mutex::new(HashSet::new()),
         flushing: tokio::sync::Mutex::new(()),
         inspected: Mutex::new(Map::new()),
+        stored: Mutex::new(store_ids),
     });
     info!(address = %listener.local_addr()?, db = %celeriac_broker::url::redact(&app.settings.db_url), "celeriac flower listening");
     let stop = CancellationToken::new();

@@ -312,6 +312,16 @@ impl TaskStore {
         Ok(names)
     }
 
+    /// Every task id kept.
+    pub async fn ids(&self) -> Result<Vec<String>, DbErr> {
+        Entity::find()
+            .select_only()
+            .column(Column::Uuid)
+            .into_tuple()
+            .all(&self.db)
+            .await
+    }
+
     /// Rows kept.
     pub async fn count(&self) -> Result<u64, DbErr> {
         Entity::find().count(&self.db).await
@@ -441,6 +451,7 @@ mod tests {
         assert_eq!(s.get("a").await.unwrap(), Some(t));
         assert_eq!(s.get("nope").await.unwrap(), None);
         assert_eq!(s.count().await.unwrap(), 1);
+        assert_eq!(s.ids().await.unwrap(), ["a"]);
     }
 
     #[tokio::test]
