@@ -55,7 +55,11 @@ from pyapp import celery_settings
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-ARTIFACTS = REPO / "test-artifacts" / "interop"
+#: where worker logs, configs and (for failing tests) the broker state are kept; ``INTEROP_ARTIFACTS``
+#: moves them (``make test-repeat`` gives each round its own folder)
+ARTIFACTS = Path(os.environ.get("INTEROP_ARTIFACTS") or REPO / "test-artifacts" / "interop")
+#: the log level of the workers the suite starts (``debug`` when hunting a failure)
+WORKER_LOGLEVEL = os.environ.get("INTEROP_LOGLEVEL", "info")
 
 REDIS_URL = os.environ.get("INTEROP_REDIS_URL", "redis://127.0.0.1:6379/0")
 WORKER_KIND = os.environ.get("INTEROP_WORKER", "celeriac")
@@ -96,6 +100,8 @@ def pytest_runtest_makereport(item, call):
     """Attach the tails of the test's worker logs to a failing report."""
     outcome = yield
     report = outcome.get_result()
+    # Seen by fixtures at teardown (``iso`` keeps the broker state of a failing test).
+    setattr(item, f"_interop_rep_{report.when}", report)
     fleet = getattr(item, "_interop_workers", None)
     if report.failed and fleet is not None:
         for worker in fleet.started + fleet.services:
@@ -165,11 +171,45 @@ def redis_client():
     client.close()
 
 
+def artifact_dir(node):
+    """The folder of a test's artifacts (worker logs, configs, broker state)."""
+    return ARTIFACTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", node.name)
+
+
+def _failed(node):
+    return any(getattr(getattr(node, f"_interop_rep_{when}", None), "failed", False)
+               for when in ("setup", "call"))
+
+
+def dump_redis_state(client, pattern, path):
+    """Write every key matching ``pattern`` (type, TTL, value) as JSON to ``path``: the broker and result
+    state of a failing test, kept beside its worker logs."""
+    def text(b):
+        return b.decode(errors="replace") if isinstance(b, bytes) else b
+    state = {}
+    for key in sorted(client.scan_iter(match=pattern, count=1000)):
+        kind = text(client.type(key))
+        value = {
+            "string": lambda: text(client.get(key)),
+            "list": lambda: [text(v) for v in client.lrange(key, 0, -1)],
+            "set": lambda: sorted(text(v) for v in client.smembers(key)),
+            "zset": lambda: [[text(m), s] for m, s in client.zrange(key, 0, -1, withscores=True)],
+            "hash": lambda: {text(k): text(v) for k, v in client.hgetall(key).items()},
+        }.get(kind, lambda: None)()
+        state[text(key)] = {"type": kind, "ttl": client.pttl(key), "value": value}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=1, sort_keys=True))
+
+
 @pytest.fixture
-def iso(redis_client):
-    """Unique prefix + queue for this test; wipes them afterwards and checks nothing leaked."""
+def iso(request, redis_client):
+    """Unique prefix + queue for this test; wipes them afterwards and checks nothing leaked. A failing test's
+    keys are first written to ``redis-state.json`` in its artifacts."""
     isolation = Isolation(REDIS_URL)
     yield isolation
+    if _failed(request.node):
+        with contextlib.suppress(Exception):
+            dump_redis_state(redis_client, isolation.prefix + "*", artifact_dir(request.node) / "redis-state.json")
     _delete_matching(redis_client, isolation.prefix + "*")
     # Anything still named after our queue lives outside the prefix: some
     # component ignored global_keyprefix. Clean it up, then fail loudly.
@@ -404,7 +444,7 @@ class Fleet:
         env = dict(os.environ, PYTHONUNBUFFERED="1", RUST_BACKTRACE="1")
 
         common = ["-Q", all_queues, "-c", str(concurrency), "-n", name,
-                  "--prefetch-multiplier", str(prefetch), "--loglevel", "info"]
+                  "--prefetch-multiplier", str(prefetch), "--loglevel", WORKER_LOGLEVEL]
         if kind == "celeriac":
             # Same default queue as the Python worker (INTEROP_QUEUE): where the
             # tasks a worker publishes itself (chain steps, link callbacks,
@@ -561,7 +601,7 @@ class Fleet:
 @pytest.fixture
 def workers(request, iso, client_app, redis_client):
     """Start workers with ``workers.start(...)``; all are stopped after the test."""
-    log_dir = ARTIFACTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    log_dir = artifact_dir(request.node)
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
     fleet = Fleet(iso, client_app, redis_client, log_dir)
