@@ -5,6 +5,8 @@ mod apply;
 mod beat;
 mod call;
 mod control;
+mod domain;
+mod families;
 mod flower;
 mod purge;
 mod result;
@@ -44,6 +46,12 @@ enum Command {
     Purge(purge::PurgeArgs),
     /// Serve Flower's REST API and metrics (flower-compat), with a persisted task history.
     Flower(flower::FlowerArgs),
+    /// Apply the domain database's migrations (as database_admin_url): up, down N, status, fresh.
+    Migrate(domain::MigrateArgs),
+    /// Add and list tenants (shops).
+    Tenants(domain::TenantsArgs),
+    /// The email family's templates: put, get.
+    Email(domain::EmailArgs),
 }
 
 /// Log output format.
@@ -68,7 +76,7 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         ),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level},celeriac_domain={level},celeriac_tasks_email={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -134,6 +142,9 @@ fn main() {
             Command::Result(args) => result::run(&cli.global, args).await,
             Command::Purge(args) => purge::run(&cli.global, args).await,
             Command::Flower(args) => flower::run(&cli.global, args).await,
+            Command::Migrate(args) => domain::migrate(&cli.global, args).await,
+            Command::Tenants(args) => domain::tenants(&cli.global, args).await,
+            Command::Email(args) => domain::email(&cli.global, args).await,
         };
         match outcome {
             Ok(code) => code,

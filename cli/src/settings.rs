@@ -46,9 +46,16 @@ pub struct Resolved {
 impl GlobalArgs {
     /// Loads the config file and applies URL precedence.
     pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        let sections = crate::families::section_names();
         let config = match &self.config {
-            Some(path) => CeleryConfig::from_file(path).map_err(anyhow::Error::msg)?,
-            None => CeleryConfig::default(),
+            Some(path) => CeleryConfig::from_file_with_sections(path, &sections)
+                .map_err(anyhow::Error::msg)?,
+            None => {
+                let mut c = CeleryConfig::default();
+                c.overlay_env(&sections, std::env::vars())
+                    .map_err(anyhow::Error::msg)?;
+                c
+            }
         };
         let broker_url = self
             .broker
@@ -135,6 +142,15 @@ impl Resolved {
 }
 
 impl Resolved {
+    /// The domain database settings.
+    pub fn database(&self) -> celeriac_domain::DatabaseConfig {
+        celeriac_domain::DatabaseConfig::new(
+            self.config.database_url.clone(),
+            self.config.database_admin_url.clone(),
+            self.config.database_schema.clone(),
+        )
+    }
+
     /// `task_routes` as task name → queue.
     pub fn routes(&self) -> std::collections::HashMap<String, String> {
         self.config

@@ -114,6 +114,8 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
     if cfg.worker_bench_tasks && !args.without_bench_tasks {
         celeriac_tasks::bench::register(&mut registry);
     }
+    let mut platform = crate::families::platform(&resolved).await?;
+    crate::families::register_all(&mut registry, &mut platform)?;
     for (name, a) in &cfg.task_annotations {
         registry.annotate(name, a.to_options(name).map_err(anyhow::Error::msg)?);
     }
@@ -148,7 +150,15 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
             }
         }
     });
-    let result = celeriac_worker::run(settings, registry, broker, backend, shutdown).await;
+    let result = celeriac_worker::run_with_metrics(
+        settings,
+        registry,
+        platform.into_metrics(),
+        broker,
+        backend,
+        shutdown,
+    )
+    .await;
     signal_task.abort();
     result?;
     Ok(0)

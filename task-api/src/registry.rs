@@ -3,7 +3,9 @@
 //! declared parameter names the way Python binds a call, then deserialized into the function's parameter
 //! type, and every mismatch becomes a Python `TypeError` the caller can read.
 
+use crate::context::TaskContext;
 use crate::error::TaskError;
+use crate::options::TaskOptions;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -11,191 +13,6 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
-
-/// Stores an intermediate state (`update_state`) for the running task.
-pub type StateSink = Arc<dyn Fn(&str, Value) + Send + Sync>;
-
-/// What a running task knows about its request, and how it talks back (custom states, cancellation).
-#[derive(Clone)]
-pub struct TaskContext {
-    /// Task id.
-    pub id: String,
-    /// Task name.
-    pub name: String,
-    /// How many times this task was retried.
-    pub retries: i64,
-    /// The worker's node name (`celery@host`).
-    pub hostname: String,
-    /// The queue the message came from.
-    pub queue: String,
-    /// Whether the transport delivered it before.
-    pub redelivered: bool,
-    /// Cancelled when the soft time limit passes (or the hard one, for blocking tasks that keep running).
-    pub cancel: CancellationToken,
-    /// Where `update_state` goes; `None` outside a worker.
-    pub state: Option<StateSink>,
-    /// The workflow's first task (this task's own id when it started the workflow).
-    pub root_id: String,
-    /// Publishes canvases this task starts; `None` outside a worker.
-    pub canvas: Option<celeriac_canvas::Canvas>,
-    /// Result tuples of what this task started (stored as the result's `children`).
-    pub children: Arc<std::sync::Mutex<Vec<Value>>>,
-}
-
-impl std::fmt::Debug for TaskContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskContext")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("retries", &self.retries)
-            .finish()
-    }
-}
-
-impl TaskContext {
-    /// A context for calling a task outside a worker (tests).
-    pub fn detached(id: &str, name: &str) -> Self {
-        Self {
-            id: id.into(),
-            name: name.into(),
-            retries: 0,
-            hostname: String::new(),
-            queue: String::new(),
-            redelivered: false,
-            cancel: CancellationToken::new(),
-            state: None,
-            root_id: id.into(),
-            canvas: None,
-            children: Default::default(),
-        }
-    }
-
-    /// Starts a signature or canvas from inside the task (this task is its parent; Celery's
-    /// `sig.apply_async()` inside a task) and records it among the result's `children`.
-    pub async fn apply(&self, sig: &Value) -> Result<celeriac_canvas::Applied, TaskError> {
-        let canvas = self.canvas.as_ref().ok_or_else(|| {
-            TaskError::builtin("RuntimeError", "no broker to publish to outside a worker")
-        })?;
-        let opts = celeriac_canvas::ApplyOptions {
-            parent_id: Some(self.id.clone()),
-            root_id: Some(self.root_id.clone()),
-            ..Default::default()
-        };
-        let applied = canvas
-            .apply(sig, &[], opts)
-            .await
-            .map_err(|e| TaskError::builtin("RuntimeError", format!("publishing failed: {e}")))?;
-        self.children
-            .lock()
-            .expect("children")
-            .push(applied.as_tuple());
-        Ok(applied)
-    }
-
-    /// True once the soft time limit passed: the task should clean up and return (Celery raises
-    /// `SoftTimeLimitExceeded` at this point; return [`TaskError::soft_time_limit_exceeded`] to do the same).
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
-    }
-
-    /// Resolves when the soft time limit passes.
-    pub async fn cancelled(&self) {
-        self.cancel.cancelled().await
-    }
-
-    /// `self.update_state(state=..., meta=...)`: stores a custom state that Python's `AsyncResult.state` and
-    /// `.info` show while the task runs.
-    pub fn update_state(&self, state: &str, meta: Value) {
-        if let Some(sink) = &self.state {
-            sink(state, meta);
-        }
-    }
-}
-
-/// A rate limit (`"10/s"`, `"100/m"`, `"1000/h"`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    /// Time between two tasks.
-    pub interval: std::time::Duration,
-    /// Shared by all workers through the broker instead of per worker.
-    pub cluster: bool,
-}
-
-impl RateLimit {
-    /// Parses Celery's rate strings; a bare number is per second.
-    pub fn parse(s: &str, cluster: bool) -> Result<Self, String> {
-        let (n, unit) = s.trim().split_once('/').unwrap_or((s.trim(), "s"));
-        let n: f64 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("rate limit {s:?}: expected N/s, N/m or N/h"))?;
-        let per = match unit.trim() {
-            "s" | "sec" | "second" => 1.0,
-            "m" | "min" | "minute" => 60.0,
-            "h" | "hour" => 3600.0,
-            other => {
-                return Err(format!(
-                    "rate limit {s:?}: unknown unit {other:?} (use s, m or h)"
-                ));
-            }
-        };
-        if !(n.is_finite() && n > 0.0) {
-            return Err(format!("rate limit {s:?}: the rate must be positive"));
-        }
-        Ok(Self {
-            interval: std::time::Duration::from_secs_f64(per / n),
-            cluster,
-        })
-    }
-}
-
-/// Per-task options (Celery's task decorator options). `None` means: use the worker-wide setting or
-/// Celery's default.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TaskOptions {
-    /// Overrides `task_acks_late`.
-    pub acks_late: Option<bool>,
-    /// Overrides `task_ignore_result`.
-    pub ignore_result: Option<bool>,
-    /// Overrides `task_reject_on_worker_lost`.
-    pub reject_on_worker_lost: Option<bool>,
-    /// Overrides `task_acks_on_failure_or_timeout`.
-    pub acks_on_failure_or_timeout: Option<bool>,
-    /// Overrides `task_track_started`.
-    pub track_started: Option<bool>,
-    /// Retries before giving up (Celery default 3; negative: unlimited).
-    pub max_retries: Option<i64>,
-    /// Seconds before a retry without countdown (Celery default 180).
-    pub default_retry_delay: Option<f64>,
-    /// Exception class names (`"ValueError"`, or `"Exception"` for any) retried automatically.
-    pub autoretry_for: Option<Vec<String>>,
-    /// Exponential backoff factor in seconds for automatic retries (0: use `default_retry_delay`).
-    pub retry_backoff: Option<f64>,
-    /// Cap of the backoff (Celery default 600).
-    pub retry_backoff_max: Option<f64>,
-    /// Full jitter on the backoff (Celery default true).
-    pub retry_jitter: Option<bool>,
-    /// Hard time limit in seconds.
-    pub time_limit: Option<f64>,
-    /// Soft time limit in seconds.
-    pub soft_time_limit: Option<f64>,
-    /// Rate limit.
-    pub rate_limit: Option<RateLimit>,
-}
-
-/// Celery's `get_exponential_backoff_interval`: `min(max, factor * 2^retries)`, then with full jitter a
-/// uniform draw in `[0, countdown]` (`unit` is that draw's position in `[0, 1)`).
-pub fn backoff(factor: f64, retries: i64, max: f64, jitter: bool, unit: f64) -> f64 {
-    let exp = factor * 2f64.powi(retries.clamp(0, 62) as i32);
-    let countdown = exp.min(max);
-    let countdown = if jitter {
-        (unit * (countdown + 1.0)).floor().min(countdown)
-    } else {
-        countdown
-    };
-    countdown.max(0.0)
-}
 
 /// How a parameter list binds.
 #[derive(Debug, Clone)]
@@ -468,6 +285,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::options::{RateLimit, backoff};
     use serde_json::json;
 
     fn add_task() -> Arc<RegisteredTask> {

@@ -3,8 +3,7 @@
 //! every item and return the list of results, like Celery; `celery.chunks` publishes the group of starmaps
 //! and returns its result tuple.
 
-use crate::error::TaskError;
-use crate::registry::{Handler, Registry, TaskContext, TaskOptions};
+use celeriac_task::{Handler, Registry, TaskContext, TaskError, TaskOptions};
 use serde_json::{Map, Value};
 use std::sync::{Arc, OnceLock};
 
@@ -29,7 +28,7 @@ pub fn with_builtins(mut registry: Registry) -> Registry {
         let n = kwargs.remove("n").or_else(|| args.next()).unwrap_or(Value::from(1));
         let sig = serde_json::json!({"task": "celery.chunks", "args": [], "kwargs": {"task": task, "it": it, "n": n},
             "options": {}, "subtask_type": "chunks", "immutable": false});
-        Ok(ctx.apply(&sig).await?.as_tuple())
+        ctx.apply(&sig).await
     });
     let _ = cell.set(registry.clone());
     registry

@@ -66,6 +66,20 @@ pub struct CeleryConfig {
     pub task_queues: BTreeMap<String, QueueDeclaration>,
     /// `x-max-priority` for every queue declared (Celery's `task_queue_max_priority`).
     pub task_queue_max_priority: Option<u8>,
+    /// The domain database, as the application role (neither superuser nor `BYPASSRLS`): what task
+    /// families use (celeriac; env `CELERIAC_DATABASE_URL`).
+    pub database_url: Option<String>,
+    /// The domain database as its owner: `celeriac migrate` and `celeriac tenants add` (celeriac; env
+    /// `CELERIAC_DATABASE_ADMIN_URL`).
+    pub database_admin_url: Option<String>,
+    /// PostgreSQL schema of the domain tables (default: the role's search path; env
+    /// `CELERIAC_DATABASE_SCHEMA`).
+    pub database_schema: Option<String>,
+    /// Task family sections (`[email]`, `[payment]`, ...), taken out of the file by
+    /// [`CeleryConfig::from_toml_with_sections`] and overlaid with `CELERIAC_<SECTION>__<KEY>` variables;
+    /// each family validates its own.
+    #[serde(skip)]
+    pub sections: BTreeMap<String, toml::Table>,
 }
 
 /// One entry of `task_queues`.
@@ -107,6 +121,10 @@ impl Default for CeleryConfig {
             task_send_sent_event: false,
             task_queues: BTreeMap::new(),
             task_queue_max_priority: None,
+            database_url: None,
+            database_admin_url: None,
+            database_schema: None,
+            sections: BTreeMap::new(),
         }
     }
 }
@@ -181,7 +199,7 @@ pub enum BoolOrNumber {
 
 impl Annotation {
     /// The task options this annotation sets; `task` names the task in errors.
-    pub fn to_options(&self, task: &str) -> Result<crate::registry::TaskOptions, String> {
+    pub fn to_options(&self, task: &str) -> Result<celeriac_task::TaskOptions, String> {
         let cluster = match self.rate_limit_scope.as_deref() {
             None | Some("worker") => false,
             Some("cluster") => true,
@@ -194,10 +212,10 @@ impl Annotation {
         let rate_limit = self
             .rate_limit
             .as_deref()
-            .map(|r| crate::registry::RateLimit::parse(r, cluster))
+            .map(|r| celeriac_task::RateLimit::parse(r, cluster))
             .transpose()
             .map_err(|e| format!("task_annotations.{task}.rate_limit: {e}"))?;
-        Ok(crate::registry::TaskOptions {
+        Ok(celeriac_task::TaskOptions {
             acks_late: self.acks_late,
             ignore_result: self.ignore_result,
             reject_on_worker_lost: self.reject_on_worker_lost,
@@ -296,6 +314,84 @@ impl CeleryConfig {
         let cfg: Self = toml::from_str(text).map_err(|e| e.to_string())?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Parses TOML text whose top-level tables named in `sections` belong to task families: they are kept
+    /// aside in [`CeleryConfig::sections`] (with the environment overlay), the rest parsed as usual.
+    pub fn from_toml_with_sections(text: &str, sections: &[&str]) -> Result<Self, String> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut taken = BTreeMap::new();
+        for name in sections {
+            match table.remove(*name) {
+                Some(toml::Value::Table(t)) => {
+                    taken.insert(name.to_string(), t);
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "{name}: expected a table ([{name}]), found a {}",
+                        other.type_str()
+                    ));
+                }
+                None => {}
+            }
+        }
+        let mut cfg: Self = table
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        cfg.sections = taken;
+        cfg.overlay_env(sections, std::env::vars())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies `CELERIAC_DATABASE_URL`, `CELERIAC_DATABASE_ADMIN_URL`, `CELERIAC_DATABASE_SCHEMA` and
+    /// `CELERIAC_<SECTION>__<KEY>` (a TOML literal, else a string) over the file (platform.md §6).
+    pub fn overlay_env(
+        &mut self,
+        sections: &[&str],
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), String> {
+        for (name, value) in vars {
+            match name.as_str() {
+                "CELERIAC_DATABASE_URL" => self.database_url = Some(value),
+                "CELERIAC_DATABASE_ADMIN_URL" => self.database_admin_url = Some(value),
+                "CELERIAC_DATABASE_SCHEMA" => self.database_schema = Some(value),
+                _ => {
+                    let Some(rest) = name.strip_prefix("CELERIAC_") else {
+                        continue;
+                    };
+                    let Some((section, key)) = rest.split_once("__") else {
+                        continue;
+                    };
+                    let section = section.to_ascii_lowercase();
+                    if !sections.contains(&section.as_str()) {
+                        continue;
+                    }
+                    if key.is_empty() {
+                        return Err(format!("{name}: no key after the section"));
+                    }
+                    let parsed = format!("v = {value}")
+                        .parse::<toml::Table>()
+                        .ok()
+                        .and_then(|mut t| t.remove("v"))
+                        .unwrap_or(toml::Value::String(value));
+                    self.sections
+                        .entry(section)
+                        .or_default()
+                        .insert(key.to_ascii_lowercase(), parsed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a TOML file whose tables named in `sections` belong to task families (see
+    /// [`CeleryConfig::from_toml_with_sections`]).
+    pub fn from_file_with_sections(path: &Path, sections: &[&str]) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::from_toml_with_sections(&text, sections)
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Reads a TOML file.

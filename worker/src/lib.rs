@@ -5,20 +5,21 @@
 //! # Layout
 //! - [`config`]: Celery-named settings read from TOML.
 //! - [`builtins`]: Celery's built-in `celery.map` / `celery.starmap`.
-//! - [`registry`]: tasks, typed parameter binding, task context.
+//! - [`task`]: the task-author API (registry, task context, options, [`TaskError`]), re-exported from
+//!   `celeriac-task`.
 //! - [`runtime`]: the worker loop (fetcher, dispatcher, committer, housekeeping) and shutdown.
 //! - [`events`]: Celery events (worker heartbeats, task events with `-E`).
 //! - [`metrics`]: celery-exporter-compatible metrics, `/metrics` and `/health`.
-//! - [`error`]: task outcomes ([`TaskError`]) and [`WorkerError`].
+//! - [`error`]: why a worker stops ([`WorkerError`]).
 
 pub mod builtins;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod metrics;
-pub mod registry;
 pub mod runtime;
 
-pub use error::{TaskError, WorkerError};
-pub use registry::{Registry, TaskContext, TaskOptions};
-pub use runtime::{Shutdown, WorkerSettings, run};
+pub use celeriac_task as task;
+pub use celeriac_task::{Registry, TaskContext, TaskError, TaskOptions};
+pub use error::WorkerError;
+pub use runtime::{Shutdown, WorkerSettings, run, run_with_metrics};

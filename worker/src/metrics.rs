@@ -112,7 +112,12 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// Creates and registers every series.
     pub fn new(hostname: &str) -> Self {
-        let mut registry = Registry::default();
+        Self::with_registry(hostname, Registry::default())
+    }
+
+    /// Creates every series in `registry`, which may already hold other series (a task family's): the
+    /// worker's `/metrics` serves them all.
+    pub fn with_registry(hostname: &str, mut registry: Registry) -> Self {
         let counters: [Family<TaskLabels, Counter>; 7] = Default::default();
         let names = [
             ("celery_task_received", "Tasks received by the worker"),

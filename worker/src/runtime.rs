@@ -11,15 +11,17 @@
 //! - **housekeeping** renews the visibility lease of held messages, restores expired ones of dead
 //!   consumers, polls queue lengths and serves `/metrics` and `/health`.
 
-use crate::error::{TaskError, WorkerError};
+use crate::error::WorkerError;
 use crate::metrics::{Health, Metrics, QueueLabels, TaskEvent};
-use crate::registry::{Handler, RateLimit, RegisteredTask, Registry, TaskContext, backoff};
 use celeriac_backend::ResultBackend;
 use celeriac_broker::{Broker, Delivery, Held};
 use celeriac_canvas::Canvas;
 use celeriac_protocol::envelope::Envelope;
 use celeriac_protocol::result::{ExceptionInfo, ResultMeta, State};
 use celeriac_protocol::{TaskMessage, time};
+use celeriac_task::{
+    Handler, RateLimit, RegisteredTask, Registry, TaskContext, TaskError, backoff, random_unit,
+};
 use futures::FutureExt;
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, HashSet};
@@ -365,7 +367,27 @@ pub async fn run(
     backend: Arc<dyn ResultBackend>,
     shutdown: Shutdown,
 ) -> Result<(), WorkerError> {
-    let metrics = Arc::new(Metrics::new(&settings.hostname));
+    run_with_metrics(
+        settings,
+        registry,
+        prometheus_client::registry::Registry::default(),
+        broker,
+        backend,
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`], serving `metrics` (the task families' series) on `/metrics` beside the worker's own.
+pub async fn run_with_metrics(
+    settings: WorkerSettings,
+    registry: Registry,
+    metrics: prometheus_client::registry::Registry,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    shutdown: Shutdown,
+) -> Result<(), WorkerError> {
+    let metrics = Arc::new(Metrics::with_registry(&settings.hostname, metrics));
     let health = Arc::new(Health::new(Duration::from_secs(10)));
     metrics.prefetch_limit.set(settings.prefetch() as i64);
 
@@ -1093,7 +1115,10 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
             .root_id
             .clone()
             .unwrap_or_else(|| job.message.id().to_string()),
-        canvas: Some(shared.canvas.clone()),
+        canvas: Some(Arc::new(canvas_flow::Publisher(shared.canvas.clone()))),
+        limiter: Some(Arc::new(canvas_flow::BrokerLimiter(Arc::clone(
+            &shared.broker,
+        )))),
         children: Arc::clone(&started_children),
     };
     // Limits: the message's `timelimit` header, then the task's options, then the worker's settings.
@@ -1347,7 +1372,7 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
 }
 
 /// `update_state` for one job: custom states go through the committer, in order with the final result.
-fn state_sink(shared: &Arc<Shared>, job: &Job) -> crate::registry::StateSink {
+fn state_sink(shared: &Arc<Shared>, job: &Job) -> celeriac_task::StateSink {
     let tx = shared.commit.clone();
     let (id, group, parent, reply_to) = (
         job.message.headers.id.clone(),
@@ -1444,11 +1469,6 @@ fn autoretry(job: &Job, outcome: Result<Value, TaskError>) -> Result<Value, Task
         unreachable!()
     };
     Err(TaskError::retry_with(exc, countdown))
-}
-
-/// A uniform draw in `[0, 1)` (from a v4 uuid's random bits; no extra RNG dependency).
-fn random_unit() -> f64 {
-    (uuid::Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
 }
 
 /// Celery's `Task.retry`: past `max_retries` the task fails with its exception (or
@@ -1786,6 +1806,50 @@ mod tests {
 mod canvas_flow {
     use super::*;
     use celeriac_canvas::{Applied, ApplyOptions};
+
+    /// What a task uses to start canvases itself (`ctx.apply`): the worker's canvas publisher.
+    pub(super) struct Publisher(pub(super) celeriac_canvas::Canvas);
+
+    /// The cluster-wide limiter tasks use (`ctx.limiter`): the broker's shared token bucket.
+    pub(super) struct BrokerLimiter(pub(super) Arc<dyn Broker>);
+
+    impl celeriac_task::SharedLimiter for BrokerLimiter {
+        fn take<'a>(
+            &'a self,
+            key: &'a str,
+            interval: Duration,
+            burst: u32,
+        ) -> futures::future::BoxFuture<'a, Result<Option<Duration>, String>> {
+            Box::pin(async move {
+                self.0
+                    .take_shared_token(key, interval, burst)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    impl celeriac_task::CanvasPublisher for Publisher {
+        fn apply<'a>(
+            &'a self,
+            sig: &'a Value,
+            parent_id: &'a str,
+            root_id: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Value, String>> {
+            Box::pin(async move {
+                let opts = ApplyOptions {
+                    parent_id: Some(parent_id.to_string()),
+                    root_id: Some(root_id.to_string()),
+                    ..Default::default()
+                };
+                self.0
+                    .apply(sig, &[], opts)
+                    .await
+                    .map(|a| a.as_tuple())
+                    .map_err(|e| e.to_string())
+            })
+        }
+    }
 
     fn base(job: &Job) -> ApplyOptions {
         let h = &job.message.headers;

@@ -1,0 +1,19 @@
+//! The task-author API of celeriac: what a task family needs to define Celery tasks, without the runtime,
+//! the transports or the result backends (the axum-core pattern: families depend on this crate only).
+//!
+//! # Layout
+//! - [`registry`]: tasks registered by Celery name, Python-style argument binding.
+//! - [`context`]: the running task's view of its request ([`TaskContext`]).
+//! - [`options`]: per-task options ([`TaskOptions`]), rate limits, Celery's retry backoff.
+//! - [`error`]: task outcomes ([`TaskError`]) that steer the runtime.
+
+pub mod context;
+pub mod error;
+pub mod options;
+pub mod registry;
+
+pub use celeriac_protocol::result::ExceptionInfo;
+pub use context::{CanvasPublisher, SharedLimiter, StateSink, TaskContext};
+pub use error::TaskError;
+pub use options::{RateLimit, TaskOptions, backoff, random_unit};
+pub use registry::{Handler, Params, RegisteredTask, Registry};
