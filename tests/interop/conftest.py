@@ -66,6 +66,9 @@ WORKER_KIND = os.environ.get("INTEROP_WORKER", "celeriac")
 AMQP_URL = os.environ.get("INTEROP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 KINDS = ("celeriac", "python")
 
+# The task families' fixtures (domain database, SMTP sink, ...).
+pytest_plugins = ["fixtures_platform"]
+
 
 # --------------------------------------------------------------------- hooks
 def pytest_configure(config):

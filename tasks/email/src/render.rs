@@ -119,9 +119,15 @@ fn mailbox(field: &str, v: &Value) -> Result<Mailbox, Invalid> {
     let s = v
         .as_str()
         .ok_or_else(|| Invalid(format!("{field}: expected an address string, got {v}")))?;
-    s.trim()
-        .parse::<Mailbox>()
-        .map_err(|e| Invalid(format!("{field}: invalid address {s:?} ({e})")))
+    s.trim().parse::<Mailbox>().map_err(|e| {
+        // The bare-address parser says what is wrong ("Invalid email domain"); the mailbox one only
+        // "Invalid input".
+        let why = match s.trim().parse::<lettre::Address>() {
+            Err(a) => a.to_string(),
+            Ok(_) => e.to_string(),
+        };
+        Invalid(format!("{field}: invalid address {s:?} ({why})"))
+    })
 }
 
 /// An address or a list of them (`to`, `cc`, `bcc`).

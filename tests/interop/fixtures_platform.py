@@ -1,0 +1,116 @@
+"""pytest fixtures for the platform's task families (loaded by conftest.py as a plugin).
+
+* ``domain``   a domain database of the test's own: a PostgreSQL schema
+               (``INTEROP_POSTGRES``, default ``postgres://postgres@127.0.0.1:5432/test``,
+               as the owner; workers connect as the application role
+               ``celeriac_app``) migrated with ``celeriac migrate up``, tenants added
+               with ``celeriac tenants add``; the schema is dropped afterwards.
+* ``smtp_sink`` ``smtp_sink(**options)`` starts the aiosmtpd sink of
+               ``tests/peers/smtp_sink.py`` (Maildir in the test's artifacts);
+               every sink started is stopped afterwards.
+
+``domain.settings(**family_sections)`` gives the worker settings (``database_url``,
+``database_admin_url``, ``database_schema`` and the family sections) that
+``workers.start(settings=...)`` writes into the worker's TOML.
+"""
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+PEERS = HERE.parent / "peers"
+if str(PEERS) not in sys.path:
+    sys.path.insert(0, str(PEERS))
+
+import smtp_sink as smtp_sink_module  # noqa: E402
+
+POSTGRES_URL = os.environ.get("INTEROP_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+APP_ROLE = os.environ.get("INTEROP_APP_ROLE", "celeriac_app")
+
+
+def app_url():
+    """The test database as the application role (no superuser, no BYPASSRLS)."""
+    scheme, rest = POSTGRES_URL.split("://", 1)
+    host = rest.split("@", 1)[1] if "@" in rest else rest
+    return f"{scheme}://{APP_ROLE}@{host}"
+
+
+class Domain:
+    """One test's domain database: a schema of its own, migrated, with tenants."""
+
+    def __init__(self, log_dir, binary):
+        self.schema = f"it_{uuid.uuid4().hex[:12]}"
+        self.admin_url = POSTGRES_URL
+        self.url = app_url()
+        self.log_dir = log_dir
+        self.binary = binary
+        self.tenants = {}
+        self.config = log_dir / "domain.toml"
+        self.config.write_text(
+            f'database_url = "{self.url}"\n'
+            f'database_admin_url = "{self.admin_url}"\n'
+            f'database_schema = "{self.schema}"\n'
+        )
+
+    def cli(self, *args, check=True):
+        """Runs ``celeriac --config <domain.toml> ARGS``; returns the completed process."""
+        done = subprocess.run([self.binary, "--config", str(self.config), *args],
+                              capture_output=True, text=True, timeout=60)
+        if check:
+            assert done.returncode == 0, f"celeriac {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+        return done
+
+    def add_tenant(self, slug, name=None):
+        """``celeriac tenants add SLUG``; returns the id it printed."""
+        out = self.cli("tenants", "add", slug, *(["--name", name] if name else [])).stdout.strip()
+        uuid.UUID(out)
+        self.tenants[slug] = out
+        return out
+
+    def settings(self, **sections):
+        """Worker settings for this database, plus family sections (``email={...}``)."""
+        return {"database_url": self.url, "database_admin_url": self.admin_url,
+                "database_schema": self.schema, **sections}
+
+    def sql(self, query, *params):
+        """Runs ``query`` as the owner in this schema (psycopg-free: through psql); returns the rows as lists
+        of strings."""
+        cmd = ["psql", self.admin_url, "-X", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1",
+               "-c", f"SET search_path = {self.schema}", "-c", query]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return [line.split("\t") for line in done.stdout.splitlines() if line and line != "SET"]
+
+    def drop(self):
+        subprocess.run(["psql", self.admin_url, "-X", "-q", "-c", f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'],
+                       capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def domain(workers):
+    from conftest import celeriac_bin
+    if subprocess.run(["psql", POSTGRES_URL, "-X", "-q", "-c", "SELECT 1"], capture_output=True).returncode != 0:
+        pytest.fail(f"PostgreSQL not reachable at {POSTGRES_URL} (make postgres)")
+    d = Domain(workers.log_dir, celeriac_bin())
+    d.cli("migrate", "up")
+    yield d
+    d.drop()
+
+
+@pytest.fixture
+def smtp_sink(workers):
+    started = []
+
+    def start(**options):
+        n = len(started) + 1
+        sink = smtp_sink_module.SmtpSink(str(workers.log_dir / f"maildir-{n}"), **options).start()
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        sink.stop()
