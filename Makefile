@@ -23,7 +23,7 @@ CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up flower test lint fmt unit interop bench bench-eta build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,9 +40,25 @@ flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and
 	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"
 	FLOWER_UNAUTHENTICATED_API=1 exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) flower --port $(FLOWER_PORT) --db "sqlite://$(CACHE)/flower.db?mode=rwc"
 
-test: redis postgres rabbitmq chromium venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ) and interop (real Python Celery, Flower, headless Chromium).
+test: redis postgres rabbitmq chromium venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ), the test peers' own tests, and interop (real Python Celery, Flower, headless Chromium, SMTP).
 	cargo test --workspace --all-targets
+	$(PYTHON) -m pytest -q tests/peers
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
+
+# `make test-repeat N=10`: the interop suite N times in a row; each round keeps its artifacts (worker logs,
+# the Redis state of failing tests) in test-artifacts/repeat/<round>/, and the summary lists every failure.
+N ?= 10
+test-repeat: redis postgres rabbitmq chromium venv build ## Run the interop suite N times (N=10) and report every failure with its artifacts.
+	@failed=0; for i in $$(seq 1 $(N)); do \
+	  dir=test-artifacts/repeat/$$i; rm -rf $$dir; mkdir -p $$dir; \
+	  if INTEROP_ARTIFACTS=$$PWD/$$dir CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q -p no:cacheprovider tests/interop > $$dir/pytest.txt 2>&1; \
+	  then echo "round $$i/$(N): passed ($$(grep -E ' in [0-9.]+s' $$dir/pytest.txt | tail -1))"; \
+	  else failed=$$((failed + 1)); echo "round $$i/$(N): FAILED ($$(grep -E ' in [0-9.]+s' $$dir/pytest.txt | tail -1))"; \
+	    grep -E '^(FAILED|ERROR) ' $$dir/pytest.txt | sed "s|^|    |; s|\$$|  [artifacts: $$dir]|"; fi; \
+	done; echo "$$(($(N) - failed)) of $(N) rounds passed"; test $$failed -eq 0
+
+peers: venv ## Only the test peers' own tests (SMTP sink, Stripe launcher, fake shop).
+	$(PYTHON) -m pytest -q tests/peers
 
 unit: redis postgres rabbitmq ## Only the Rust tests.
 	cargo test --workspace --all-targets
@@ -59,6 +75,9 @@ fmt: ## Format the code.
 
 bench: redis rabbitmq venv release ## Drain 50,000 bench.noop tasks with celeriac and with Python Celery, same run, over Redis and over RabbitMQ (BENCH_ARGS="--broker redis" for one).
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/drain.py $(BENCH_ARGS)
+
+bench-email: redis postgres venv release ## Mails per second through one worker into a local SMTP sink (PostgreSQL outbox, exactly once per key).
+	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/mailbench.py $(BENCH_ARGS)
 
 bench-eta: redis venv release ## ETA soak: 100,000 tasks due in 1 h (RSS), due after the visibility timeout, worker killed.
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/eta_soak.py $(BENCH_ARGS)
@@ -86,10 +105,12 @@ postgres: ## Make sure PostgreSQL answers on 127.0.0.1:5432 with a database `tes
 
 venv: $(VENV)/.installed ## The Python venv with the pinned Celery used by interop tests and benchmarks.
 
-$(VENV)/.installed: tests/interop/requirements.txt
+PY_REQUIREMENTS := tests/interop/requirements.txt $(wildcard tests/peers/requirements*.txt)
+
+$(VENV)/.installed: $(PY_REQUIREMENTS)
 	@command -v python3 >/dev/null || { echo "missing: python3 (apt-get install python3 python3-venv)"; exit 1; }
 	python3 -m venv $(VENV) || { echo "missing: python3 venv support (apt-get install python3-venv)"; exit 1; }
-	$(VENV)/bin/pip install -q -r tests/interop/requirements.txt
+	$(VENV)/bin/pip install -q $(addprefix -r ,$(PY_REQUIREMENTS))
 	touch $@
 
 clean: ## Remove build outputs and the venv.
