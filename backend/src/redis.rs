@@ -2,6 +2,13 @@
 //! prefix), value the meta JSON, written with SETEX (or SET without expiry) and PUBLISHed on a channel of the
 //! same name, skipping tasks already stored as SUCCESS. The check-and-write runs as one Lua script per task,
 //! pipelined for a batch, where Celery needs a GET round trip before each MULTI.
+//!
+//! **Late announcements.** Celery's client subscribes to a result's channel without waiting for Redis to
+//! confirm, then GETs the key on another connection; Redis can run the GET first, so a result stored between
+//! the two is neither read nor received, and `AsyncResult.get()` waits until its timeout (seen with chains:
+//! the client subscribes to the last step only when it calls `get()`, which is when a fast worker stores it).
+//! A final state of a task another task published (it has a `parent_id`: chain steps, callbacks, chord
+//! bodies) whose PUBLISH reached nobody is therefore PUBLISHed once more [`REANNOUNCE_AFTER`] later.
 
 use crate::{BackendError, BackendOptions, ChordReady, Result, ResultBackend};
 use async_trait::async_trait;
@@ -11,10 +18,11 @@ use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde_json::Value;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// GET-before-store dedupe, then SETEX/SET + PUBLISH. KEYS: meta key. ARGV: json, expiry seconds (0 = none).
+/// Returns 0 when skipped (already SUCCESS), else 1 + the number of subscribers the PUBLISH reached.
 static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -31,8 +39,7 @@ if tonumber(ARGV[2]) > 0 then
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
+return 1 + redis.call('PUBLISH', KEYS[1], ARGV[1])
 "#,
     )
 });
@@ -85,12 +92,54 @@ return 0
     )
 });
 
+/// How long after a PUBLISH that reached nobody a final state is announced again.
+pub const REANNOUNCE_AFTER: Duration = Duration::from_millis(250);
+
+/// Final states waiting for their second PUBLISH: `(due, channel, payload)` in due order.
+type Pending = std::sync::Mutex<std::collections::VecDeque<(tokio::time::Instant, String, Vec<u8>)>>;
+
 /// The Redis result backend.
 pub struct RedisBackend {
     target: RedisTarget,
     conn: ConnectionManager,
     prefix: String,
     expires: u64,
+    reannounce: Arc<Pending>,
+    wake: Arc<tokio::sync::Notify>,
+    /// The task sending late announcements; aborted when the backend is dropped.
+    announcer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        self.announcer.abort();
+    }
+}
+
+/// Sends the late announcements when due, in one pipeline per round.
+async fn announcer(conn: ConnectionManager, pending: Arc<Pending>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let next = pending.lock().expect("reannounce").front().map(|(due, ..)| *due);
+        match next {
+            None => wake.notified().await,
+            Some(due) if due > tokio::time::Instant::now() => tokio::time::sleep_until(due).await,
+            Some(_) => {
+                let now = tokio::time::Instant::now();
+                let mut pipe = redis::pipe();
+                {
+                    let mut q = pending.lock().expect("reannounce");
+                    while q.front().is_some_and(|(due, ..)| *due <= now) {
+                        let (_, channel, payload) = q.pop_front().expect("front");
+                        pipe.publish(channel, payload).ignore();
+                    }
+                }
+                let mut c = conn.clone();
+                if let Err(e) = pipe.query_async::<()>(&mut c).await {
+                    tracing::debug!(error = %e, "late result announcements failed");
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -127,11 +176,17 @@ impl RedisBackend {
                 },
             })?;
         STORE.load_async(&mut conn).await?;
+        let reannounce: Arc<Pending> = Arc::default();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let announcer = tokio::spawn(announcer(conn.clone(), Arc::clone(&reannounce), Arc::clone(&wake)));
         Ok(Self {
             target,
             conn,
             prefix: normalize_prefix(&options.global_keyprefix),
             expires: options.result_expires.map(|d| d.as_secs()).unwrap_or(0),
+            reannounce,
+            wake,
+            announcer,
         })
     }
 
@@ -156,7 +211,20 @@ impl RedisBackend {
                 .arg(self.expires);
         }
         let mut conn = self.conn.clone();
-        pipe.query_async(&mut conn).await
+        let written: Vec<i64> = pipe.query_async(&mut conn).await?;
+        // A final state of a task another task published, stored while nobody listened: announce it again.
+        let due = tokio::time::Instant::now() + REANNOUNCE_AFTER;
+        let mut late = Vec::new();
+        for (m, w) in metas.iter().zip(&written) {
+            if *w == 1 && m.status.is_ready() && m.parent_id.is_some() {
+                late.push((due, self.key_for(&m.task_id), m.to_json()));
+            }
+        }
+        if !late.is_empty() {
+            self.reannounce.lock().expect("reannounce").extend(late);
+            self.wake.notify_one();
+        }
+        Ok(written)
     }
 }
 
@@ -268,7 +336,7 @@ impl ResultBackend for RedisBackend {
             }
             other => other?,
         };
-        Ok(written.iter().filter(|w| **w == 1).count())
+        Ok(written.iter().filter(|w| **w >= 1).count())
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<Value>> {
