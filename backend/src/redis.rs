@@ -96,7 +96,8 @@ return 0
 pub const REANNOUNCE_AFTER: Duration = Duration::from_millis(250);
 
 /// Final states waiting for their second PUBLISH: `(due, channel, payload)` in due order.
-type Pending = std::sync::Mutex<std::collections::VecDeque<(tokio::time::Instant, String, Vec<u8>)>>;
+type Pending =
+    std::sync::Mutex<std::collections::VecDeque<(tokio::time::Instant, String, Vec<u8>)>>;
 
 /// The Redis result backend.
 pub struct RedisBackend {
@@ -119,7 +120,11 @@ impl Drop for RedisBackend {
 /// Sends the late announcements when due, in one pipeline per round.
 async fn announcer(conn: ConnectionManager, pending: Arc<Pending>, wake: Arc<tokio::sync::Notify>) {
     loop {
-        let next = pending.lock().expect("reannounce").front().map(|(due, ..)| *due);
+        let next = pending
+            .lock()
+            .expect("reannounce")
+            .front()
+            .map(|(due, ..)| *due);
         match next {
             None => wake.notified().await,
             Some(due) if due > tokio::time::Instant::now() => tokio::time::sleep_until(due).await,
@@ -178,7 +183,11 @@ impl RedisBackend {
         STORE.load_async(&mut conn).await?;
         let reannounce: Arc<Pending> = Arc::default();
         let wake = Arc::new(tokio::sync::Notify::new());
-        let announcer = tokio::spawn(announcer(conn.clone(), Arc::clone(&reannounce), Arc::clone(&wake)));
+        let announcer = tokio::spawn(announcer(
+            conn.clone(),
+            Arc::clone(&reannounce),
+            Arc::clone(&wake),
+        ));
         Ok(Self {
             target,
             conn,

@@ -150,7 +150,9 @@ async fn a_result_stored_before_its_late_subscriber_is_announced_again() {
     // The client's SUBSCRIBE lands after the store (its GET ran before it and saw nothing).
     let mut sub = client.get_async_pubsub().await.unwrap();
     for id in ["step", "root", "progress"] {
-        sub.subscribe(format!("{p}celery-task-meta-{id}")).await.unwrap();
+        sub.subscribe(format!("{p}celery-task-meta-{id}"))
+            .await
+            .unwrap();
     }
     let mut messages = sub.on_message();
     let msg = tokio::time::timeout(Duration::from_secs(2), messages.next())
@@ -158,21 +160,41 @@ async fn a_result_stored_before_its_late_subscriber_is_announced_again() {
         .expect("the step's result was announced again")
         .unwrap();
     assert_eq!(msg.get_channel_name(), format!("{p}celery-task-meta-step"));
-    let meta: serde_json::Value = serde_json::from_slice(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
-    assert_eq!((meta["status"].clone(), meta["result"].clone()), (json!("SUCCESS"), json!(9)));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
+    assert_eq!(
+        (meta["status"].clone(), meta["result"].clone()),
+        (json!("SUCCESS"), json!(9))
+    );
     // Only final states of tasks with a parent: a client-published task (subscribed at send) and a
     // non-final state are not announced again.
-    assert!(tokio::time::timeout(Duration::from_millis(600), messages.next()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), messages.next())
+            .await
+            .is_err()
+    );
     drop(messages);
     // A result whose PUBLISH reached a subscriber is not announced again either.
     let mut twice = ResultMeta::new("heard", State::Success, json!(1));
     twice.parent_id = Some("first".into());
     let mut listener = client.get_async_pubsub().await.unwrap();
-    listener.subscribe(format!("{p}celery-task-meta-heard")).await.unwrap();
+    listener
+        .subscribe(format!("{p}celery-task-meta-heard"))
+        .await
+        .unwrap();
     b.store(&[twice]).await.unwrap();
     let mut heard = listener.on_message();
-    assert!(tokio::time::timeout(Duration::from_secs(2), heard.next()).await.unwrap().is_some());
-    assert!(tokio::time::timeout(Duration::from_millis(600), heard.next()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), heard.next())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), heard.next())
+            .await
+            .is_err()
+    );
     let keys: Vec<String> = conn.keys(format!("{p}*")).await.unwrap();
     let _: () = conn.del(keys).await.unwrap();
 }

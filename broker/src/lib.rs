@@ -206,6 +206,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Round trip to the broker.
     async fn ping(&self) -> Result<()>;
 
+    /// Ends a `fetch` of this broker that is blocked waiting for messages, so the next one uses a new
+    /// queue list (`cancel_consumer`). Transports that never block a fetch on the server do nothing.
+    async fn interrupt_fetch(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The URL scheme family, for logs.
     fn transport(&self) -> &'static str;
 

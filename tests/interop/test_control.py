@@ -125,10 +125,10 @@ def test_control_commands_change_the_running_worker(workers, client_app, iso, re
         {"ok": f"add consumer {extra}"}
     assert extra in [q["name"] for q in inspect.active_queues()[worker.name]]
     assert client_app.send_task("bench.add", (20, 22), queue=extra).get(timeout=10) == 42
+    # The reply comes once no fetch of the worker can take from `extra` any more: what is sent now stays.
     assert one("cancel_consumer", queue=extra) == {"ok": f"no longer consuming from {extra}"}
-    time.sleep(1.5)  # a fetch already waiting on the old queue list finishes
     stays = client_app.send_task("bench.add", (1, 1), queue=extra)
-    time.sleep(1.5)
+    time.sleep(1.5)  # a fetch that still took from `extra` would have run it by now
     assert redis_client.llen(iso.queue_key(extra)) == 1 and stays.state == "PENDING"
 
     assert one("time_limit", task_name="bench.slow", hard=1, soft=None) == {"ok": "time limits set successfully"}

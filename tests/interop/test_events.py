@@ -2,13 +2,25 @@
 ``EventReceiver`` and ``celery.events.state.State`` (what Flower and ``celery events`` are built on).
 """
 import threading
-import time
+import uuid
 
 from celery.events.state import State
 
 from interop_helpers import wait_for
 
 GET_TIMEOUT = 10
+
+
+def wait_until_receiving(client_app, captured, timeout=10):
+    """Block until the receiver thread is consuming: send probe events until one comes back (a receiver
+    subscribes asynchronously, and events published before that are gone)."""
+    probe = f"interop-probe-{uuid.uuid4().hex}"
+    with client_app.connection_for_write() as conn:
+        dispatcher = client_app.events.Dispatcher(conn, enabled=True)
+        seen = lambda: any(e.get("probe") == probe for e in captured)  # noqa: E731
+        wait_for(lambda: seen() or dispatcher.send("interop-probe", probe=probe) and False or seen(),
+                 timeout, interval=0.1, message="the event receiver to consume")
+        dispatcher.close()
 
 
 def test_worker_and_task_events_reach_celery_receivers(workers, client_app, iso):
@@ -24,7 +36,7 @@ def test_worker_and_task_events_reach_celery_receivers(workers, client_app, iso)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     ready.wait(5)
-    time.sleep(0.5)  # the receiver has subscribed
+    wait_until_receiving(client_app, captured)
     worker = workers.start(settings={"worker_send_task_events": True})
     ok = client_app.send_task("bench.add", (2, 3))
     assert ok.get(timeout=GET_TIMEOUT) == 5
@@ -70,11 +82,12 @@ def test_task_sent_events_from_the_publisher(workers, client_app, iso):
     """With task_send_sent_event the publisher announces each task as a Celery 5.7 client does."""
     captured = []
     conn = client_app.connection()
-    receiver = client_app.events.Receiver(conn, handlers={"task-sent": captured.append})
+    probes = []
+    receiver = client_app.events.Receiver(conn, handlers={"task-sent": captured.append, "*": probes.append})
     thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False),
                               daemon=True)
     thread.start()
-    time.sleep(0.5)  # the receiver has subscribed
+    wait_until_receiving(client_app, probes)
     try:
         task_id = workers.cli_call("bench.add", "[2, 3]", settings={"task_send_sent_event": True})
         wait_for(lambda: [e for e in captured if e.get("uuid") == task_id], 10, interval=0.1,

@@ -202,6 +202,10 @@ struct Shared {
     revoked: std::sync::RwLock<HashSet<String>>,
     /// Queues consumed now (`add_consumer` / `cancel_consumer` change them).
     queues: std::sync::RwLock<Vec<String>>,
+    /// The fetcher is inside a fetch (which may have read the queue list before a change).
+    in_fetch: std::sync::atomic::AtomicBool,
+    /// Fetches finished (deliveries handed on or given back); `cancel_consumer` waits for the next one.
+    fetched: tokio::sync::watch::Sender<u64>,
     /// Concurrency slots (`pool_grow` / `pool_shrink` change them) and their current number.
     concurrency: Arc<Semaphore>,
     concurrency_now: std::sync::atomic::AtomicUsize,
@@ -475,6 +479,8 @@ pub async fn run_with_metrics(
         waiting: Mutex::new(HashMap::new()),
         revoked: std::sync::RwLock::new(revoked),
         queues: std::sync::RwLock::new(settings_queues),
+        in_fetch: std::sync::atomic::AtomicBool::new(false),
+        fetched: tokio::sync::watch::Sender::new(0),
         concurrency: Arc::new(Semaphore::new(settings_concurrency)),
         concurrency_now: std::sync::atomic::AtomicUsize::new(settings_concurrency),
         time_limits: Default::default(),
@@ -629,7 +635,10 @@ async fn fetcher(
         let ack_tags: Vec<String> = acks.iter().map(|(t, _)| t.clone()).collect();
         let max = slots + freed;
         // Never cancel a fetch half-way: a popped message must reach us to be acked or given back.
-        match shared
+        shared
+            .in_fetch
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let fetched = shared
             .broker
             .fetch(
                 &shared.current_queues(),
@@ -637,8 +646,9 @@ async fn fetcher(
                 &ack_tags,
                 Duration::from_secs(1),
             )
-            .await
-        {
+            .await;
+        let _done = FetchDone(&shared);
+        match fetched {
             Ok(deliveries) => {
                 backoff = Duration::from_millis(100);
                 if down {
@@ -697,6 +707,18 @@ async fn fetcher(
         }
     }
     give_back(&shared, waiting).await;
+}
+
+/// Marks the end of a fetch (after its deliveries were handed on or given back) when dropped.
+struct FetchDone<'a>(&'a Shared);
+
+impl Drop for FetchDone<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_fetch
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetched.send_modify(|n| *n += 1);
+    }
 }
 
 async fn receive(
@@ -2424,6 +2446,15 @@ mod pidbox {
                     .write()
                     .expect("queues")
                     .retain(|q| *q != queue);
+                // A fetch that read the old list may be blocked on the queue: end it and wait until what it
+                // popped is given back, so after the reply nothing of `queue` is taken (as in Celery).
+                let mut done = shared.fetched.subscribe();
+                if shared.in_fetch.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Err(e) = shared.broker.interrupt_fetch().await {
+                        warn!(error = %e, "cancel_consumer: could not interrupt the fetch in flight");
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(3), done.changed()).await;
+                }
                 ok(format!("no longer consuming from {queue}"))
             }
             "shutdown" => {

@@ -47,6 +47,9 @@ pub struct RedisBroker {
     /// For Pub/Sub connections.
     client: Client,
     declared: Mutex<HashSet<String>>,
+    /// A list of this instance's own that its blocking pop also watches: a token pushed there ends the pop
+    /// (see [`Broker::interrupt_fetch`]).
+    wake: String,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -69,14 +72,21 @@ impl RedisBroker {
     pub async fn connect(target: RedisTarget, options: BrokerOptions) -> Result<Self> {
         let conn = connection(&target, Some(Duration::from_secs(30))).await?;
         let blocking = connection(&target, None).await?;
+        let keys = Keys::new(options.global_keyprefix.clone());
+        let wake = format!(
+            "{}celeriac.wake.{}",
+            keys.prefix(),
+            uuid::Uuid::new_v4().simple()
+        );
         Ok(Self {
             conn,
             blocking: tokio::sync::Mutex::new(blocking),
-            keys: Keys::new(options.global_keyprefix.clone()),
+            keys,
             options,
             db: target.db,
             client: Client::open(target.info.clone())?,
             declared: Mutex::new(HashSet::new()),
+            wake,
         })
     }
 
@@ -235,10 +245,12 @@ impl Broker for RedisBroker {
             return Ok(got);
         }
         // Idle: block until something arrives, then record it (and whatever followed it) in one script.
-        let mut keys = Vec::with_capacity(queues.len() * 4);
+        let mut keys = Vec::with_capacity(queues.len() * 4 + 1);
         for q in queues {
             keys.extend(self.keys.queue_lists(q));
         }
+        // Last, so a message waiting in a queue always wins over the wake token.
+        keys.push(self.wake.clone());
         let popped: Option<(String, Vec<u8>)> = {
             let mut blocking = self.blocking.lock().await;
             blocking.brpop(&keys, wait.as_secs_f64()).await?
@@ -246,6 +258,9 @@ impl Broker for RedisBroker {
         let Some((key, raw)) = popped else {
             return Ok(Vec::new());
         };
+        if key == self.wake {
+            return Ok(Vec::new());
+        }
         let idx = keys
             .iter()
             .position(|k| *k == key)
@@ -630,6 +645,21 @@ impl Broker for RedisBroker {
     async fn ping(&self) -> Result<()> {
         let mut conn = self.conn.clone();
         let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn interrupt_fetch(&self) -> Result<()> {
+        // One token is enough; a stale one (no pop was waiting) only ends the next idle wait early.
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .del(&self.wake)
+            .ignore()
+            .lpush(&self.wake, "1")
+            .ignore()
+            .expire(&self.wake, 60)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
         Ok(())
     }
 
