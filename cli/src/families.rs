@@ -12,7 +12,10 @@ use std::sync::Arc;
 type Register = fn(&mut Registry, &mut Platform) -> Result<(), String>;
 
 /// Every family: its config section name and its `register`.
-const FAMILIES: &[(&str, Register)] = &[("email", celeriac_tasks_email::register)];
+const FAMILIES: &[(&str, Register)] = &[
+    ("email", celeriac_tasks_email::register),
+    ("payment", celeriac_tasks_payment::register),
+];
 
 /// The config sections that belong to families (`[email]`, ...).
 pub fn section_names() -> Vec<&'static str> {

@@ -11,6 +11,7 @@ mod flower;
 mod purge;
 mod result;
 mod settings;
+mod webhooks;
 mod worker;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -52,6 +53,8 @@ enum Command {
     Tenants(domain::TenantsArgs),
     /// The email family's templates: put, get.
     Email(domain::EmailArgs),
+    /// Serve the webhook endpoints peers call back (Stripe: POST /webhooks/stripe).
+    Webhooks(webhooks::WebhooksArgs),
 }
 
 /// Log output format.
@@ -76,7 +79,7 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         ),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level},celeriac_domain={level},celeriac_tasks_email={level}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level},celeriac_domain={level},celeriac_tasks_email={level},celeriac_tasks_payment={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -145,6 +148,7 @@ fn main() {
             Command::Migrate(args) => domain::migrate(&cli.global, args).await,
             Command::Tenants(args) => domain::tenants(&cli.global, args).await,
             Command::Email(args) => domain::email(&cli.global, args).await,
+            Command::Webhooks(args) => webhooks::run(&cli.global, args).await,
         };
         match outcome {
             Ok(code) => code,

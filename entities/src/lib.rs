@@ -8,6 +8,7 @@
 //! - [`flower_task`]: the task history of `celeriac flower`.
 //! - [`tenant`]: the tenants (shops).
 //! - [`email_template`], [`email_outbox`], [`email_suppression`], [`email_quota`]: the email family.
+//! - [`payment`], [`payment_refund`], [`stripe_event`]: the payment family.
 
 pub mod clocked_schedule;
 pub mod crontab_schedule;
@@ -17,6 +18,9 @@ pub mod email_suppression;
 pub mod email_template;
 pub mod flower_task;
 pub mod interval_schedule;
+pub mod payment;
+pub mod payment_refund;
 pub mod periodic_task;
 pub mod solar_schedule;
+pub mod stripe_event;
 pub mod tenant;

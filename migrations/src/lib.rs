@@ -22,6 +22,7 @@ mod m20261121_000001_schedules;
 mod m20261121_000002_flower_tasks;
 mod m20261206_000003_tenants;
 mod m20261206_000004_email;
+mod m20261206_000005_payment;
 pub mod tenancy;
 
 /// Every migration, oldest first.
@@ -58,6 +59,7 @@ impl MigratorTrait for DomainMigrator {
         vec![
             Box::new(m20261206_000003_tenants::Migration),
             Box::new(m20261206_000004_email::Migration),
+            Box::new(m20261206_000005_payment::Migration),
         ]
     }
 
