@@ -36,11 +36,15 @@ pub async fn run(global: &GlobalArgs, args: WebhooksArgs) -> anyhow::Result<i32>
         .context("payment.webhook_secret is not set (CELERIAC_PAYMENT__WEBHOOK_SECRET or payment.webhook_secret_file)")?;
     let addr = match (args.addr, &config.webhook_addr) {
         (Some(a), _) => a,
-        (None, Some(a)) => a.parse().with_context(|| format!("payment.webhook_addr {a:?}"))?,
+        (None, Some(a)) => a
+            .parse()
+            .with_context(|| format!("payment.webhook_addr {a:?}"))?,
         (None, None) => "127.0.0.1:9080".parse()?,
     };
     let database = resolved.database();
-    let db = Db::connect(&database).await.context("connecting as database_url")?;
+    let db = Db::connect(&database)
+        .await
+        .context("connecting as database_url")?;
     db.check_ready(&database).await?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(celeriac_tasks_payment::metrics::PaymentMetrics::new(
@@ -67,7 +71,10 @@ pub async fn run(global: &GlobalArgs, args: WebhooksArgs) -> anyhow::Result<i32>
         let registry = Arc::clone(&registry);
         Arc::new(move || {
             let mut out = String::new();
-            let _ = prometheus_client::encoding::text::encode(&mut out, &registry.lock().expect("registry"));
+            let _ = prometheus_client::encoding::text::encode(
+                &mut out,
+                &registry.lock().expect("registry"),
+            );
             out
         })
     };

@@ -8,6 +8,11 @@
 * ``smtp_sink`` ``smtp_sink(**options)`` starts the aiosmtpd sink of
                ``tests/peers/smtp_sink.py`` (Maildir in the test's artifacts);
                every sink started is stopped afterwards.
+* ``stripe``   ``stripe(**options)`` starts ``tests/peers/stripe_launcher.py``
+               (localstripe with Stripe's idempotency keys, search, declines
+               and fault injection) on a free port; stopped afterwards.
+* ``webhooks`` ``webhooks(settings)`` starts ``celeriac webhooks`` on a free
+               port with those settings; returns its base URL.
 
 ``domain.settings(**family_sections)`` gives the worker settings (``database_url``,
 ``database_admin_url``, ``database_schema`` and the family sections) that
@@ -27,6 +32,7 @@ if str(PEERS) not in sys.path:
     sys.path.insert(0, str(PEERS))
 
 import smtp_sink as smtp_sink_module  # noqa: E402
+import stripe_launcher as stripe_launcher_module  # noqa: E402
 
 POSTGRES_URL = os.environ.get("INTEROP_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
 APP_ROLE = os.environ.get("INTEROP_APP_ROLE", "celeriac_app")
@@ -114,3 +120,57 @@ def smtp_sink(workers):
     yield start
     for sink in started:
         sink.stop()
+
+
+@pytest.fixture
+def stripe(workers):
+    started = []
+
+    def start(**options):
+        n = len(started) + 1
+        launcher = stripe_launcher_module.StripeLauncher(
+            log_path=str(workers.log_dir / f"stripe-launcher-{n}.log"), **options).start()
+        started.append(launcher)
+        return launcher
+
+    yield start
+    for launcher in started:
+        launcher.stop()
+
+
+@pytest.fixture
+def webhooks(workers):
+    """``webhooks(settings)`` runs ``celeriac webhooks --addr 127.0.0.1:0`` with a TOML of ``settings`` (the
+    test's prefix and queue included); returns ``http://host:port``."""
+    import json
+    import time
+    from conftest import WorkerProcess, celeriac_bin, write_celeriac_config, stop_service
+    started = []
+
+    def start(settings):
+        n = len(started) + 1
+        config = write_celeriac_config(workers.log_dir / f"webhooks-{n}.toml", workers.iso.prefix,
+                                       settings={"task_default_queue": workers.iso.queue, **settings})
+        log = workers.log_dir / f"webhooks-{n}.log"
+        argv = [celeriac_bin(), "--broker", workers.broker_url, "--result-backend", workers.result_backend,
+                "--config", str(config), "-l", "info", "--log-format", "json", "webhooks", "--addr", "127.0.0.1:0"]
+        proc = WorkerProcess("webhooks", f"webhooks-{n}", [], argv, dict(os.environ), workers.log_dir, log)
+        started.append(proc)
+        workers.services.append(proc)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if not proc.alive:
+                pytest.fail(f"celeriac webhooks exited {proc.proc.returncode}:\n{proc.log_tail()}")
+            for line in log.read_text(errors="replace").splitlines():
+                try:
+                    fields = json.loads(line).get("fields", {})
+                except ValueError:
+                    continue
+                if fields.get("message") == "celeriac webhooks listening":
+                    return f"http://{fields['address']}"
+            time.sleep(0.05)
+        pytest.fail(f"celeriac webhooks did not listen:\n{proc.log_tail()}")
+
+    yield start
+    for proc in started:
+        stop_service(proc)

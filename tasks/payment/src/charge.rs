@@ -62,11 +62,19 @@ fn declined(code: Option<&str>, decline_code: Option<&str>, message: &str) -> Ta
     TaskError::exception(
         Some("celeriac.exceptions"),
         "CardDeclined",
-        vec![json!(decline_code.or(code).unwrap_or("card_declined")), json!(message)],
+        vec![
+            json!(decline_code.or(code).unwrap_or("card_declined")),
+            json!(message),
+        ],
     )
 }
 
-fn charge_result(p: &Payment, status: PayStatus, payment_intent: Option<&str>, replayed: bool) -> Value {
+fn charge_result(
+    p: &Payment,
+    status: PayStatus,
+    payment_intent: Option<&str>,
+    replayed: bool,
+) -> Value {
     json!({
         "status": status.as_str(),
         "payment_intent": payment_intent.or(p.payment_intent.as_deref()),
@@ -79,8 +87,11 @@ fn charge_result(p: &Payment, status: PayStatus, payment_intent: Option<&str>, r
 /// The stored outcome of a finished charge, as the task answers it again.
 fn replay(p: &Payment) -> Result<Value, TaskError> {
     match p.status {
-        PayStatus::Declined => Err(declined(p.error_code.as_deref(), p.decline_code.as_deref(),
-            p.last_error.as_deref().unwrap_or("declined"))),
+        PayStatus::Declined => Err(declined(
+            p.error_code.as_deref(),
+            p.decline_code.as_deref(),
+            p.last_error.as_deref().unwrap_or("declined"),
+        )),
         PayStatus::Failed => Err(TaskError::celeriac(
             p.error_type.as_deref().unwrap_or("StripeError"),
             p.last_error.clone().unwrap_or_default(),
@@ -96,7 +107,10 @@ impl Payments {
     }
 
     fn api(&self) -> Result<Arc<dyn PaymentApi>, TaskError> {
-        self.api.as_ref().map(Arc::clone).map_err(|e| configuration(e))
+        self.api
+            .as_ref()
+            .map(Arc::clone)
+            .map_err(|e| configuration(e))
     }
 
     /// A transaction for `tenant`.
@@ -109,8 +123,14 @@ impl Payments {
     }
 
     fn retry_in(&self, tries: i32) -> f64 {
-        backoff(self.config.retry_backoff, i64::from(tries), self.config.retry_backoff_max, true, random_unit())
-            .max(0.2)
+        backoff(
+            self.config.retry_backoff,
+            i64::from(tries),
+            self.config.retry_backoff_max,
+            true,
+            random_unit(),
+        )
+        .max(0.2)
     }
 
     /// Runs `once` again on database trouble (a few times, with backoff): an answer Stripe gave must not be
@@ -136,7 +156,11 @@ impl Payments {
     }
 
     async fn begin(&self, tenant: &Tenant) -> Result<TenantTx, DomainError> {
-        let db = self.tenants.as_ref().map_err(|e| DomainError::NotConfigured(e.clone()))?.db();
+        let db = self
+            .tenants
+            .as_ref()
+            .map_err(|e| DomainError::NotConfigured(e.clone()))?
+            .db();
         TenantTx::begin(db, tenant.clone()).await
     }
 
@@ -148,28 +172,46 @@ impl Payments {
         let metadata_json = json!(a.metadata);
         let tx = self.tx(&tenant).await?;
         let new = NewPayment {
-            order_id: &a.order_id, attempt: a.attempt, amount: a.amount, currency: &a.currency,
-            payment_method: &a.payment_method, customer: a.customer.as_deref(), description: a.description.as_deref(),
-            metadata: &metadata_json, key: &key, task_id: &ctx.id,
+            order_id: &a.order_id,
+            attempt: a.attempt,
+            amount: a.amount,
+            currency: &a.currency,
+            payment_method: &a.payment_method,
+            customer: a.customer.as_deref(),
+            description: a.description.as_deref(),
+            metadata: &metadata_json,
+            key: &key,
+            task_id: &ctx.id,
         };
         let p = match store::lock_or_insert(&tx, &new).await? {
             Ok(p) => p,
             Err(live) => {
                 tx.commit().await?;
-                return Err(TaskError::celeriac("LiveCharge", format!(
-                    "order {:?} already has a live charge: attempt {} is {}; a new attempt is possible only after a final decline",
-                    a.order_id, live.attempt, live.status)));
+                return Err(TaskError::celeriac(
+                    "LiveCharge",
+                    format!(
+                        "order {:?} already has a live charge: attempt {} is {}; a new attempt is possible only after a final decline",
+                        a.order_id, live.attempt, live.status
+                    ),
+                ));
             }
         };
-        if (p.amount, p.currency.as_str(), p.payment_method.as_str()) != (a.amount, a.currency.as_str(), a.payment_method.as_str()) {
+        if (p.amount, p.currency.as_str(), p.payment_method.as_str())
+            != (a.amount, a.currency.as_str(), a.payment_method.as_str())
+        {
             tx.commit().await?;
             return Err(TaskError::value_error(format!(
                 "order {:?} attempt {} was charged as {} {} with {}; its parameters cannot change (key {key})",
-                a.order_id, a.attempt, p.amount, p.currency, p.payment_method)));
+                a.order_id, a.attempt, p.amount, p.currency, p.payment_method
+            )));
         }
         let now = Utc::now();
         match p.status {
-            PayStatus::Succeeded | PayStatus::RequiresAction | PayStatus::Processing | PayStatus::Declined | PayStatus::Failed => {
+            PayStatus::Succeeded
+            | PayStatus::RequiresAction
+            | PayStatus::Processing
+            | PayStatus::Declined
+            | PayStatus::Failed => {
                 tx.commit().await?;
                 self.metrics.replay(&tenant.slug);
                 info!(tenant = %tenant.slug, order = %a.order_id, attempt = a.attempt, status = p.status.as_str(),
@@ -179,17 +221,27 @@ impl Payments {
             PayStatus::Claimed | PayStatus::Submitted if p.lease_until.is_some_and(|l| l > now) => {
                 tx.commit().await?;
                 let left = (p.lease_until.expect("lease") - now).num_milliseconds() as f64 / 1000.0;
-                return Err(TaskError::Retry { countdown: Some(left.max(0.2) + random_unit()), eta: None, exc: None, max_retries: Some(-1) });
+                return Err(TaskError::Retry {
+                    countdown: Some(left.max(0.2) + random_unit()),
+                    eta: None,
+                    exc: None,
+                    max_retries: Some(-1),
+                });
             }
             _ => {}
         }
         // Past the key's lifetime Stripe no longer replays it: look the charge up by its metadata instead.
-        let expired = p.submitted_at.is_some_and(|t| (now - t).num_milliseconds() as f64 / 1000.0 > self.config.key_lifetime);
+        let expired = p.submitted_at.is_some_and(|t| {
+            (now - t).num_milliseconds() as f64 / 1000.0 > self.config.key_lifetime
+        });
         store::submit(&tx, p.id, self.lease_until()).await?;
         tx.commit().await?;
         let answer = if expired {
             match api.find_intents(&tenant.id.to_string(), &a.order_id).await {
-                Ok(found) => match found.into_iter().find(|i| i.attempt.as_deref() == Some(&a.attempt.to_string())) {
+                Ok(found) => match found
+                    .into_iter()
+                    .find(|i| i.attempt.as_deref() == Some(&a.attempt.to_string()))
+                {
                     Some(i) => {
                         info!(tenant = %tenant.slug, order = %a.order_id, payment_intent = %i.id,
                               "charge older than the key's lifetime reconciled by metadata; nothing created");
@@ -211,17 +263,36 @@ impl Payments {
         metadata.insert("order_id".into(), a.order_id.clone());
         metadata.insert("attempt".into(), a.attempt.to_string());
         ChargeRequest {
-            amount: a.amount, currency: a.currency.clone(), payment_method: a.payment_method.clone(),
-            customer: a.customer.clone(), description: a.description.clone(), metadata, key: key.to_string(),
+            amount: a.amount,
+            currency: a.currency.clone(),
+            payment_method: a.payment_method.clone(),
+            customer: a.customer.clone(),
+            description: a.description.clone(),
+            metadata,
+            key: key.to_string(),
         }
     }
 
-    async fn record_charge(&self, tenant: &Tenant, p: &Payment, answer: Result<Intent, ApiFailure>) -> Result<Value, TaskError> {
+    async fn record_charge(
+        &self,
+        tenant: &Tenant,
+        p: &Payment,
+        answer: Result<Intent, ApiFailure>,
+    ) -> Result<Value, TaskError> {
         if let Err(f) = &answer {
             let (kind, code) = match f {
-                ApiFailure::Declined { code, .. } => ("card_error", code.clone().unwrap_or_default()),
-                ApiFailure::Transient { status, .. } => ("transient", status.map(|s| s.to_string()).unwrap_or_else(|| "network".into())),
-                ApiFailure::Rejected { kind, code, .. } => (kind.as_str(), code.clone().unwrap_or_default()),
+                ApiFailure::Declined { code, .. } => {
+                    ("card_error", code.clone().unwrap_or_default())
+                }
+                ApiFailure::Transient { status, .. } => (
+                    "transient",
+                    status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "network".into()),
+                ),
+                ApiFailure::Rejected { kind, code, .. } => {
+                    (kind.as_str(), code.clone().unwrap_or_default())
+                }
                 ApiFailure::Unauthorized { .. } => ("authentication_error", "401".into()),
             };
             self.metrics.error(kind, &code);
@@ -294,34 +365,60 @@ impl Payments {
     }
 
     /// `payment.refund`.
-    pub async fn refund(&self, tenant: &str, order_id: &str, amount: Option<i64>, refund_id: &str) -> Result<Value, TaskError> {
+    pub async fn refund(
+        &self,
+        tenant: &str,
+        order_id: &str,
+        amount: Option<i64>,
+        refund_id: &str,
+    ) -> Result<Value, TaskError> {
         let tenant = self.tenants()?.resolve(tenant).await?;
         let api = self.api()?;
         let key = format!("refund:{}:{refund_id}", tenant.id);
         let tx = self.tx(&tenant).await?;
         let Some(p) = store::live_payment(&tx, order_id).await? else {
-            return Err(TaskError::value_error(format!("order {order_id:?} has no charge to refund")));
+            return Err(TaskError::value_error(format!(
+                "order {order_id:?} has no charge to refund"
+            )));
         };
         if p.status != PayStatus::Succeeded {
             return Err(TaskError::value_error(format!(
-                "order {order_id:?} is not charged yet (attempt {} is {})", p.attempt, p.status.as_str())));
+                "order {order_id:?} is not charged yet (attempt {} is {})",
+                p.attempt,
+                p.status.as_str()
+            )));
         }
-        let pi = p.payment_intent.clone().ok_or_else(|| TaskError::value_error(format!("order {order_id:?}: no PaymentIntent recorded")))?;
+        let pi = p.payment_intent.clone().ok_or_else(|| {
+            TaskError::value_error(format!("order {order_id:?}: no PaymentIntent recorded"))
+        })?;
         let refund = match store::find_refund(&tx, refund_id).await? {
+            Some(r) if r.order_id != order_id => {
+                return Err(TaskError::value_error(format!(
+                    "refund_id {refund_id:?} was used for order {:?}; a refund id names one refund",
+                    r.order_id
+                )));
+            }
             Some(r) if r.status == "succeeded" || r.status == "pending" => {
                 tx.commit().await?;
                 self.metrics.replay(&tenant.slug);
-                return Ok(json!({"status": r.status, "refund": r.stripe_refund, "amount": r.amount,
-                                 "refunded": p.refunded, "replayed": true}));
+                return Ok(
+                    json!({"status": r.status, "refund": r.stripe_refund, "amount": r.amount,
+                                 "refunded": p.refunded, "replayed": true}),
+                );
             }
             Some(r) if r.status == "failed" => {
                 tx.commit().await?;
-                return Err(TaskError::celeriac("RefundFailed", r.last_error.unwrap_or_default()));
+                return Err(TaskError::celeriac(
+                    "RefundFailed",
+                    r.last_error.unwrap_or_default(),
+                ));
             }
             Some(r) => {
                 if amount.is_some_and(|a| a != r.amount) {
                     return Err(TaskError::value_error(format!(
-                        "refund {refund_id:?} was requested for {}; its amount cannot change", r.amount)));
+                        "refund {refund_id:?} was requested for {}; its amount cannot change",
+                        r.amount
+                    )));
                 }
                 r
             }
@@ -332,16 +429,34 @@ impl Payments {
                 if want <= 0 || want > left {
                     tx.commit().await?;
                     self.metrics.refund(&tenant.slug, "exceeds_charge");
-                    return Err(TaskError::celeriac("RefundExceedsCharge", format!(
-                        "order {order_id:?}: a refund of {want} exceeds the {left} still refundable (charged {} {}, refunded or reserved {reserved})",
-                        p.amount, p.currency)));
+                    return Err(TaskError::celeriac(
+                        "RefundExceedsCharge",
+                        format!(
+                            "order {order_id:?}: a refund of {want} exceeds the {left} still refundable (charged {} {}, refunded or reserved {reserved})",
+                            p.amount, p.currency
+                        ),
+                    ));
                 }
-                store::insert_refund(&tx, &p, refund_id, want, &key).await?
+                match store::insert_refund(&tx, &p, refund_id, want, &key).await? {
+                    Some(r) => r,
+                    None => {
+                        // Another refund took this id meanwhile: run again to answer from it.
+                        return Err(TaskError::Retry {
+                            countdown: Some(0.1),
+                            eta: None,
+                            exc: None,
+                            max_retries: Some(-1),
+                        });
+                    }
+                }
             }
         };
         tx.commit().await?;
-        let meta = HashMap::from([("tenant_id".to_string(), tenant.id.to_string()), ("order_id".into(), order_id.into()),
-                                  ("refund_id".into(), refund_id.into())]);
+        let meta = HashMap::from([
+            ("tenant_id".to_string(), tenant.id.to_string()),
+            ("order_id".into(), order_id.into()),
+            ("refund_id".into(), refund_id.into()),
+        ]);
         let answer = api.create_refund(&pi, refund.amount, &key, meta).await;
         let wait = self.retry_in(1);
         self.recorded(|| async {

@@ -65,13 +65,20 @@ impl std::fmt::Debug for PaymentConfig {
         f.debug_struct("PaymentConfig")
             .field("api_base", &self.api_base)
             .field("secret_key", &self.secret_key.as_ref().map(|_| "***"))
-            .field("webhook_secret", &self.webhook_secret.as_ref().map(|_| "***"))
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "***"),
+            )
             .field("webhook_addr", &self.webhook_addr)
             .finish_non_exhaustive()
     }
 }
 
-fn secret(inline: &Option<String>, file: &Option<String>, key: &str) -> Result<Option<String>, String> {
+fn secret(
+    inline: &Option<String>,
+    file: &Option<String>,
+    key: &str,
+) -> Result<Option<String>, String> {
     match (inline, file) {
         (Some(s), _) => Ok(Some(s.clone())),
         (None, Some(path)) => std::fs::read_to_string(path)
@@ -96,11 +103,15 @@ impl PaymentConfig {
             ("key_lifetime", self.key_lifetime),
         ] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(format!("payment.{key} must be a positive number of seconds"));
+                return Err(format!(
+                    "payment.{key} must be a positive number of seconds"
+                ));
             }
         }
         if self.claim_lease < self.request_timeout * 2.0 {
-            return Err("payment.claim_lease must be at least twice payment.request_timeout".into());
+            return Err(
+                "payment.claim_lease must be at least twice payment.request_timeout".into(),
+            );
         }
         Ok(())
     }
@@ -112,6 +123,10 @@ impl PaymentConfig {
 
     /// The webhook signing secret.
     pub fn webhook_secret(&self) -> Result<Option<String>, String> {
-        secret(&self.webhook_secret, &self.webhook_secret_file, "webhook_secret")
+        secret(
+            &self.webhook_secret,
+            &self.webhook_secret_file,
+            "webhook_secret",
+        )
     }
 }

@@ -40,7 +40,11 @@ pub struct Endpoint {
 /// The PaymentIntent an event is about.
 pub fn intent_of(kind: &str, payload: &Value) -> Option<String> {
     let object = &payload["data"]["object"];
-    let field = if kind.starts_with("payment_intent.") { &object["id"] } else { &object["payment_intent"] };
+    let field = if kind.starts_with("payment_intent.") {
+        &object["id"]
+    } else {
+        &object["payment_intent"]
+    };
     match field {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("id").and_then(Value::as_str).map(str::to_string),
@@ -52,17 +56,27 @@ pub fn intent_of(kind: &str, payload: &Value) -> Option<String> {
 pub fn router(endpoint: Endpoint) -> Router {
     Router::new()
         .route("/webhooks/stripe", post(receive))
-        .route("/metrics", get(|State(e): State<Endpoint>| async move { (e.render_metrics)() }))
+        .route(
+            "/metrics",
+            get(|State(e): State<Endpoint>| async move { (e.render_metrics)() }),
+        )
         .route("/health", get(|| async { "ok" }))
         .with_state(endpoint)
 }
 
-async fn receive(State(e): State<Endpoint>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+async fn receive(
+    State(e): State<Endpoint>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
     let Ok(text) = std::str::from_utf8(&body) else {
         e.metrics.signature_failure();
         return (StatusCode::BAD_REQUEST, "the body is not UTF-8".into());
     };
-    let Some(sig) = headers.get("stripe-signature").and_then(|v| v.to_str().ok()) else {
+    let Some(sig) = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+    else {
         e.metrics.signature_failure();
         return (StatusCode::BAD_REQUEST, "missing Stripe-Signature".into());
     };
@@ -81,11 +95,15 @@ async fn receive(State(e): State<Endpoint>, headers: HeaderMap, body: Bytes) -> 
     let id = event.id.as_str().to_string();
     let kind = payload["type"].as_str().unwrap_or_default().to_string();
     let intent = intent_of(&kind, &payload);
-    let fresh = match store::store_event(e.db.conn(), &id, &kind, &payload, intent.as_deref()).await {
+    let fresh = match store::store_event(e.db.conn(), &id, &kind, &payload, intent.as_deref()).await
+    {
         Ok(needs) => needs,
         Err(err) => {
             warn!(error = %err, event = %id, "storing a webhook event failed; Stripe will deliver it again");
-            return (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable".into());
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage unavailable".into(),
+            );
         }
     };
     e.metrics.event(&kind, !fresh);
@@ -96,7 +114,10 @@ async fn receive(State(e): State<Endpoint>, headers: HeaderMap, body: Bytes) -> 
             return (StatusCode::SERVICE_UNAVAILABLE, "queue unavailable".into());
         }
     }
-    (StatusCode::OK, json!({"received": true, "id": id}).to_string())
+    (
+        StatusCode::OK,
+        json!({"received": true, "id": id}).to_string(),
+    )
 }
 
 impl Payments {
@@ -106,7 +127,9 @@ impl Payments {
         let db = tenants.db().conn();
         let seen = db_event(tenants.db(), event_id).await?;
         let Some((kind, payload, processed)) = seen else {
-            return Err(TaskError::value_error(format!("event {event_id:?} was never received")));
+            return Err(TaskError::value_error(format!(
+                "event {event_id:?} was never received"
+            )));
         };
         let answer = |applied: bool, outcome: &str| json!({"event_id": event_id, "type": kind, "applied": applied, "outcome": outcome});
         if processed {
@@ -126,13 +149,23 @@ impl Payments {
         };
         let Some(tenant) = tenant else {
             // The charge that created it may not be recorded yet; give it time, then call it not ours.
-            return Err(TaskError::Retry { countdown: Some(2.0), eta: None, exc: None, max_retries: Some(5) });
+            return Err(TaskError::Retry {
+                countdown: Some(2.0),
+                eta: None,
+                exc: None,
+                max_retries: Some(5),
+            });
         };
         let tx = self.tx(&tenant).await?;
         let outcome = apply(&tx, &tenant, event_id, &kind, &payload, &pi).await?;
         let Some((applied, note)) = outcome else {
             tx.commit().await?;
-            return Err(TaskError::Retry { countdown: Some(2.0), eta: None, exc: None, max_retries: Some(5) });
+            return Err(TaskError::Retry {
+                countdown: Some(2.0),
+                eta: None,
+                exc: None,
+                max_retries: Some(5),
+            });
         };
         store::mark_event(&tx, event_id, &note).await?;
         tx.commit().await?;
@@ -154,7 +187,11 @@ async fn db_event(db: &Db, id: &str) -> Result<Option<(String, Value, bool)>, Ta
         .map_err(celeriac_domain::DomainError::from)?;
     Ok(row
         .map(|r| -> Result<_, sea_orm::DbErr> {
-            Ok((r.try_get("", "type")?, r.try_get("", "payload")?, r.try_get("", "done")?))
+            Ok((
+                r.try_get("", "type")?,
+                r.try_get("", "payload")?,
+                r.try_get("", "done")?,
+            ))
         })
         .transpose()
         .map_err(celeriac_domain::DomainError::from)?)
@@ -181,13 +218,29 @@ async fn apply(
     let object = &payload["data"]["object"];
     let (status, refunded, disputed, what) = match kind {
         "payment_intent.succeeded" => (Some(PayStatus::Succeeded), None, false, "succeeded"),
-        "payment_intent.payment_failed" => (Some(PayStatus::Declined), None, false, "payment failed"),
+        "payment_intent.payment_failed" => {
+            (Some(PayStatus::Declined), None, false, "payment failed")
+        }
         "payment_intent.processing" => (Some(PayStatus::Processing), None, false, "processing"),
-        "payment_intent.requires_action" => (Some(PayStatus::RequiresAction), None, false, "requires action"),
+        "payment_intent.requires_action" => (
+            Some(PayStatus::RequiresAction),
+            None,
+            false,
+            "requires action",
+        ),
         "charge.refunded" => (None, object["amount_refunded"].as_i64(), false, "refunded"),
         "charge.dispute.created" => (None, None, true, "disputed"),
         _ => {
-            store::note_event(tx, event_id, kind, Some(&payment.order_id), Some(pi), false, "type not handled").await?;
+            store::note_event(
+                tx,
+                event_id,
+                kind,
+                Some(&payment.order_id),
+                Some(pi),
+                false,
+                "type not handled",
+            )
+            .await?;
             return Ok(Some((false, "type not handled".into())));
         }
     };
@@ -196,12 +249,31 @@ async fn apply(
         || (disputed && !payment.disputed);
     let note = if moves {
         store::apply_to_payment(tx, &payment, status, refunded, disputed).await?;
-        format!("{what}: order {} is now {}", payment.order_id,
-            status.filter(|s| s.rank() > payment.status.rank()).unwrap_or(payment.status).as_str())
+        format!(
+            "{what}: order {} is now {}",
+            payment.order_id,
+            status
+                .filter(|s| s.rank() > payment.status.rank())
+                .unwrap_or(payment.status)
+                .as_str()
+        )
     } else {
-        format!("{what}: nothing to change (order {} is {})", payment.order_id, payment.status.as_str())
+        format!(
+            "{what}: nothing to change (order {} is {})",
+            payment.order_id,
+            payment.status.as_str()
+        )
     };
     let _ = tenant;
-    store::note_event(tx, event_id, kind, Some(&payment.order_id), Some(pi), moves, &note).await?;
+    store::note_event(
+        tx,
+        event_id,
+        kind,
+        Some(&payment.order_id),
+        Some(pi),
+        moves,
+        &note,
+    )
+    .await?;
     Ok(Some((moves, note)))
 }

@@ -32,10 +32,17 @@ pub fn register(registry: &mut Registry, platform: &mut Platform) -> Result<(), 
     config.validate()?;
     let api: Result<Arc<dyn service::PaymentApi>, String> = match config.secret_key()? {
         None => Err("payment.secret_key is not set".into()),
-        Some(key) => service::Stripe::new(&config.api_base, &key, Duration::from_secs_f64(config.request_timeout))
-            .map(|s| Arc::new(s) as Arc<dyn service::PaymentApi>),
+        Some(key) => service::Stripe::new(
+            &config.api_base,
+            &key,
+            Duration::from_secs_f64(config.request_timeout),
+        )
+        .map(|s| Arc::new(s) as Arc<dyn service::PaymentApi>),
     };
-    let metrics = Arc::new(metrics::PaymentMetrics::new(platform.metrics_mut(), config.metrics_tenant_label));
+    let metrics = Arc::new(metrics::PaymentMetrics::new(
+        platform.metrics_mut(),
+        config.metrics_tenant_label,
+    ));
     let payments = Arc::new(charge::Payments {
         config,
         tenants: platform.tenants().map_err(|e| e.to_string()),

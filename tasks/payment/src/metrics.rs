@@ -56,15 +56,30 @@ pub struct PaymentMetrics {
 impl PaymentMetrics {
     /// Registers every series.
     pub fn new(registry: &mut Registry, tenant_label: bool) -> Self {
-        let m = Self { tenant_label, ..Default::default() };
-        registry.register("celeriac_payment_charges", "Charges by outcome", m.charges.clone());
-        registry.register("celeriac_payment_refunds", "Refunds by outcome", m.refunds.clone());
+        let m = Self {
+            tenant_label,
+            ..Default::default()
+        };
+        registry.register(
+            "celeriac_payment_charges",
+            "Charges by outcome",
+            m.charges.clone(),
+        );
+        registry.register(
+            "celeriac_payment_refunds",
+            "Refunds by outcome",
+            m.refunds.clone(),
+        );
         registry.register(
             "celeriac_payment_replays",
             "Charges and refunds answered from their stored outcome (a redelivery or re-publish): nothing sent to Stripe",
             m.replays.clone(),
         );
-        registry.register("celeriac_payment_stripe_errors", "Stripe errors by type and code", m.errors.clone());
+        registry.register(
+            "celeriac_payment_stripe_errors",
+            "Stripe errors by type and code",
+            m.errors.clone(),
+        );
         registry.register(
             "celeriac_payment_webhook_events",
             "Webhook events received, by type and whether the id was seen before",
@@ -84,35 +99,67 @@ impl PaymentMetrics {
     }
 
     fn t(&self, tenant: &str) -> String {
-        if self.tenant_label { tenant.to_string() } else { String::new() }
+        if self.tenant_label {
+            tenant.to_string()
+        } else {
+            String::new()
+        }
     }
 
     /// A charge ended with `outcome`.
     pub fn charge(&self, tenant: &str, outcome: &str) {
-        self.charges.get_or_create(&OutcomeLabels { tenant: self.t(tenant), outcome: outcome.into() }).inc();
+        self.charges
+            .get_or_create(&OutcomeLabels {
+                tenant: self.t(tenant),
+                outcome: outcome.into(),
+            })
+            .inc();
         if outcome == "unknown" {
-            self.unknown.get_or_create(&TenantLabel { tenant: self.t(tenant) }).inc();
+            self.unknown
+                .get_or_create(&TenantLabel {
+                    tenant: self.t(tenant),
+                })
+                .inc();
         }
     }
 
     /// A refund ended with `outcome`.
     pub fn refund(&self, tenant: &str, outcome: &str) {
-        self.refunds.get_or_create(&OutcomeLabels { tenant: self.t(tenant), outcome: outcome.into() }).inc();
+        self.refunds
+            .get_or_create(&OutcomeLabels {
+                tenant: self.t(tenant),
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// A replay.
     pub fn replay(&self, tenant: &str) {
-        self.replays.get_or_create(&TenantLabel { tenant: self.t(tenant) }).inc();
+        self.replays
+            .get_or_create(&TenantLabel {
+                tenant: self.t(tenant),
+            })
+            .inc();
     }
 
     /// A Stripe error.
     pub fn error(&self, kind: &str, code: &str) {
-        self.errors.get_or_create(&ErrorLabels { r#type: kind.into(), code: code.into() }).inc();
+        self.errors
+            .get_or_create(&ErrorLabels {
+                r#type: kind.into(),
+                code: code.into(),
+            })
+            .inc();
     }
 
     /// A webhook event.
     pub fn event(&self, kind: &str, duplicate: bool) {
-        self.events.get_or_create(&EventLabels { r#type: kind.into(), duplicate: duplicate.to_string() }).inc();
+        self.events
+            .get_or_create(&EventLabels {
+                r#type: kind.into(),
+                duplicate: duplicate.to_string(),
+            })
+            .inc();
     }
 
     /// A refused signature.

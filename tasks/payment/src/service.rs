@@ -100,9 +100,16 @@ pub enum ApiFailure {
 /// Stripe, as the tasks use it.
 pub trait PaymentApi: Send + Sync {
     /// Creates and confirms a PaymentIntent (`confirm=true`, `off_session=true`) with `req.key`.
-    fn create_intent<'a>(&'a self, req: &'a ChargeRequest) -> BoxFuture<'a, Result<Intent, ApiFailure>>;
+    fn create_intent<'a>(
+        &'a self,
+        req: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<Intent, ApiFailure>>;
     /// The PaymentIntents whose metadata names this tenant and order (reconciliation past the key's life).
-    fn find_intents<'a>(&'a self, tenant: &'a str, order: &'a str) -> BoxFuture<'a, Result<Vec<Intent>, ApiFailure>>;
+    fn find_intents<'a>(
+        &'a self,
+        tenant: &'a str,
+        order: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Intent>, ApiFailure>>;
     /// Refunds `amount` of a PaymentIntent with `key`.
     fn create_refund<'a>(
         &'a self,
@@ -130,7 +137,11 @@ impl Stripe {
         let client = ClientBuilder::new(secret_key)
             .url(api_base)
             .timeout(timeout)
-            .app_info("celeriac-payments", Some(env!("CARGO_PKG_VERSION").into()), None)
+            .app_info(
+                "celeriac-payments",
+                Some(env!("CARGO_PKG_VERSION").into()),
+                None,
+            )
             .build()
             .map_err(|e| format!("payment.api_base {api_base:?}: {e}"))?;
         Ok(Self { client })
@@ -149,7 +160,9 @@ fn intent(pi: &PaymentIntent) -> Intent {
 }
 
 fn api_message(e: &ApiErrors) -> String {
-    e.message.clone().unwrap_or_else(|| e.type_.as_str().to_string())
+    e.message
+        .clone()
+        .unwrap_or_else(|| e.type_.as_str().to_string())
 }
 
 /// Classifies async-stripe's error.
@@ -163,16 +176,27 @@ pub fn classify(e: StripeError) -> ApiFailure {
                     code,
                     decline_code: err.decline_code.clone(),
                     message,
-                    payment_intent: err.payment_intent.as_ref().map(|p| p.id.as_str().to_string()),
+                    payment_intent: err
+                        .payment_intent
+                        .as_ref()
+                        .map(|p| p.id.as_str().to_string()),
                 },
                 (_, 401 | 403) => ApiFailure::Unauthorized { message },
                 (_, 409 | 429) | (_, 500..=599) | (ApiErrorsType::ApiError, _) => {
-                    ApiFailure::Transient { status: Some(status), message }
+                    ApiFailure::Transient {
+                        status: Some(status),
+                        message,
+                    }
                 }
-                _ if code.as_deref() == Some("lock_timeout") => {
-                    ApiFailure::Transient { status: Some(status), message }
-                }
-                (kind, _) => ApiFailure::Rejected { kind: kind.as_str().to_string(), code, message },
+                _ if code.as_deref() == Some("lock_timeout") => ApiFailure::Transient {
+                    status: Some(status),
+                    message,
+                },
+                (kind, _) => ApiFailure::Rejected {
+                    kind: kind.as_str().to_string(),
+                    code,
+                    message,
+                },
             }
         }
         StripeError::Timeout => ApiFailure::Transient {
@@ -211,9 +235,15 @@ fn quote(s: &str) -> String {
 }
 
 impl PaymentApi for Stripe {
-    fn create_intent<'a>(&'a self, req: &'a ChargeRequest) -> BoxFuture<'a, Result<Intent, ApiFailure>> {
+    fn create_intent<'a>(
+        &'a self,
+        req: &'a ChargeRequest,
+    ) -> BoxFuture<'a, Result<Intent, ApiFailure>> {
         Box::pin(async move {
-            let currency = req.currency.parse::<stripe_types::Currency>().unwrap_or_else(|e| match e {});
+            let currency = req
+                .currency
+                .parse::<stripe_types::Currency>()
+                .unwrap_or_else(|e| match e {});
             let mut create = CreatePaymentIntent::new(req.amount, currency)
                 .payment_method(req.payment_method.clone())
                 .confirm(true)
@@ -235,7 +265,11 @@ impl PaymentApi for Stripe {
         })
     }
 
-    fn find_intents<'a>(&'a self, tenant: &'a str, order: &'a str) -> BoxFuture<'a, Result<Vec<Intent>, ApiFailure>> {
+    fn find_intents<'a>(
+        &'a self,
+        tenant: &'a str,
+        order: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Intent>, ApiFailure>> {
         Box::pin(async move {
             let query = format!(
                 "metadata['tenant_id']:'{}' AND metadata['order_id']:'{}'",

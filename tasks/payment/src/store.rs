@@ -55,7 +55,11 @@ impl PayStatus {
             "declined" => Self::Declined,
             "failed" => Self::Failed,
             "unknown" => Self::Unknown,
-            other => return Err(DomainError::Db(sea_orm::DbErr::Type(format!("payments.status {other:?}")))),
+            other => {
+                return Err(DomainError::Db(sea_orm::DbErr::Type(format!(
+                    "payments.status {other:?}"
+                ))));
+            }
         })
     }
 
@@ -188,7 +192,10 @@ pub struct LiveAttempt {
 
 /// Inserts the attempt's row unless it exists, then locks it; `Err(LiveAttempt)` when another attempt of the
 /// order is live (at most one live charge per order).
-pub async fn lock_or_insert(tx: &TenantTx, p: &NewPayment<'_>) -> Result<Result<Payment, LiveAttempt>, DomainError> {
+pub async fn lock_or_insert(
+    tx: &TenantTx,
+    p: &NewPayment<'_>,
+) -> Result<Result<Payment, LiveAttempt>, DomainError> {
     tx.execute(
         "INSERT INTO payments (tenant_id, id, order_id, attempt, status, amount, currency, payment_method, customer, \
          description, metadata, idempotency_key, task_id) \
@@ -225,13 +232,20 @@ pub async fn lock_or_insert(tx: &TenantTx, p: &NewPayment<'_>) -> Result<Result<
                 )
                 .await?
                 .ok_or_else(|| DomainError::Db(sea_orm::DbErr::RecordNotFound(format!("payments row of order {:?}", p.order_id))))?;
-            Ok(Err(LiveAttempt { attempt: live.try_get("", "attempt")?, status: live.try_get("", "status")? }))
+            Ok(Err(LiveAttempt {
+                attempt: live.try_get("", "attempt")?,
+                status: live.try_get("", "status")?,
+            }))
         }
     }
 }
 
 /// Marks the key as sent: `submitted` with a lease, one more try, the first submission time kept.
-pub async fn submit(tx: &TenantTx, id: Uuid, lease_until: DateTime<Utc>) -> Result<(), DomainError> {
+pub async fn submit(
+    tx: &TenantTx,
+    id: Uuid,
+    lease_until: DateTime<Utc>,
+) -> Result<(), DomainError> {
     tx.execute(
         "UPDATE payments SET status = 'submitted', lease_until = $3, tries = tries + 1, \
          submitted_at = COALESCE(submitted_at, now()), updated_at = now() WHERE tenant_id = $1 AND id = $2",
@@ -257,7 +271,12 @@ pub struct Outcome<'a> {
 }
 
 /// Records a status (and what came with it), releasing the lease.
-pub async fn record(tx: &TenantTx, id: Uuid, status: PayStatus, o: &Outcome<'_>) -> Result<(), DomainError> {
+pub async fn record(
+    tx: &TenantTx,
+    id: Uuid,
+    status: PayStatus,
+    o: &Outcome<'_>,
+) -> Result<(), DomainError> {
     tx.execute(
         "UPDATE payments SET status = $3, payment_intent = COALESCE($4, payment_intent), decline_code = $5, \
          error_code = $6, error_type = $7, last_error = $8, lease_until = NULL, updated_at = now() \
@@ -277,7 +296,11 @@ pub async fn record(tx: &TenantTx, id: Uuid, status: PayStatus, o: &Outcome<'_>)
 }
 
 /// Routes a PaymentIntent to its tenant and order (for webhook events).
-pub async fn register_intent(tx: &TenantTx, payment_intent: &str, order_id: &str) -> Result<(), DomainError> {
+pub async fn register_intent(
+    tx: &TenantTx,
+    payment_intent: &str,
+    order_id: &str,
+) -> Result<(), DomainError> {
     tx.execute(
         "INSERT INTO payment_intent_tenants (payment_intent, tenant_id, order_id) VALUES ($2, $1, $3) \
          ON CONFLICT (payment_intent) DO NOTHING",
@@ -303,9 +326,14 @@ pub async fn live_payment(tx: &TenantTx, order_id: &str) -> Result<Option<Paymen
 }
 
 /// The payment of a PaymentIntent, locked.
-pub async fn payment_of_intent(tx: &TenantTx, payment_intent: &str) -> Result<Option<Payment>, DomainError> {
+pub async fn payment_of_intent(
+    tx: &TenantTx,
+    payment_intent: &str,
+) -> Result<Option<Payment>, DomainError> {
     tx.one(
-        &format!("SELECT {COLUMNS} FROM payments WHERE tenant_id = $1 AND payment_intent = $2 FOR UPDATE"),
+        &format!(
+            "SELECT {COLUMNS} FROM payments WHERE tenant_id = $1 AND payment_intent = $2 FOR UPDATE"
+        ),
         vec![payment_intent.into()],
     )
     .await?
@@ -317,7 +345,9 @@ pub async fn payment_of_intent(tx: &TenantTx, payment_intent: &str) -> Result<Op
 /// Every attempt of an order, oldest first.
 pub async fn payments_of_order(tx: &TenantTx, order_id: &str) -> Result<Vec<Payment>, DomainError> {
     tx.all(
-        &format!("SELECT {COLUMNS} FROM payments WHERE tenant_id = $1 AND order_id = $2 ORDER BY attempt"),
+        &format!(
+            "SELECT {COLUMNS} FROM payments WHERE tenant_id = $1 AND order_id = $2 ORDER BY attempt"
+        ),
         vec![order_id.into()],
     )
     .await?
@@ -331,6 +361,8 @@ pub async fn payments_of_order(tx: &TenantTx, order_id: &str) -> Result<Vec<Paym
 pub struct Refund {
     /// Row id.
     pub id: Uuid,
+    /// The order it refunds.
+    pub order_id: String,
     /// The caller's id.
     pub refund_id: String,
     /// Minor units.
@@ -348,6 +380,7 @@ pub struct Refund {
 fn refund(r: &QueryResult) -> Result<Refund, DomainError> {
     Ok(Refund {
         id: r.try_get("", "id")?,
+        order_id: r.try_get("", "order_id")?,
         refund_id: r.try_get("", "refund_id")?,
         amount: r.try_get("", "amount")?,
         status: r.try_get("", "status")?,
@@ -357,12 +390,15 @@ fn refund(r: &QueryResult) -> Result<Refund, DomainError> {
     })
 }
 
-const REFUND_COLUMNS: &str = "id, refund_id, amount, status, stripe_refund, idempotency_key, last_error";
+const REFUND_COLUMNS: &str =
+    "id, order_id, refund_id, amount, status, stripe_refund, idempotency_key, last_error";
 
 /// The refund of a caller id.
 pub async fn find_refund(tx: &TenantTx, refund_id: &str) -> Result<Option<Refund>, DomainError> {
     tx.one(
-        &format!("SELECT {REFUND_COLUMNS} FROM payment_refunds WHERE tenant_id = $1 AND refund_id = $2"),
+        &format!(
+            "SELECT {REFUND_COLUMNS} FROM payment_refunds WHERE tenant_id = $1 AND refund_id = $2"
+        ),
         vec![refund_id.into()],
     )
     .await?
@@ -385,30 +421,34 @@ pub async fn refunds_total(tx: &TenantTx, payment_id: Uuid) -> Result<i64, Domai
         .unwrap_or(0))
 }
 
-/// Reserves a refund (`submitted`) on a payment.
+/// Reserves a refund (`submitted`) on a payment; `None` when another transaction took the refund id first.
 pub async fn insert_refund(
     tx: &TenantTx,
     payment: &Payment,
     refund_id: &str,
     amount: i64,
     key: &str,
-) -> Result<Refund, DomainError> {
+) -> Result<Option<Refund>, DomainError> {
     let id = Uuid::new_v4();
-    tx.execute(
+    let n = tx.execute(
         "INSERT INTO payment_refunds (tenant_id, id, payment_id, order_id, refund_id, amount, status, idempotency_key) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'submitted', $7)",
+         VALUES ($1, $2, $3, $4, $5, $6, 'submitted', $7) ON CONFLICT (tenant_id, refund_id) DO NOTHING",
         vec![id.into(), payment.id.into(), payment.order_id.clone().into(), refund_id.into(), amount.into(), key.into()],
     )
     .await?;
-    Ok(Refund {
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Refund {
         id,
+        order_id: payment.order_id.clone(),
         refund_id: refund_id.into(),
         amount,
         status: "submitted".into(),
         stripe_refund: None,
         key: key.into(),
         last_error: None,
-    })
+    }))
 }
 
 /// Records a refund's outcome; a succeeded or pending one also raises the payment's refunded total.
@@ -456,7 +496,9 @@ pub async fn apply_to_payment(
     refunded: Option<i64>,
     disputed: bool,
 ) -> Result<(), DomainError> {
-    let status = status.filter(|s| s.rank() > payment.status.rank()).unwrap_or(payment.status);
+    let status = status
+        .filter(|s| s.rank() > payment.status.rank())
+        .unwrap_or(payment.status);
     tx.execute(
         "UPDATE payments SET status = $3, refunded = GREATEST(refunded, $4), disputed = disputed OR $5, \
          lease_until = CASE WHEN $3 = status THEN lease_until ELSE NULL END, updated_at = now() \
@@ -543,7 +585,10 @@ pub async fn store_event(
 }
 
 /// A stored event: `(type, payload, processed)`, locked in `tx`'s transaction.
-pub async fn load_event(tx: &TenantTx, id: &str) -> Result<Option<(String, Json, bool)>, DomainError> {
+pub async fn load_event(
+    tx: &TenantTx,
+    id: &str,
+) -> Result<Option<(String, Json, bool)>, DomainError> {
     let row = tx
         .conn()
         .query_one_raw(Statement::from_sql_and_values(
@@ -556,7 +601,8 @@ pub async fn load_event(tx: &TenantTx, id: &str) -> Result<Option<(String, Json,
         Ok((
             r.try_get::<String>("", "type")?,
             r.try_get::<Json>("", "payload")?,
-            r.try_get::<Option<DateTime<Utc>>>("", "processed_at")?.is_some(),
+            r.try_get::<Option<DateTime<Utc>>>("", "processed_at")?
+                .is_some(),
         ))
     })
     .transpose()
@@ -575,7 +621,10 @@ pub async fn mark_event(tx: &TenantTx, id: &str, outcome: &str) -> Result<(), Do
 }
 
 /// The tenant (id) and order of a PaymentIntent.
-pub async fn intent_owner(db: &DatabaseConnection, payment_intent: &str) -> Result<Option<(Uuid, String)>, DomainError> {
+pub async fn intent_owner(
+    db: &DatabaseConnection,
+    payment_intent: &str,
+) -> Result<Option<(Uuid, String)>, DomainError> {
     db.query_one_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "SELECT tenant_id, order_id FROM payment_intent_tenants WHERE payment_intent = $1",
@@ -587,7 +636,11 @@ pub async fn intent_owner(db: &DatabaseConnection, payment_intent: &str) -> Resu
 }
 
 /// Marks an event processed that belongs to no tenant of ours.
-pub async fn mark_foreign_event(db: &DatabaseConnection, id: &str, outcome: &str) -> Result<(), DomainError> {
+pub async fn mark_foreign_event(
+    db: &DatabaseConnection,
+    id: &str,
+    outcome: &str,
+) -> Result<(), DomainError> {
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "UPDATE stripe_events SET processed_at = now(), outcome = $2 WHERE id = $1 AND processed_at IS NULL",
