@@ -39,6 +39,28 @@ enum TenantsCommand {
     },
     /// List tenants.
     List,
+    /// Set the tenant's shop (catalog and data-sync source); the token is read from an environment variable and
+    /// stored sealed under CELERIAC_SECRET_KEY.
+    #[command(name = "set-source")]
+    SetSource {
+        /// Tenant slug or id.
+        slug: String,
+        /// The source kind.
+        #[arg(long, default_value = "shopify")]
+        kind: String,
+        /// The shop's base URL (https://shop.myshopify.com).
+        #[arg(long)]
+        url: String,
+        /// The environment variable holding the access token.
+        #[arg(long)]
+        token_env: String,
+        /// The environment variable holding the shop's webhook secret (optional).
+        #[arg(long)]
+        webhook_secret_env: Option<String>,
+        /// The Admin API version.
+        #[arg(long, default_value = "2024-07")]
+        api_version: String,
+    },
 }
 
 /// `celeriac email`.
@@ -120,6 +142,50 @@ pub async fn migrate(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Result<i
 /// `celeriac tenants`.
 pub async fn tenants(global: &GlobalArgs, args: TenantsArgs) -> anyhow::Result<i32> {
     let resolved = global.resolve()?;
+    if let TenantsCommand::SetSource {
+        slug,
+        kind,
+        url,
+        token_env,
+        webhook_secret_env,
+        api_version,
+    } = &args.command
+    {
+        anyhow::ensure!(
+            kind == "shopify",
+            "--kind: only shopify is supported (a GraphQL source is not built yet)"
+        );
+        url::Url::parse(url).with_context(|| format!("--url {url:?}"))?;
+        let read = |var: &str| {
+            std::env::var(var).with_context(|| format!("the environment variable {var} is not set"))
+        };
+        let token = read(token_env)?;
+        let sealer = celeriac_domain::secret::Sealer::from_env()?;
+        let db = Db::connect(&resolved.database())
+            .await
+            .context("connecting as database_url")?;
+        let tenants = Tenants::new(db);
+        let tx = tenants.begin(slug).await?;
+        let id = tx.tenant().id;
+        let secret = webhook_secret_env
+            .as_deref()
+            .map(|v| {
+                read(v).map(|s| sealer.seal(&celeriac_tasks_sync::tasks::webhook_context(&id), &s))
+            })
+            .transpose()?;
+        celeriac_tasks_sync::store::set_source(
+            &tx,
+            kind,
+            url.trim_end_matches('/'),
+            api_version,
+            sealer.seal(&celeriac_tasks_sync::tasks::token_context(&id), &token),
+            secret,
+        )
+        .await?;
+        tx.commit().await?;
+        println!("{slug}: {kind} source {url} (API {api_version}); token sealed");
+        return Ok(0);
+    }
     let admin = Admin::connect(&resolved.database())
         .await
         .context("connecting as database_admin_url")?;
@@ -142,6 +208,7 @@ pub async fn tenants(global: &GlobalArgs, args: TenantsArgs) -> anyhow::Result<i
                 );
             }
         }
+        TenantsCommand::SetSource { .. } => unreachable!("handled above"),
     }
     Ok(0)
 }

@@ -15,6 +15,7 @@ type Register = fn(&mut Registry, &mut Platform) -> Result<(), String>;
 const FAMILIES: &[(&str, Register)] = &[
     ("email", celeriac_tasks_email::register),
     ("payment", celeriac_tasks_payment::register),
+    ("sync", celeriac_tasks_sync::register),
 ];
 
 /// The config sections that belong to families (`[email]`, ...).

@@ -1,6 +1,7 @@
-//! `celeriac webhooks`: the HTTP endpoint peers call back (`POST /webhooks/stripe` for the payment family),
-//! plus `/metrics` and `/health`. Each event is verified, stored once and handed to a task
-//! (`payment.apply_event`) through the broker; the first SIGTERM/SIGINT stops it after in-flight requests.
+//! `celeriac webhooks`: the HTTP endpoints peers call back (`POST /webhooks/stripe` for the payment family
+//! when `payment.webhook_secret` is set; `POST /webhooks/shopify/{tenant}` for catalog and data-sync), plus
+//! `/metrics` and `/health`. Every request is verified before anything is read; the first SIGTERM/SIGINT stops
+//! it after in-flight requests.
 
 use crate::settings::GlobalArgs;
 use anyhow::Context;
@@ -24,16 +25,22 @@ pub struct WebhooksArgs {
 /// Serves the webhook endpoints until a signal.
 pub async fn run(global: &GlobalArgs, args: WebhooksArgs) -> anyhow::Result<i32> {
     let resolved = global.resolve()?;
-    let platform = Platform::new(resolved.database(), None, resolved.config.sections.clone());
+    let database = resolved.database();
+    let db = Db::connect(&database)
+        .await
+        .context("connecting as database_url")?;
+    db.check_ready(&database).await?;
+    let mut platform = Platform::new(
+        database.clone(),
+        Some(Arc::new(celeriac_domain::Tenants::new(db.clone()))),
+        resolved.config.sections.clone(),
+    );
     let config: PaymentConfig = platform
         .section("payment")
         .map_err(anyhow::Error::msg)?
         .unwrap_or_default();
     config.validate().map_err(anyhow::Error::msg)?;
-    let secret = config
-        .webhook_secret()
-        .map_err(anyhow::Error::msg)?
-        .context("payment.webhook_secret is not set (CELERIAC_PAYMENT__WEBHOOK_SECRET or payment.webhook_secret_file)")?;
+    let secret = config.webhook_secret().map_err(anyhow::Error::msg)?;
     let addr = match (args.addr, &config.webhook_addr) {
         (Some(a), _) => a,
         (None, Some(a)) => a
@@ -41,12 +48,8 @@ pub async fn run(global: &GlobalArgs, args: WebhooksArgs) -> anyhow::Result<i32>
             .with_context(|| format!("payment.webhook_addr {a:?}"))?,
         (None, None) => "127.0.0.1:9080".parse()?,
     };
-    let database = resolved.database();
-    let db = Db::connect(&database)
-        .await
-        .context("connecting as database_url")?;
-    db.check_ready(&database).await?;
-    let mut registry = prometheus_client::registry::Registry::default();
+    let sync = celeriac_tasks_sync::family(&mut platform).map_err(anyhow::Error::msg)?;
+    let mut registry = platform.into_metrics();
     let metrics = Arc::new(celeriac_tasks_payment::metrics::PaymentMetrics::new(
         &mut registry,
         config.metrics_tenant_label,
@@ -78,13 +81,32 @@ pub async fn run(global: &GlobalArgs, args: WebhooksArgs) -> anyhow::Result<i32>
             out
         })
     };
-    let app = router(Endpoint {
-        secret: secret.into(),
-        db,
-        enqueue,
-        metrics,
-        render_metrics: render,
-    });
+    let mut app = celeriac_tasks_sync::webhook::router(sync);
+    match secret {
+        Some(secret) => {
+            app = app.merge(router(Endpoint {
+                secret: secret.into(),
+                db,
+                enqueue,
+                metrics,
+                render_metrics: render,
+            }))
+        }
+        None => {
+            tracing::warn!(
+                "payment.webhook_secret is not set: POST /webhooks/stripe is not served"
+            );
+            app = app
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let r = render.clone();
+                        async move { r() }
+                    }),
+                )
+                .route("/health", axum::routing::get(|| async { "ok" }));
+        }
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;

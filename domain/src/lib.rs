@@ -7,6 +7,7 @@
 //! - [`tenant`]: tenant ids and slugs ([`Tenants`]), the transaction-scoped [`TenantTx`].
 //! - [`admin`]: what runs as the owner role: migrations, the application role's grants, adding tenants.
 //! - [`platform`]: [`Platform`], what a family's `register` gets (its config section, the database).
+//! - [`secret`]: per-tenant secrets sealed under `CELERIAC_SECRET_KEY`.
 //! - [`error`]: [`DomainError`] and how it reaches a Celery client.
 //! - `testing` (feature `test-utils`): a migrated schema of its own per test.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod platform;
+pub mod secret;
 pub mod tenant;
 #[cfg(feature = "test-utils")]
 pub mod testing;

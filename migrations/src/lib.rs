@@ -23,6 +23,7 @@ mod m20261121_000002_flower_tasks;
 mod m20261206_000003_tenants;
 mod m20261206_000004_email;
 mod m20261206_000005_payment;
+mod m20261206_000006_sync;
 pub mod tenancy;
 
 /// Every migration, oldest first.
@@ -60,6 +61,7 @@ impl MigratorTrait for DomainMigrator {
             Box::new(m20261206_000003_tenants::Migration),
             Box::new(m20261206_000004_email::Migration),
             Box::new(m20261206_000005_payment::Migration),
+            Box::new(m20261206_000006_sync::Migration),
         ]
     }
 

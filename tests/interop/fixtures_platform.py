@@ -13,6 +13,9 @@
                and fault injection) on a free port; stopped afterwards.
 * ``webhooks`` ``webhooks(settings)`` starts ``celeriac webhooks`` on a free
                port with those settings; returns its base URL.
+* ``shop``     ``shop(**options)`` starts a fake Shopify Admin REST API on WireMock
+               (``tests/peers/shopfake.py``); stopped afterwards.
+* ``secret_key`` sets ``CELERIAC_SECRET_KEY`` for the processes the test starts.
 
 ``domain.settings(**family_sections)`` gives the worker settings (``database_url``,
 ``database_admin_url``, ``database_schema`` and the family sections) that
@@ -33,6 +36,7 @@ if str(PEERS) not in sys.path:
 
 import smtp_sink as smtp_sink_module  # noqa: E402
 import stripe_launcher as stripe_launcher_module  # noqa: E402
+import shopfake as shopfake_module  # noqa: E402
 
 POSTGRES_URL = os.environ.get("INTEROP_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
 APP_ROLE = os.environ.get("INTEROP_APP_ROLE", "celeriac_app")
@@ -174,3 +178,24 @@ def webhooks(workers):
     yield start
     for proc in started:
         stop_service(proc)
+
+
+@pytest.fixture
+def shop():
+    started = []
+
+    def start(**options):
+        fake = shopfake_module.ShopFake(**options).start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()
+
+
+@pytest.fixture
+def secret_key(monkeypatch):
+    key = "interop-secret-key-" + uuid.uuid4().hex
+    monkeypatch.setenv("CELERIAC_SECRET_KEY", key)
+    return key
