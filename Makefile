@@ -23,7 +23,7 @@ CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -81,6 +81,9 @@ bench-email: redis postgres venv release ## Mails per second through one worker 
 
 bench-payment: redis postgres venv release ## Charges per second through one worker against the Stripe launcher (exactly one PaymentIntent per order).
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/paybench.py $(BENCH_ARGS)
+
+bench-sync: redis postgres venv release ## Products per second ingested by one worker from a fake Shopify shop (WireMock).
+	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/syncbench.py $(BENCH_ARGS)
 
 bench-eta: redis venv release ## ETA soak: 100,000 tasks due in 1 h (RSS), due after the visibility timeout, worker killed.
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/eta_soak.py $(BENCH_ARGS)
