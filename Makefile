@@ -23,7 +23,7 @@ CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,6 +56,11 @@ test-repeat: redis postgres rabbitmq chromium venv build ## Run the interop suit
 	  else failed=$$((failed + 1)); echo "round $$i/$(N): FAILED ($$(grep -E ' in [0-9.]+s' $$dir/pytest.txt | tail -1))"; \
 	    grep -E '^(FAILED|ERROR) ' $$dir/pytest.txt | sed "s|^|    |; s|\$$|  [artifacts: $$dir]|"; fi; \
 	done; echo "$$(($(N) - failed)) of $(N) rounds passed"; test $$failed -eq 0
+
+chaos: redis postgres rabbitmq venv build ## Peer restarts under load at full scale (10 s outages, 30,000 tasks): lost/failed/duplicates per peer into test-artifacts/chaos.jsonl.
+	@rm -f test-artifacts/chaos.jsonl
+	@CHAOS_SCALE=full CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q -p no:cacheprovider tests/interop/test_chaos.py; \
+	  rc=$$?; $(PYTHON) tests/interop/chaos_table.py test-artifacts/chaos.jsonl; exit $$rc
 
 peers: venv ## Only the test peers' own tests (SMTP sink, Stripe launcher, fake shop).
 	$(PYTHON) -m pytest -q tests/peers

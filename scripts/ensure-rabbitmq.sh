@@ -23,8 +23,14 @@ if ! command -v rabbitmq-server >/dev/null; then
     exit 1
   fi
 fi
-echo "starting a local rabbitmq-server on 127.0.0.1:5672"
-rabbitmq-server -detached >/dev/null 2>&1 || true
+if command -v rabbitmqctl >/dev/null && rabbitmqctl -q ping >/dev/null 2>&1; then
+  # A node left with its app stopped (an interrupted broker-restart test does that): start the app.
+  echo "the local RabbitMQ node runs with its application stopped; starting it"
+  rabbitmqctl -q start_app >/dev/null 2>&1 || true
+else
+  echo "starting a local rabbitmq-server on 127.0.0.1:5672"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+fi
 for _ in $(seq 120); do
   ready && exit 0
   sleep 0.5

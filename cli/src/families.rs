@@ -24,7 +24,10 @@ pub fn section_names() -> Vec<&'static str> {
 }
 
 /// Connects the domain database when `database_url` is set and checks it is ready for workers.
-pub async fn platform(resolved: &Resolved) -> anyhow::Result<Platform> {
+pub async fn platform(
+    resolved: &Resolved,
+    peers: Arc<celeriac_worker::task::Peers>,
+) -> anyhow::Result<Platform> {
     let database = resolved.database();
     let tenants = match &database.url {
         None => None,
@@ -36,14 +39,10 @@ pub async fn platform(resolved: &Resolved) -> anyhow::Result<Platform> {
                 )
             })?;
             db.check_ready(&database).await?;
-            Some(Arc::new(Tenants::new(db)))
+            Some(Arc::new(Tenants::new(db.with_peers(Arc::clone(&peers)))))
         }
     };
-    Ok(Platform::new(
-        database,
-        tenants,
-        resolved.config.sections.clone(),
-    ))
+    Ok(Platform::new(database, tenants, resolved.config.sections.clone()).with_peers(peers))
 }
 
 /// Registers every family.

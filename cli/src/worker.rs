@@ -6,6 +6,7 @@ use anyhow::Context;
 use celeriac_worker::{Registry, Shutdown, WorkerSettings};
 use clap::Args;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::warn;
@@ -77,6 +78,8 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
         prefetch_multiplier > 0,
         "--prefetch-multiplier must be at least 1"
     );
+    // Every outside peer's health, shared by the runtime (broker, results) and the families (their peers).
+    let peers = Arc::new(celeriac_worker::task::Peers::new());
     let settings = WorkerSettings {
         hostname: expand_hostname(&args.hostname),
         queues,
@@ -109,12 +112,13 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
         send_task_events: args.task_events || cfg.worker_send_task_events,
         send_sent_event: cfg.task_send_sent_event,
         heartbeat: !args.without_heartbeat,
+        peers: Arc::clone(&peers),
     };
     let mut registry = Registry::new();
     if cfg.worker_bench_tasks && !args.without_bench_tasks {
         celeriac_tasks::bench::register(&mut registry);
     }
-    let mut platform = crate::families::platform(&resolved).await?;
+    let mut platform = crate::families::platform(&resolved, Arc::clone(&peers)).await?;
     crate::families::register_all(&mut registry, &mut platform)?;
     for (name, a) in &cfg.task_annotations {
         registry.annotate(name, a.to_options(name).map_err(anyhow::Error::msg)?);

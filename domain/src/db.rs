@@ -11,6 +11,7 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Db {
     conn: DatabaseConnection,
+    peers: std::sync::Arc<celeriac_task::Peers>,
 }
 
 /// Pool options shared by the application and owner connections.
@@ -22,7 +23,9 @@ pub(crate) fn options(url: &str, schema: Option<&str>, max: u32) -> ConnectOptio
         .idle_timeout(Duration::from_secs(300))
         // A connection that died with its server is found and replaced before a task gets it.
         .test_before_acquire(true)
-        .sqlx_logging(false);
+        .sqlx_logging(false)
+        // A wait for a connection is reported once per outage through the peers registry, not per acquire.
+        .map_sqlx_postgres_pool_opts(|o| o.acquire_slow_level(log::LevelFilter::Off));
     if let Some(s) = schema {
         opts.set_schema_search_path(s.to_string());
     }
@@ -42,7 +45,34 @@ impl Db {
             config.max_connections.max(1),
         ))
         .await?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            peers: Default::default(),
+        })
+    }
+
+    /// Reports the database's health to `peers` (as `postgres`) from now on.
+    pub fn with_peers(mut self, peers: std::sync::Arc<celeriac_task::Peers>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// Records how a use of the database went: a connection error makes it down (one warning per outage).
+    pub fn report(&self, outcome: Result<(), &DomainError>) {
+        match outcome {
+            Ok(()) => self.peers.up("postgres"),
+            Err(e) if e.is_transient() => self.peers.down("postgres", &e.to_string()),
+            Err(_) => {}
+        }
+    }
+
+    /// Records that a use has waited `waited` for a connection: the database is reported down until a use
+    /// succeeds.
+    pub fn report_waiting(&self, waited: Duration) {
+        self.peers.down(
+            "postgres",
+            &format!("no database connection for {:.0} s", waited.as_secs_f64()),
+        );
     }
 
     /// The pool (for entity queries outside tenant tables, e.g. `tenants`).

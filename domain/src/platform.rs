@@ -11,6 +11,7 @@ use std::sync::Arc;
 /// A family's view of the platform at registration.
 #[derive(Debug, Default)]
 pub struct Platform {
+    peers: Arc<celeriac_task::Peers>,
     database: DatabaseConfig,
     tenants: Option<Arc<Tenants>>,
     sections: BTreeMap<String, toml::Table>,
@@ -26,11 +27,23 @@ impl Platform {
         sections: BTreeMap<String, toml::Table>,
     ) -> Self {
         Self {
+            peers: Default::default(),
             database,
             tenants,
             sections,
             metrics: Default::default(),
         }
+    }
+
+    /// Shares `peers` with the families (they report the peers they talk to).
+    pub fn with_peers(mut self, peers: Arc<celeriac_task::Peers>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// The outside peers' health.
+    pub fn peers(&self) -> Arc<celeriac_task::Peers> {
+        Arc::clone(&self.peers)
     }
 
     /// The family's section (`[email]`), typed; `None` when absent. Errors name the section and key.

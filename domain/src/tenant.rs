@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use uuid::Uuid;
 
+/// How long opening a transaction may wait for a connection before the database is reported down.
+const SLOW_CONNECTION: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A resolved tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -99,14 +102,32 @@ pub struct TenantTx {
 impl TenantTx {
     /// Begins a transaction for `tenant`.
     pub async fn begin(db: &Db, tenant: Tenant) -> Result<Self, DomainError> {
-        let txn = db.conn().begin().await?;
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT set_config('app.tenant_id', $1, true)",
-            [tenant.id.to_string().into()],
-        ))
-        .await?;
-        Ok(Self { txn, tenant })
+        let id = tenant.id.to_string();
+        let opening = async {
+            let txn = db.conn().begin().await?;
+            txn.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT set_config('app.tenant_id', $1, true)",
+                [id.into()],
+            ))
+            .await?;
+            Ok::<_, DomainError>(txn)
+        };
+        tokio::pin!(opening);
+        // The pool waits for a connection (up to its acquire timeout) while the server is away: a wait this long
+        // already tells the operator that PostgreSQL is down, before any error does.
+        let opened = tokio::select! {
+            opened = &mut opening => opened,
+            () = tokio::time::sleep(SLOW_CONNECTION) => {
+                db.report_waiting(SLOW_CONNECTION);
+                opening.await
+            }
+        };
+        db.report(opened.as_ref().map(|_| ()));
+        Ok(Self {
+            txn: opened?,
+            tenant,
+        })
     }
 
     /// The tenant.

@@ -61,6 +61,8 @@ pub struct TaskContext {
     pub canvas: Option<Arc<dyn CanvasPublisher>>,
     /// The cluster-wide rate limiter; `None` outside a worker.
     pub limiter: Option<Arc<dyn SharedLimiter>>,
+    /// The outside peers' health: report a peer down (a connection error) or up (it answered).
+    pub peers: Arc<crate::peers::Peers>,
     /// Result tuples of what this task started (stored as the result's `children`).
     pub children: Arc<std::sync::Mutex<Vec<Value>>>,
 }
@@ -90,6 +92,7 @@ impl TaskContext {
             root_id: id.into(),
             canvas: None,
             limiter: None,
+            peers: Default::default(),
             children: Default::default(),
         }
     }

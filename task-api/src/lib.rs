@@ -6,14 +6,17 @@
 //! - [`context`]: the running task's view of its request ([`TaskContext`]).
 //! - [`options`]: per-task options ([`TaskOptions`]), rate limits, Celery's retry backoff.
 //! - [`error`]: task outcomes ([`TaskError`]) that steer the runtime.
+//! - [`peers`]: the outside peers' health ([`Peers`]): one line per outage, `/health` and metrics.
 
 pub mod context;
 pub mod error;
 pub mod options;
+pub mod peers;
 pub mod registry;
 
 pub use celeriac_protocol::result::ExceptionInfo;
 pub use context::{CanvasPublisher, SharedLimiter, StateSink, TaskContext};
 pub use error::TaskError;
 pub use options::{RateLimit, TaskOptions, backoff, random_unit};
+pub use peers::{Outage, Peers};
 pub use registry::{Handler, Params, RegisteredTask, Registry};

@@ -2,8 +2,8 @@
 //! integers stay integers, a float anywhere makes a float, strings and lists concatenate, other mixes are
 //! a `TypeError` with Python's wording.
 
-use celeriac_worker::{Registry, TaskError, TaskOptions};
-use redis::aio::MultiplexedConnection;
+use celeriac_worker::{Registry, TaskContext, TaskError, TaskOptions};
+use redis::aio::ConnectionManager;
 use serde_json::{Number, Value};
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -61,8 +61,8 @@ pub fn register(registry: &mut Registry) {
         "bench.mark",
         &["i", "key", "redis_url"],
         opts(),
-        |_ctx, (i, key, url): (Value, String, String)| async move {
-            mark(&i, &key, &url).await?;
+        |ctx, (i, key, url): (Value, String, String)| async move {
+            mark(&ctx, &i, &key, &url).await?;
             Ok(i)
         },
     );
@@ -210,45 +210,97 @@ pub fn py_mul(x: &Value, y: &Value) -> Result<Value, TaskError> {
     }
 }
 
-static MARK_CONNECTIONS: LazyLock<Mutex<HashMap<String, MultiplexedConnection>>> =
+static MARK_CONNECTIONS: LazyLock<Mutex<HashMap<String, ConnectionManager>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
-/// `HINCRBY key i 1` on the Redis at `url` (connections cached per URL).
-async fn mark(i: &Value, key: &str, url: &str) -> Result<(), TaskError> {
+/// Counts one execution once, however often the command is sent: a reply lost to a broken connection
+/// is retried with the same execution token. KEYS: the hash, the token key. ARGV: the field.
+static MARK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"if redis.call('SET', KEYS[2], 1, 'NX', 'EX', 3600) then return redis.call('HINCRBY', KEYS[1], ARGV[1], 1) end
+          return -1",
+    )
+});
+
+/// `HINCRBY key i 1` on the Redis at `url`, once per execution. Connections are cached per URL and heal by
+/// themselves (a connection manager); while Redis is away the task waits and tries again (up to a minute)
+/// with the same execution token, then retries as a task.
+async fn mark(ctx: &TaskContext, i: &Value, key: &str, url: &str) -> Result<(), TaskError> {
     let field = i
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| i.to_string());
+    let peer = format!(
+        "redis:{}",
+        redis::parse_redis_url(url)
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default()
+    );
+    let token = format!("{key}:exec:{}", uuid::Uuid::new_v4().simple());
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let error = match connection(url).await {
+            Err(TaskError::Failed(e)) if e.exc_type == "ValueError" => {
+                return Err(TaskError::Failed(e));
+            }
+            Err(e) => format!("{e}"),
+            Ok(mut conn) => match MARK
+                .key(key)
+                .key(&token)
+                .arg(&field)
+                .invoke_async::<i64>(&mut conn)
+                .await
+            {
+                Ok(_) => {
+                    ctx.peers.up(&peer);
+                    return Ok(());
+                }
+                Err(e) => e.to_string(),
+            },
+        };
+        ctx.peers.down(&peer, &error);
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(TaskError::transient(
+                celeriac_worker::task::ExceptionInfo::new(
+                    "builtins",
+                    "ConnectionError",
+                    format!("bench.mark: {error}"),
+                ),
+                1.0 + celeriac_worker::task::random_unit(),
+                Some(-1),
+            ));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// The cached, self-healing connection to `url`.
+async fn connection(url: &str) -> Result<ConnectionManager, TaskError> {
     let cached = MARK_CONNECTIONS
         .lock()
         .expect("mark connections")
         .get(url)
         .cloned();
-    let mut conn = match cached {
-        Some(c) => c,
-        None => {
-            let client = redis::Client::open(url).map_err(|e| {
-                TaskError::value_error(format!("bench.mark: invalid redis_url {url:?}: {e}"))
-            })?;
-            let c = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| TaskError::builtin("ConnectionError", format!("bench.mark: {e}")))?;
-            MARK_CONNECTIONS
-                .lock()
-                .expect("mark connections")
-                .insert(url.to_string(), c.clone());
-            c
-        }
-    };
-    redis::cmd("HINCRBY")
-        .arg(key)
-        .arg(field)
-        .arg(1)
-        .query_async::<i64>(&mut conn)
+    if let Some(c) = cached {
+        return Ok(c);
+    }
+    let client = redis::Client::open(url).map_err(|e| {
+        TaskError::value_error(format!("bench.mark: invalid redis_url {url:?}: {e}"))
+    })?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(1);
+    let c = ConnectionManager::new_with_config(client, config)
         .await
         .map_err(|e| TaskError::builtin("ConnectionError", format!("bench.mark: {e}")))?;
-    Ok(())
+    MARK_CONNECTIONS
+        .lock()
+        .expect("mark connections")
+        .insert(url.to_string(), c.clone());
+    Ok(c)
 }
 
 #[cfg(test)]

@@ -478,9 +478,12 @@ class Fleet:
     def wait_ready(self, worker, ready_queue, result_backend=None):
         """Block until ``worker`` ran a sentinel from its private queue."""
         sentinel = self.client_app.send_task("bench.noop", args=("ready",), queue=ready_queue)
-        if (result_backend or self.iso.redis_url).startswith("redis"):
+        backend = result_backend or self.iso.redis_url
+        if backend.startswith("redis"):
             key = self.iso.result_key(sentinel.id)
-            done = lambda: self.redis.exists(key)  # noqa: E731
+            # Results may live on another Redis than the suite's (a chaos test's own instance).
+            client = self.redis if backend == self.iso.redis_url else redis.Redis.from_url(backend)
+            done = lambda: client.exists(key)  # noqa: E731
         else:
             done = sentinel.ready  # e.g. rpc://: only the sending client can read it
         deadline = time.monotonic() + self.READY_TIMEOUT

@@ -36,6 +36,13 @@ pub struct WorkerLabels {
     pub hostname: String,
 }
 
+/// Labels of per-peer series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// `broker`, `result_backend`, `postgres`, `smtp`, `stripe`, `shop:<host>`.
+    pub peer: String,
+}
+
 /// Labels of per-queue series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
@@ -99,6 +106,10 @@ pub struct Metrics {
     pub prefetch_limit: Gauge,
     /// `celeriac_worker_dead_lettered_total`.
     pub dead_lettered: Counter,
+    /// `celeriac_peer_outage_seconds{peer}`: how long the peer has been down now (0 when up).
+    pub peer_outage: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    /// `celeriac_peer_up{peer}`.
+    pub peer_up: Family<PeerLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -176,6 +187,18 @@ impl Metrics {
             "Messages moved to a dead-letter list",
             dead_lettered.clone(),
         );
+        let peer_outage = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "celeriac_peer_outage_seconds",
+            "Seconds an outside peer has been down now (0 when up)",
+            peer_outage.clone(),
+        );
+        let peer_up = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "celeriac_peer_up",
+            "Whether an outside peer answers (1) or not (0)",
+            peer_up.clone(),
+        );
         // Per-worker gauges share one series each; keep handles to them.
         let worker_up = up_family.get_or_create(&host).clone();
         let tasks_active = active_family.get_or_create(&host).clone();
@@ -193,6 +216,8 @@ impl Metrics {
             prefetched,
             prefetch_limit,
             dead_lettered,
+            peer_outage,
+            peer_up,
         }
     }
 
@@ -268,6 +293,8 @@ pub struct Health {
     last_contact_ms: AtomicU64,
     /// Longer than this without contact is unhealthy.
     pub max_silence: Duration,
+    /// Every outside peer's state (the broker is one).
+    pub peers: Arc<celeriac_task::Peers>,
 }
 
 fn now_ms() -> u64 {
@@ -280,20 +307,28 @@ fn now_ms() -> u64 {
 impl Health {
     /// Unhealthy until the first contact.
     pub fn new(max_silence: Duration) -> Self {
+        Self::with_peers(max_silence, Arc::default())
+    }
+
+    /// Unhealthy until the first contact; also unhealthy while any of `peers` is down.
+    pub fn with_peers(max_silence: Duration, peers: Arc<celeriac_task::Peers>) -> Self {
         Self {
             last_contact_ms: AtomicU64::new(0),
             max_silence,
+            peers,
         }
     }
 
     /// Records a successful round trip to the broker.
     pub fn contact(&self) {
         self.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+        self.peers.up("broker");
     }
 
     /// Records that the broker connection is down: unhealthy until the next contact.
     pub fn lost(&self) {
         self.last_contact_ms.store(0, Ordering::Relaxed);
+        self.peers.down("broker", "the broker connection is down");
     }
 
     /// Milliseconds since the last contact.
@@ -322,6 +357,14 @@ pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
 }
 
 async fn serve_metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    for (peer, outage) in s.health.peers.snapshot() {
+        let labels = PeerLabels { peer };
+        s.metrics.peer_outage.get_or_create(&labels).set(outage);
+        s.metrics
+            .peer_up
+            .get_or_create(&labels)
+            .set(i64::from(outage == 0.0));
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -333,16 +376,36 @@ async fn serve_metrics(State(s): State<HttpState>) -> impl IntoResponse {
 
 async fn serve_health(State(s): State<HttpState>) -> impl IntoResponse {
     let silence = s.health.silence().as_secs_f64();
-    if s.health.is_healthy() {
+    let outages: Vec<String> = s
+        .health
+        .peers
+        .outages()
+        .into_iter()
+        .filter(|o| o.peer != "broker")
+        .map(|o| {
+            format!(
+                "{} down for {:.1}s: {}",
+                o.peer,
+                o.since.as_secs_f64(),
+                o.error
+            )
+        })
+        .collect();
+    if s.health.is_healthy() && outages.is_empty() {
         (
             StatusCode::OK,
             format!("ok: broker reached {silence:.1}s ago\n"),
         )
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("unhealthy: no contact with the broker for {silence:.1}s\n"),
-        )
+        let mut body = String::from("unhealthy:\n");
+        if !s.health.is_healthy() {
+            body.push_str(&format!("broker: no contact for {silence:.1}s\n"));
+        }
+        for o in outages {
+            body.push_str(&o);
+            body.push('\n');
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     }
 }
 

@@ -81,6 +81,8 @@ pub struct WorkerSettings {
     pub send_sent_event: bool,
     /// Send worker heartbeats and online/offline events.
     pub heartbeat: bool,
+    /// The outside peers' health, shared with the task families (`/health` names those down).
+    pub peers: Arc<celeriac_task::Peers>,
 }
 
 impl WorkerSettings {
@@ -392,7 +394,10 @@ pub async fn run_with_metrics(
     shutdown: Shutdown,
 ) -> Result<(), WorkerError> {
     let metrics = Arc::new(Metrics::with_registry(&settings.hostname, metrics));
-    let health = Arc::new(Health::new(Duration::from_secs(10)));
+    let health = Arc::new(Health::with_peers(
+        Duration::from_secs(10),
+        Arc::clone(&settings.peers),
+    ));
     metrics.prefetch_limit.set(settings.prefetch() as i64);
 
     broker.declare(&settings.queues).await?;
@@ -461,6 +466,7 @@ pub async fn run_with_metrics(
         Arc::clone(&broker),
         Arc::clone(&backend),
         commit_rx,
+        Arc::clone(&settings.peers),
     ));
     let shared = Arc::new(Shared {
         slots,
@@ -1138,6 +1144,7 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
             .clone()
             .unwrap_or_else(|| job.message.id().to_string()),
         canvas: Some(Arc::new(canvas_flow::Publisher(shared.canvas.clone()))),
+        peers: Arc::clone(&shared.settings.peers),
         limiter: Some(Arc::new(canvas_flow::BrokerLimiter(Arc::clone(
             &shared.broker,
         )))),
@@ -1597,6 +1604,7 @@ async fn committer(
     broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     mut rx: mpsc::UnboundedReceiver<Commit>,
+    peers: Arc<celeriac_task::Peers>,
 ) {
     let mut buf = Vec::with_capacity(1024);
     while rx.recv_many(&mut buf, 1024).await > 0 {
@@ -1610,7 +1618,7 @@ async fn committer(
                 late.push(a);
             }
         }
-        if store_all(backend.as_ref(), &metas).await {
+        if store_all(backend.as_ref(), &metas, &peers).await {
             ack_all(&slots, broker.as_ref(), late).await;
         } else {
             // Results could not be stored: leave late-acked messages unacked so they run again.
@@ -1621,19 +1629,23 @@ async fn committer(
     }
 }
 
+/// Tries of one batch of results or acks: 50 ms doubling to 5 s, about five minutes in all.
+const STORE_ATTEMPTS: u32 = 66;
+
 async fn ack_all(slots: &Slots, broker: &dyn Broker, acks: Vec<(String, bool)>) {
     if acks.is_empty() {
         return;
     }
     let tags: Vec<String> = acks.iter().map(|(t, _)| t.clone()).collect();
+    // A broker restart takes seconds: keep trying for minutes (an ack lost now is a duplicate later).
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=6 {
+    for attempt in 1..=STORE_ATTEMPTS {
         match broker.ack(&tags).await {
             Ok(()) => break,
-            Err(e) if attempt < 6 => {
-                warn!(error = %e, attempt, "ack failed; retrying");
+            Err(e) if attempt < STORE_ATTEMPTS => {
+                debug!(error = %e, attempt, "ack failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
                 error!(error = %e, count = tags.len(), "ack failed; these messages will be redelivered")
@@ -1645,18 +1657,27 @@ async fn ack_all(slots: &Slots, broker: &dyn Broker, acks: Vec<(String, bool)>) 
     }
 }
 
-async fn store_all(backend: &dyn ResultBackend, metas: &[ResultMeta]) -> bool {
+async fn store_all(
+    backend: &dyn ResultBackend,
+    metas: &[ResultMeta],
+    peers: &celeriac_task::Peers,
+) -> bool {
     if metas.is_empty() {
         return true;
     }
+    // A result backend restart takes seconds: keep trying for minutes (late acks wait for their results).
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=6 {
+    for attempt in 1..=STORE_ATTEMPTS {
         match backend.store(metas).await {
-            Ok(_) => return true,
-            Err(e) if attempt < 6 => {
-                warn!(error = %e, attempt, "storing results failed; retrying");
+            Ok(_) => {
+                peers.up("result_backend");
+                return true;
+            }
+            Err(e) if attempt < STORE_ATTEMPTS => {
+                peers.down("result_backend", &e.to_string());
+                debug!(error = %e, attempt, "storing results failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => error!(error = %e, count = metas.len(), "storing results failed"),
         }

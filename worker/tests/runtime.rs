@@ -80,6 +80,7 @@ impl Env {
             send_task_events: true,
             send_sent_event: false,
             heartbeat: true,
+            peers: Default::default(),
         }
     }
 

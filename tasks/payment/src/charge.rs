@@ -236,7 +236,7 @@ impl Payments {
         });
         store::submit(&tx, p.id, self.lease_until()).await?;
         tx.commit().await?;
-        let answer = if expired {
+        let answer = self.observed(ctx, if expired {
             match api.find_intents(&tenant.id.to_string(), &a.order_id).await {
                 Ok(found) => match found
                     .into_iter()
@@ -253,8 +253,23 @@ impl Payments {
             }
         } else {
             api.create_intent(&self.request(&tenant, &a, &key)).await
-        };
+        });
         self.record_charge(&tenant, &p, answer).await
+    }
+
+    /// Reports Stripe's health from an answer: no answer or a 5xx is an outage.
+    fn observed<T>(
+        &self,
+        ctx: &TaskContext,
+        answer: Result<T, ApiFailure>,
+    ) -> Result<T, ApiFailure> {
+        match &answer {
+            Err(ApiFailure::Transient { status, message }) if status.is_none_or(|s| s >= 500) => {
+                ctx.peers.down("stripe", message)
+            }
+            _ => ctx.peers.up("stripe"),
+        }
+        answer
     }
 
     fn request(&self, tenant: &Tenant, a: &ChargeArgs, key: &str) -> ChargeRequest {
@@ -367,6 +382,7 @@ impl Payments {
     /// `payment.refund`.
     pub async fn refund(
         &self,
+        ctx: &TaskContext,
         tenant: &str,
         order_id: &str,
         amount: Option<i64>,
@@ -457,7 +473,7 @@ impl Payments {
             ("order_id".into(), order_id.into()),
             ("refund_id".into(), refund_id.into()),
         ]);
-        let answer = api.create_refund(&pi, refund.amount, &key, meta).await;
+        let answer = self.observed(ctx, api.create_refund(&pi, refund.amount, &key, meta).await);
         let wait = self.retry_in(1);
         self.recorded(|| async {
             let txn = self.begin(&tenant).await?;

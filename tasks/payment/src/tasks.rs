@@ -171,7 +171,7 @@ pub fn register(registry: &mut Registry, payments: Arc<Payments>) {
         "payment.refund",
         &["tenant_id", "order_id", "refund_id", "amount?"],
         late.clone(),
-        move |_ctx: TaskContext,
+        move |ctx: TaskContext,
               (tenant, order, refund_id, amount): (Value, Value, Value, Value)| {
             let p = Arc::clone(&p);
             async move {
@@ -184,6 +184,7 @@ pub fn register(registry: &mut Registry, payments: Arc<Payments>) {
                     )?),
                 };
                 p.refund(
+                    &ctx,
                     &required("tenant_id", &tenant)?,
                     &required("order_id", &order)?,
                     amount,

@@ -195,6 +195,28 @@ impl Shopify {
         })
     }
 
+    /// The shop's host (the peer's name in health reports).
+    pub fn host(&self) -> String {
+        url::Url::parse(&self.base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// A continuation URL on the configured shop's origin: the token is never sent to another host (a
+    /// `Link` naming one is followed on the configured origin, path and query kept).
+    fn rebase(&self, link: &str) -> String {
+        match (url::Url::parse(link), url::Url::parse(&self.base)) {
+            (Ok(l), Ok(b)) if l.origin() != b.origin() => {
+                let mut out = b;
+                out.set_path(l.path());
+                out.set_query(l.query());
+                out.to_string()
+            }
+            _ => link.to_string(),
+        }
+    }
+
     fn first_url(&self, stream: Stream, updated_at_min: Option<&str>) -> String {
         let mut u = url::Url::parse(&format!(
             "{}/admin/api/{}/{}.json",
@@ -338,7 +360,8 @@ impl CatalogSource for Shopify {
                         let next = headers
                             .get("link")
                             .and_then(|l| l.to_str().ok())
-                            .and_then(next_link);
+                            .and_then(next_link)
+                            .map(|n| self.rebase(&n));
                         return Ok(Page { records, next });
                     }
                     429 => {

@@ -147,6 +147,11 @@ impl SyncFamily {
                 }) as futures::future::BoxFuture<'static, ()>
             }) as FollowUp
         });
+        let observer = Observed {
+            metrics: self.metrics.as_ref(),
+            peers: &ctx.peers,
+            peer: format!("shop:{}", source.host()),
+        };
         let run = Run {
             tenants,
             tenant: &tenant,
@@ -156,7 +161,7 @@ impl SyncFamily {
             lease: Duration::from_secs_f64(self.config.lease),
             owner: &ctx.id,
             limiter: ctx.limiter.as_ref(),
-            observer: self.metrics.as_ref(),
+            observer: &observer,
             follow_up: follow_up.as_ref(),
         };
         match engine::run(&run).await {
@@ -286,6 +291,32 @@ impl SyncFamily {
             }
         }
         Ok(json!({"published": published, "skipped_running": skipped}))
+    }
+}
+
+/// Metrics and the shop's health from each call.
+struct Observed<'a> {
+    metrics: &'a SyncMetrics,
+    peers: &'a celeriac_task::Peers,
+    peer: String,
+}
+
+impl crate::source::FetchObserver for Observed<'_> {
+    fn call(&self, stream: Stream, status: u16) {
+        self.metrics.call(stream, status);
+        match status {
+            0 => self.peers.down(&self.peer, "no answer from the shop"),
+            500..=599 => self
+                .peers
+                .down(&self.peer, &format!("the shop answered {status}")),
+            _ => self.peers.up(&self.peer),
+        }
+    }
+    fn throttled(&self, seconds: f64) {
+        self.metrics.throttled(seconds);
+    }
+    fn bucket(&self, used: u32, capacity: u32) {
+        self.metrics.bucket(used, capacity);
     }
 }
 

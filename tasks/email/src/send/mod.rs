@@ -10,14 +10,18 @@ use crate::store::{self, Row, Status};
 use celeriac_domain::{DomainError, Tenant, TenantTx, Tenants};
 use celeriac_task::{ExceptionInfo, TaskContext, TaskError, backoff, random_unit};
 use chrono::{Duration as ChronoDuration, Utc};
-use lettre::Address;
-use lettre::address::Envelope;
 use lettre::message::Mailbox;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+mod parts;
+use parts::{
+    configuration, envelope_of, observe, outcome, refused, replay_failure, required, string_arg,
+    until_midnight,
+};
 
 /// Everything the tasks share: settings, the database, the SMTP pool, metrics.
 pub struct Email {
@@ -58,88 +62,6 @@ pub type SendArgs = (
     Value,
     Value,
 );
-
-fn configuration(message: &str) -> TaskError {
-    TaskError::celeriac("ConfigurationError", message)
-}
-
-fn string_arg(field: &str, v: &Value) -> Result<Option<String>, TaskError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s.clone())),
-        other => Err(TaskError::value_error(format!(
-            "{field}: expected a string, got {other}"
-        ))),
-    }
-}
-
-fn required(field: &str, v: &Value) -> Result<String, TaskError> {
-    string_arg(field, v)?
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| TaskError::value_error(format!("{field} is required")))
-}
-
-fn outcome(status: &str, row: &Row) -> Value {
-    json!({"status": status, "outbox_id": row.id.to_string(), "message_id": row.message_id})
-}
-
-/// The failure a finished `failed` row answers with again (a re-publish replays the outcome).
-fn replay_failure(row: &Row) -> TaskError {
-    let msg = row.last_error.clone().unwrap_or_else(|| "failed".into());
-    match row.error_type.as_deref() {
-        Some("ValueError") | None => TaskError::value_error(msg),
-        Some(other) => TaskError::celeriac(other, msg),
-    }
-}
-
-/// The recipients a permanent refusal names (all of them when there is one recipient and none is named).
-fn refused(message: &str, rcpts: &[String]) -> Vec<String> {
-    let lower = message.to_ascii_lowercase();
-    let named: Vec<String> = rcpts
-        .iter()
-        .filter(|r| lower.contains(r.as_str()))
-        .cloned()
-        .collect();
-    if named.is_empty() && rcpts.len() == 1 {
-        rcpts.to_vec()
-    } else {
-        named
-    }
-}
-
-/// Seconds until the next UTC midnight (when the daily quota resets).
-fn until_midnight() -> f64 {
-    let now = Utc::now();
-    let next = (now.date_naive() + ChronoDuration::days(1))
-        .and_hms_opt(0, 0, 0)
-        .expect("midnight");
-    (next.and_utc() - now).num_milliseconds().max(1000) as f64 / 1000.0 + random_unit() * 60.0
-}
-
-fn envelope_of(row: &Row) -> Result<(Envelope, Vec<String>), TaskError> {
-    let rcpts: Vec<String> = row.recipients["rcpt"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let from = row.recipients["envelope_from"]
-        .as_str()
-        .and_then(|s| s.parse::<Address>().ok());
-    let to = rcpts
-        .iter()
-        .filter_map(|s| s.parse::<Address>().ok())
-        .collect();
-    let env = Envelope::new(from, to).map_err(|e| {
-        TaskError::celeriac(
-            "DatabaseError",
-            format!("outbox {}: bad envelope: {e}", row.id),
-        )
-    })?;
-    Ok((env, rcpts))
-}
 
 impl Email {
     /// Builds the shared state.
@@ -391,6 +313,7 @@ impl Email {
             .send(&envelope, row.raw.as_deref().unwrap_or_default())
             .await;
         let took = started.elapsed().as_secs_f64();
+        observe(ctx, &answer);
         self.record(ctx, &tenant, &row, &rcpts, answer, took).await
     }
 
@@ -490,7 +413,9 @@ impl Email {
                     "SMTPTransientError",
                     message.clone(),
                 );
-                if i64::from(row.attempts) > self.config.max_retries {
+                // Retries are counted against max_retries only when the server answered (4xx): a server that
+                // cannot be reached is waited for, as the worker waits for its broker.
+                if code.is_some() && i64::from(row.attempts) > self.config.max_retries {
                     store::fail(
                         &tx,
                         row.id,
@@ -510,7 +435,14 @@ impl Email {
                         true,
                         random_unit(),
                     );
-                    info!(tenant = %tenant.slug, outbox_id = %row.id, code = ?code, retry_in = wait, "SMTP answered a transient failure: {message}");
+                    match code {
+                        Some(_) => {
+                            info!(tenant = %tenant.slug, outbox_id = %row.id, code = ?code, retry_in = wait, "SMTP answered a transient failure: {message}")
+                        }
+                        None => {
+                            debug!(tenant = %tenant.slug, outbox_id = %row.id, retry_in = wait, "SMTP unreachable: {message}")
+                        }
+                    }
                     Err(TaskError::transient(exc, wait.max(0.5), Some(-1)))
                 }
             }

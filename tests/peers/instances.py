@@ -1,0 +1,181 @@
+"""Private instances of the real servers for tests that stop, kill and restart them (chaos, HA): Redis (an
+append-only file so data survives a restart, optional password), PostgreSQL (its own cluster from initdb) and
+RabbitMQ (its own node), each on free loopback ports in a temporary directory, never the machine's own.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _port_open(port):
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class RedisInstance:
+    """``redis-server`` with ``appendonly yes`` (``appendfsync always`` by default) on its own port."""
+
+    def __init__(self, password: str | None = None, fsync: str = "always"):
+        self.port = free_port()
+        self.password = password
+        self.dir = tempfile.mkdtemp(prefix="redis-instance-")
+        self.fsync = fsync
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self):
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--appendonly", "yes", "--appendfsync", self.fsync, "--save", "", "--logfile", "redis.log"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: _port_open(self.port), 15, f"redis on {self.port}")
+
+    def shutdown(self):
+        """A clean shutdown (the append-only file is complete)."""
+        cli = ["redis-cli", "-p", str(self.port)] + (["-a", self.password, "--no-auth-warning"] if self.password else [])
+        subprocess.run(cli + ["shutdown"], capture_output=True, timeout=15)
+        self.proc.wait(15)
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pg_bin(name):
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if not found:
+        raise RuntimeError(f"PostgreSQL's {name} is not installed (Debian: postgresql)")
+    return found[-1]
+
+
+class PostgresInstance:
+    """A PostgreSQL cluster of its own (initdb, trust auth) on a free port; ``stop(mode)`` and ``start()``."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="pg-instance-")
+        self.data = os.path.join(self.dir, "data")
+        user = ["-U", "postgres"]
+        env = dict(os.environ)
+        run_as = []
+        if os.geteuid() == 0:
+            # initdb refuses root: run the server as the postgres user.
+            shutil.chown(self.dir, "postgres", "postgres")
+            run_as = ["runuser", "-u", "postgres", "--"]
+        self.run_as = run_as
+        subprocess.run(run_as + [_pg_bin("initdb"), "-D", self.data, "--auth=trust", *user, "-E", "UTF8",
+                                 "--no-sync"], check=True, capture_output=True, env=env)
+        with open(os.path.join(self.data, "postgresql.auto.conf"), "a") as f:
+            f.write(f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.dir}'\n"
+                    "fsync = off\nmax_connections = 200\n")
+        self.start()
+        subprocess.run(["psql", self.admin_url("postgres"), "-qc", "CREATE DATABASE test"], check=True, capture_output=True)
+
+    def admin_url(self, db="test"):
+        return f"postgres://postgres@127.0.0.1:{self.port}/{db}"
+
+    def start(self):
+        subprocess.run(self.run_as + [_pg_bin("pg_ctl"), "-D", self.data, "-l", os.path.join(self.dir, "log"),
+                                      "-w", "-t", "30", "start"], check=True, capture_output=True)
+
+    def stop(self, mode="fast"):
+        subprocess.run(self.run_as + [_pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "-w", "-t", "30", "stop"],
+                       capture_output=True)
+
+    def destroy(self):
+        self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RabbitInstance:
+    """A RabbitMQ node of its own (``RABBITMQ_NODENAME``, its own AMQP and distribution ports and data
+    directory); ``kill()`` it (SIGKILL) and ``start()`` it again, or ``stop_app()``/``start_app()``."""
+
+    def __init__(self, name=None, cookie=None):
+        self.name = name or f"chaos{os.getpid()}x{free_port()}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="rabbit-instance-")
+        conf = os.path.join(self.dir, "rabbitmq.conf")
+        with open(conf, "w") as f:
+            f.write(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        self.env = dict(os.environ, RABBITMQ_NODENAME=self.name, RABBITMQ_NODE_PORT=str(self.port),
+                        RABBITMQ_DIST_PORT=str(self.dist_port), RABBITMQ_MNESIA_BASE=os.path.join(self.dir, "mnesia"),
+                        RABBITMQ_LOG_BASE=os.path.join(self.dir, "log"), RABBITMQ_CONFIG_FILE=conf[:-5],
+                        RABBITMQ_PID_FILE=os.path.join(self.dir, "pid"), RABBITMQ_ENABLED_PLUGINS_FILE=os.path.join(self.dir, "plugins"),
+                        RABBITMQ_SERVER_START_ARGS=f"-kernel inet_dist_listen_min {self.dist_port} inet_dist_listen_max {self.dist_port}")
+        with open(os.path.join(self.dir, "plugins"), "w") as f:
+            f.write("[].\n")
+        if os.geteuid() == 0:
+            # Debian's rabbitmq-server runs the node as the rabbitmq user.
+            subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", self.dir], check=False)
+        self.start()
+
+    @property
+    def url(self):
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def ctl(self, *args, timeout=60):
+        return subprocess.run(["rabbitmqctl", "-n", self.name, *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self):
+        subprocess.run(["rabbitmq-server", "-detached"], env=self.env, capture_output=True)
+        _wait(lambda: self.ctl("await_startup", timeout=90).returncode == 0 and _port_open(self.port), 120,
+              f"rabbitmq node {self.name}")
+
+    def pid(self):
+        with open(os.path.join(self.dir, "pid")) as f:
+            return int(f.read().strip())
+
+    def kill(self):
+        os.kill(self.pid(), signal.SIGKILL)
+        _wait(lambda: not _port_open(self.port), 20, "the node to die")
+
+    def stop_app(self):
+        assert self.ctl("stop_app").returncode == 0
+
+    def start_app(self):
+        assert self.ctl("start_app").returncode == 0
+
+    def destroy(self):
+        self.ctl("stop", timeout=60)
+        try:
+            os.kill(self.pid(), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
