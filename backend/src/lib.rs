@@ -57,6 +57,8 @@ pub struct BackendOptions {
     pub global_keyprefix: String,
     /// The broker URL (`rpc://` sends results through the broker's RabbitMQ).
     pub broker_url: Option<String>,
+    /// With a `sentinel://` URL: `result_backend_transport_options`' master name and sentinel credentials.
+    pub sentinel: celeriac_broker::sentinel::SentinelOptions,
 }
 
 impl Default for BackendOptions {
@@ -65,6 +67,7 @@ impl Default for BackendOptions {
             result_expires: Some(Duration::from_secs(86_400)),
             global_keyprefix: String::new(),
             broker_url: None,
+            sentinel: Default::default(),
         }
     }
 }
@@ -145,9 +148,10 @@ pub async fn connect(url: &str, options: BackendOptions) -> Result<Arc<dyn Resul
     }
     let scheme = url.split("://").next().unwrap_or("");
     match scheme {
-        "redis" | "rediss" | "redis+socket" | "socket" | "unix" | "redis+unix" => {
-            let target =
-                celeriac_broker::url::parse_redis(url).map_err(|reason| BackendError::Url {
+        "redis" | "rediss" | "redis+socket" | "socket" | "unix" | "redis+unix" | "sentinel" => {
+            let target = celeriac_broker::url::redis_target(url, &options.sentinel)
+                .await
+                .map_err(|reason| BackendError::Url {
                     url: celeriac_broker::url::redact(url),
                     reason,
                 })?;

@@ -19,6 +19,7 @@ async fn backend(prefix: &str, expires: Option<Duration>) -> RedisBackend {
             result_expires: expires,
             global_keyprefix: prefix.into(),
             broker_url: None,
+            ..Default::default()
         },
     )
     .await

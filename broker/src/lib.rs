@@ -13,6 +13,7 @@ pub mod amqp;
 pub mod error;
 pub mod pidbox;
 pub mod redis;
+pub mod sentinel;
 pub mod url;
 
 use async_trait::async_trait;
@@ -87,6 +88,8 @@ pub struct BrokerOptions {
     /// AMQP arguments every declared task queue gets where its own entry does not set them
     /// (`x-max-priority` from Celery's `task_queue_max_priority`).
     pub common_queue_arguments: serde_json::Map<String, serde_json::Value>,
+    /// With a `sentinel://` URL: the master's name and the sentinels' credentials.
+    pub sentinel: sentinel::SentinelOptions,
 }
 
 impl Default for BrokerOptions {
@@ -99,6 +102,7 @@ impl Default for BrokerOptions {
             node_name: None,
             queue_arguments: std::collections::HashMap::new(),
             common_queue_arguments: serde_json::Map::new(),
+            sentinel: sentinel::SentinelOptions::default(),
         }
     }
 }
@@ -253,5 +257,16 @@ pub async fn connect(url: &str, options: BrokerOptions) -> Result<Arc<dyn Broker
             Ok(Arc::new(redis::RedisBroker::connect(info, options).await?))
         }
         url::BrokerUrl::Amqp(uri) => Ok(Arc::new(amqp::AmqpBroker::connect(uri, options).await?)),
+        url::BrokerUrl::Sentinel(_) => {
+            let target = sentinel::target(url, &options.sentinel)
+                .await
+                .map_err(|reason| BrokerError::Url {
+                    url: url::redact(url),
+                    reason,
+                })?;
+            Ok(Arc::new(
+                redis::RedisBroker::connect(target, options).await?,
+            ))
+        }
     }
 }

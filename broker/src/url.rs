@@ -2,7 +2,7 @@
 //! `rediss://...` (TLS), and kombu's `redis+socket:///path/to.sock?virtual_host=N` (also `socket://`,
 //! `unix://`). `?db=N` and `?virtual_host=N` select the database. RabbitMQ: `amqp://user:pass@host:port/vhost`,
 //! `amqps://...` (TLS) and kombu's `pyamqp://`; as in kombu, `amqp://host//` and `amqp://host/` both mean the
-//! vhost `/`.
+//! vhost `/`. Redis behind Sentinel: kombu's `sentinel://host:26379;sentinel://host2:26379/0` list.
 
 use crate::error::BrokerError;
 use ::redis::{ConnectionInfo, IntoConnectionInfo};
@@ -15,6 +15,9 @@ pub enum BrokerUrl {
     Redis(RedisTarget),
     /// RabbitMQ: the URI as lapin reads it (vhost percent-encoded).
     Amqp(String),
+    /// Redis behind Sentinel (kombu's `sentinel://host:26379;sentinel://host2:26379`); connecting needs the
+    /// master's name (see [`crate::sentinel`]).
+    Sentinel(crate::sentinel::SentinelUrl),
 }
 
 /// Where a Redis broker or backend lives.
@@ -26,11 +29,27 @@ pub struct RedisTarget {
     pub db: i64,
 }
 
-/// Masks the password in a URL for messages.
+/// Masks the password in a URL (in each item of a `;`-separated list) for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
+    url.split(';')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}://***@{}", &u[..s], &u[at + 1..]),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// The Redis target of a `redis://`-family or `sentinel://` URL (the latter through the local relay that
+/// follows the master; see [`crate::sentinel`]).
+pub async fn redis_target(
+    url: &str,
+    sentinel: &crate::sentinel::SentinelOptions,
+) -> Result<RedisTarget, String> {
+    if crate::sentinel::is_sentinel_url(url) {
+        crate::sentinel::target(url, sentinel).await
+    } else {
+        parse_redis(url)
     }
 }
 
@@ -47,8 +66,9 @@ impl BrokerUrl {
                 Ok(Self::Redis(parse_redis(url).map_err(err)?))
             }
             "amqp" | "amqps" | "pyamqp" | "librabbitmq" => Ok(Self::Amqp(parse_amqp(url).map_err(err)?)),
-            "" => Err(err("missing scheme; expected redis://, rediss://, redis+socket://, amqp:// or amqps://".into())),
-            other => Err(err(format!("unsupported scheme {other:?}; expected redis://, rediss://, redis+socket://, amqp:// or amqps://"))),
+            "sentinel" => Ok(Self::Sentinel(crate::sentinel::parse(url).map_err(err)?)),
+            "" => Err(err("missing scheme; expected redis://, rediss://, redis+socket://, sentinel://, amqp:// or amqps://".into())),
+            other => Err(err(format!("unsupported scheme {other:?}; expected redis://, rediss://, redis+socket://, sentinel://, amqp:// or amqps://"))),
         }
     }
 }
@@ -149,7 +169,7 @@ mod tests {
     fn amqp_urls_as_kombu_reads_them() {
         let amqp = |u: &str| match BrokerUrl::parse(u).unwrap() {
             BrokerUrl::Amqp(s) => s,
-            BrokerUrl::Redis(_) => panic!(),
+            _ => panic!(),
         };
         assert_eq!(
             amqp("amqp://guest:guest@localhost:5672//"),

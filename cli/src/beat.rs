@@ -45,12 +45,27 @@ pub async fn run(global: &GlobalArgs, args: BeatArgs) -> anyhow::Result<i32> {
         .or_else(|| {
             [&resolved.broker_url, &resolved.backend_url]
                 .into_iter()
-                .find(|u| u.starts_with("redis"))
+                .find(|u| u.starts_with("redis") || u.starts_with("sentinel"))
                 .cloned()
         })
         .context("beat keeps its leader lease and last-run state in Redis: pass --state-redis redis://host:6379/0 (the broker is not Redis and no Redis result backend is configured)")?;
-    let BrokerUrl::Redis(target) = BrokerUrl::parse(&state_url)? else {
-        anyhow::bail!("--state-redis must be a redis:// URL");
+    let sentinel = if state_url == resolved.backend_url && state_url != resolved.broker_url {
+        resolved.backend_sentinel()
+    } else {
+        resolved.broker_sentinel()
+    };
+    let target = match BrokerUrl::parse(&state_url)? {
+        BrokerUrl::Redis(_) | BrokerUrl::Sentinel(_) => {
+            celeriac_broker::url::redis_target(&state_url, &sentinel)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "beat state {}: {e}",
+                        celeriac_broker::url::redact(&state_url)
+                    )
+                })?
+        }
+        BrokerUrl::Amqp(_) => anyhow::bail!("--state-redis must be a redis:// or sentinel:// URL"),
     };
     let redis = celeriac_broker::redis::connection(&target, Some(Duration::from_secs(30)))
         .await

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use celeriac_backend::{BackendOptions, ResultBackend};
+use celeriac_broker::sentinel::SentinelOptions;
 use celeriac_broker::{Broker, BrokerOptions, QueueOrder};
 use celeriac_worker::config::CeleryConfig;
 use clap::Args;
@@ -69,7 +70,7 @@ impl GlobalArgs {
             .unwrap_or_else(|| {
                 // Results go to the broker when it is Redis; with RabbitMQ, as in Celery, none are stored unless
                 // a backend (`rpc://`, `redis://...`) is configured.
-                if broker_url.starts_with("redis") {
+                if broker_url.starts_with("redis") || broker_url.starts_with("sentinel") {
                     broker_url.clone()
                 } else {
                     "disabled".to_string()
@@ -98,6 +99,28 @@ impl Resolved {
             node_name: None,
             queue_arguments: self.config.queue_arguments(),
             common_queue_arguments: self.config.common_queue_arguments(),
+            sentinel: self.broker_sentinel(),
+        }
+    }
+
+    /// `broker_transport_options`' Sentinel settings.
+    pub fn broker_sentinel(&self) -> SentinelOptions {
+        let t = &self.config.broker_transport_options;
+        SentinelOptions {
+            master_name: t.master_name.clone(),
+            sentinel_kwargs: t.sentinel_kwargs.clone(),
+        }
+    }
+
+    /// `result_backend_transport_options`' Sentinel settings (the broker's when it names no master).
+    pub fn backend_sentinel(&self) -> SentinelOptions {
+        let t = &self.config.result_backend_transport_options;
+        match &t.master_name {
+            Some(_) => SentinelOptions {
+                master_name: t.master_name.clone(),
+                sentinel_kwargs: t.sentinel_kwargs.clone(),
+            },
+            None => self.broker_sentinel(),
         }
     }
 
@@ -129,6 +152,7 @@ impl Resolved {
                 .global_keyprefix
                 .clone(),
             broker_url: Some(self.broker_url.clone()),
+            sentinel: self.backend_sentinel(),
         };
         celeriac_backend::connect(&self.backend_url, options)
             .await

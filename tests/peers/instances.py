@@ -1,6 +1,7 @@
 """Private instances of the real servers for tests that stop, kill and restart them (chaos, HA): Redis (an
-append-only file so data survives a restart, optional password), PostgreSQL (its own cluster from initdb) and
-RabbitMQ (its own node), each on free loopback ports in a temporary directory, never the machine's own.
+append-only file so data survives a restart, optional password), a Redis Sentinel group (a master, a replica
+and three sentinels), PostgreSQL (its own cluster from initdb) and RabbitMQ (its own node), each on free
+loopback ports in a temporary directory, never the machine's own.
 """
 from __future__ import annotations
 
@@ -74,6 +75,117 @@ class RedisInstance:
             self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
+
+
+class SentinelGroup:
+    """A Redis master and one replica (password ``password``) watched by three sentinels (their own password
+    ``sentinel_password``) under the name ``name``, quorum 2, 1 s to declare the master down."""
+
+    def __init__(self, name="ha", password="ha-pw", sentinel_password="sentinel-pw"):
+        import redis as redis_py
+        self._redis = redis_py
+        self.name, self.password, self.sentinel_password = name, password, sentinel_password
+        self.dir = tempfile.mkdtemp(prefix="redis-sentinel-")
+        self.servers = {}  # port -> Popen
+        self.sentinels = {}
+        master = free_port()
+        self._server(master)
+        self._server(free_port(), replica_of=master)
+        for _ in range(3):
+            self._sentinel(free_port(), master)
+        _wait(lambda: self.replicas_online() >= 1, 30, "the replica to sync")
+        _wait(lambda: all(self._sentinel_knows_replica(p) for p in self.sentinels), 30, "the sentinels to see the replica")
+
+    def _server(self, port, replica_of=None):
+        d = os.path.join(self.dir, str(port))
+        os.makedirs(d)
+        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "",
+                "--appendonly", "no", "--requirepass", self.password, "--masterauth", self.password,
+                "--logfile", "redis.log"]
+        if replica_of:
+            args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self.servers[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: _port_open(port), 15, f"redis on {port}")
+
+    def _sentinel(self, port, master):
+        conf = os.path.join(self.dir, f"sentinel-{port}.conf")
+        with open(conf, "w") as f:
+            f.write(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile sentinel-{port}.log\n"
+                    f"requirepass {self.sentinel_password}\n"
+                    f"sentinel monitor {self.name} 127.0.0.1 {master} 2\n"
+                    f"sentinel auth-pass {self.name} {self.password}\n"
+                    f"sentinel down-after-milliseconds {self.name} 1000\n"
+                    f"sentinel failover-timeout {self.name} 10000\n"
+                    f"sentinel parallel-syncs {self.name} 1\n")
+        self.sentinels[port] = subprocess.Popen(["redis-server", conf, "--sentinel"],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: _port_open(port), 15, f"sentinel on {port}")
+
+    def sentinel(self, port=None):
+        port = port or next(iter(self.sentinels))
+        return self._redis.Redis(port=port, password=self.sentinel_password, socket_timeout=2, decode_responses=True)
+
+    def _sentinel_knows_replica(self, port):
+        try:
+            return any(r.get("flags") == "slave" for r in self.sentinel(port).sentinel_slaves(self.name))
+        except self._redis.RedisError:
+            return False
+
+    def master_port(self):
+        """The master as the sentinels name it now (the newest configuration epoch among them)."""
+        best = None
+        for port in self.sentinels:
+            try:
+                m = self.sentinel(port).sentinel_master(self.name)
+            except self._redis.RedisError:
+                continue
+            if best is None or int(m["config-epoch"]) > best[0]:
+                best = (int(m["config-epoch"]), int(m["port"]))
+        return best[1]
+
+    def master(self):
+        return self._redis.Redis(port=self.master_port(), password=self.password, socket_timeout=5)
+
+    def replicas_online(self):
+        try:
+            info = self._redis.Redis(port=self.master_port(), password=self.password, socket_timeout=2).info("replication")
+        except (self._redis.RedisError, TypeError):
+            return 0
+        return sum(1 for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online")
+
+    def in_sync(self):
+        """Whether every replica has the master's whole replication stream."""
+        info = self.master().info("replication")
+        replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return bool(replicas) and all(int(r["offset"]) == int(info["master_repl_offset"]) for r in replicas)
+
+    def url(self, db=0):
+        """kombu's form: one ``sentinel://`` item per sentinel, the master's password in each."""
+        return ";".join(f"sentinel://:{self.password}@127.0.0.1:{p}/{db}" for p in self.sentinels)
+
+    def transport_options(self):
+        return {"master_name": self.name, "sentinel_kwargs": {"password": self.sentinel_password}}
+
+    def failover(self):
+        """``SENTINEL FAILOVER``: the sentinels promote the replica and demote the master."""
+        self.sentinel().execute_command("SENTINEL", "FAILOVER", self.name)
+
+    def kill_master(self):
+        port = self.master_port()
+        self.servers[port].send_signal(signal.SIGKILL)
+        self.servers[port].wait(10)
+        return port
+
+    def stop(self):
+        for proc in list(self.sentinels.values()) + list(self.servers.values()):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in list(self.sentinels.values()) + list(self.servers.values()):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 def _pg_bin(name):
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))

@@ -250,6 +250,10 @@ pub struct BrokerTransportOptions {
     pub queue_order_strategy: String,
     /// Weights per queue for the weighted strategy, in `-Q` order.
     pub queue_weights: Vec<u32>,
+    /// With a `sentinel://` broker URL: the name the sentinels monitor the master under.
+    pub master_name: Option<String>,
+    /// With a `sentinel://` broker URL: the sentinels' own credentials (`{ password = "..." }`).
+    pub sentinel_kwargs: celeriac_broker::sentinel::SentinelKwargs,
 }
 
 impl Default for BrokerTransportOptions {
@@ -259,6 +263,8 @@ impl Default for BrokerTransportOptions {
             global_keyprefix: String::new(),
             queue_order_strategy: "priority".into(),
             queue_weights: Vec::new(),
+            master_name: None,
+            sentinel_kwargs: Default::default(),
         }
     }
 }
@@ -269,6 +275,10 @@ impl Default for BrokerTransportOptions {
 pub struct BackendTransportOptions {
     /// Prefix for result keys (`_` appended as Celery does).
     pub global_keyprefix: String,
+    /// With a `sentinel://` result backend: the name the sentinels monitor the master under.
+    pub master_name: Option<String>,
+    /// With a `sentinel://` result backend: the sentinels' own credentials.
+    pub sentinel_kwargs: celeriac_broker::sentinel::SentinelKwargs,
 }
 
 impl CeleryConfig {
