@@ -177,3 +177,46 @@ def test_s4_python_and_celeriac_workers_share_the_queue(workers, iso, redis_clie
     wait_for(lambda: master.exists(*keys) == n, 60, interval=0.2, message="every result stored")
     assert [app.AsyncResult(i).get(timeout=30) for i in ids[:3]] == [0, 1, 2]
     app.close()
+
+
+def test_s5_beat_follows_the_failover(workers, iso, redis_client, group):
+    """``celeriac beat`` keeps its lease and sends through Sentinel; after ``SENTINEL FAILOVER`` it goes on
+    sending on the new master, and a celeriac worker (also through Sentinel) runs what it sends."""
+    import os
+    import signal
+    import subprocess
+    from conftest import celeriac_bin, write_celeriac_config
+
+    app = sentinel_app(group, iso)
+    workers.broker_url = workers.result_backend = group.url()
+    workers.client_app = app
+    opts = group.transport_options()
+    settings = {"broker_transport_options": opts, "result_backend_transport_options": opts}
+    workers.start(concurrency=2, wait_ready=False, settings=settings)
+    mark = iso.key("beatmarks")
+    schedule = workers.log_dir / "beat.toml"
+    schedule.write_text("[beat_schedule.tick]\n" 'task = "bench.mark"\n' "schedule = 1\n"
+                        f"args = [\"tick\", {json.dumps(mark)}, {json.dumps(iso.redis_url)}]\n"
+                        f"options = {{ queue = {json.dumps(iso.queue)} }}\n")
+    config = write_celeriac_config(workers.log_dir / "beat-config.toml", iso.prefix, settings=settings)
+    log = open(workers.log_dir / "beat.log", "w")
+    beat = subprocess.Popen([celeriac_bin(), "--broker", group.url(), "--result-backend", group.url(),
+                             "--config", str(config), "--loglevel", "info", "beat", "--schedule", str(schedule),
+                             "--lease", "2"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def ticks():
+        return int(redis_client.hget(mark, "tick") or 0)
+
+    try:
+        wait_for(lambda: ticks() >= 3, 30, message="3 beat runs before the failover")
+        old = group.master_port()
+        group.failover()
+        wait_for(lambda: group.master_port() != old, 30, message="the sentinels to name a new master")
+        at_switch = ticks()
+        wait_for(lambda: ticks() >= at_switch + 3, 30, message="3 beat runs after the failover")
+        assert group.master().exists(f"{iso.prefix}celeriac.beat.leader") == 1
+    finally:
+        os.killpg(beat.pid, signal.SIGTERM)
+        assert beat.wait(timeout=20) == 0
+        log.close()
+    app.close()
