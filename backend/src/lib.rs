@@ -32,6 +32,9 @@ pub enum BackendError {
     /// RabbitMQ failed (`rpc://`).
     #[error("rpc backend: {0}")]
     Amqp(#[from] lapin::Error),
+    /// No RabbitMQ node of the broker URL could be reached (`rpc://`).
+    #[error("rpc backend: {0}")]
+    Connect(String),
     /// The backend cannot do this.
     #[error("{0}")]
     Unsupported(&'static str),

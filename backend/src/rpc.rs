@@ -30,13 +30,14 @@ impl std::fmt::Debug for RpcBackend {
 }
 
 async fn open(uri: &str) -> Result<(Connection, Channel)> {
-    let conn = Connection::connect(
-        uri,
-        ConnectionProperties::default().with_connection_name(lapin::types::LongString::from(
-            "celeriac rpc results".as_bytes(),
-        )),
-    )
-    .await?;
+    let props = ConnectionProperties::default().with_connection_name(
+        lapin::types::LongString::from("celeriac rpc results".as_bytes()),
+    );
+    let nodes = celeriac_broker::amqp::nodes::Nodes::new(uri, Default::default());
+    let conn = nodes.connect(props).await.map_err(|e| match e {
+        celeriac_broker::BrokerError::Amqp(e) => BackendError::Amqp(e),
+        other => BackendError::Connect(other.to_string()),
+    })?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((conn, ch))

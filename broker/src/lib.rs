@@ -68,6 +68,18 @@ pub enum QueueOrder {
     Weighted(Vec<u32>),
 }
 
+/// How a worker picks the next RabbitMQ node of a failover list when its connection is lost (Celery's
+/// `broker_failover_strategy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverStrategy {
+    /// The nodes in the order given, starting after the one that was lost (kombu's default).
+    #[default]
+    RoundRobin,
+    /// A random order for each reconnection.
+    Shuffle,
+}
+
 /// Options shared by all transports.
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
@@ -90,6 +102,8 @@ pub struct BrokerOptions {
     pub common_queue_arguments: serde_json::Map<String, serde_json::Value>,
     /// With a `sentinel://` URL: the master's name and the sentinels' credentials.
     pub sentinel: sentinel::SentinelOptions,
+    /// With a list of RabbitMQ nodes: the order in which they are tried.
+    pub failover: FailoverStrategy,
 }
 
 impl Default for BrokerOptions {
@@ -103,6 +117,7 @@ impl Default for BrokerOptions {
             queue_arguments: std::collections::HashMap::new(),
             common_queue_arguments: serde_json::Map::new(),
             sentinel: sentinel::SentinelOptions::default(),
+            failover: FailoverStrategy::RoundRobin,
         }
     }
 }

@@ -13,7 +13,8 @@ use ::redis::{ConnectionInfo, IntoConnectionInfo};
 pub enum BrokerUrl {
     /// Redis, with what the redis client needs.
     Redis(RedisTarget),
-    /// RabbitMQ: the URI as lapin reads it (vhost percent-encoded).
+    /// RabbitMQ: the URI as lapin reads it (vhost percent-encoded); a cluster's nodes as kombu's failover
+    /// list, `;`-separated (see [`amqp_nodes`]).
     Amqp(String),
     /// Redis behind Sentinel (kombu's `sentinel://host:26379;sentinel://host2:26379`); connecting needs the
     /// master's name (see [`crate::sentinel`]).
@@ -65,12 +66,29 @@ impl BrokerUrl {
             "redis" | "rediss" | "redis+socket" | "socket" | "unix" | "redis+unix" => {
                 Ok(Self::Redis(parse_redis(url).map_err(err)?))
             }
-            "amqp" | "amqps" | "pyamqp" | "librabbitmq" => Ok(Self::Amqp(parse_amqp(url).map_err(err)?)),
+            "amqp" | "amqps" | "pyamqp" | "librabbitmq" => {
+                let nodes = url
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(parse_amqp)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(err)?;
+                Ok(Self::Amqp(nodes.join(";")))
+            }
             "sentinel" => Ok(Self::Sentinel(crate::sentinel::parse(url).map_err(err)?)),
             "" => Err(err("missing scheme; expected redis://, rediss://, redis+socket://, sentinel://, amqp:// or amqps://".into())),
             other => Err(err(format!("unsupported scheme {other:?}; expected redis://, rediss://, redis+socket://, sentinel://, amqp:// or amqps://"))),
         }
     }
+}
+
+/// The nodes of a normalized AMQP URI list (kombu's failover form `amqp://h1//;amqp://h2//`).
+pub fn amqp_nodes(uris: &str) -> Vec<String> {
+    uris.split(';')
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Normalizes a kombu AMQP URL for lapin: `pyamqp`/`librabbitmq` → `amqp`, default user `guest:guest`,
@@ -183,6 +201,27 @@ mod tests {
         assert_eq!(
             amqp("amqps://u:p@h/%2Fx?heartbeat=30"),
             "amqps://u:p@h:5671/%2Fx?heartbeat=30"
+        );
+    }
+
+    #[test]
+    fn amqp_failover_lists() {
+        let BrokerUrl::Amqp(list) =
+            BrokerUrl::parse("amqp://u:p@h1:5672//;amqp://u:p@h2:5673//; pyamqp://h3").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            amqp_nodes(&list),
+            vec![
+                "amqp://u:p@h1:5672/%2F",
+                "amqp://u:p@h2:5673/%2F",
+                "amqp://guest:guest@h3:5672/%2F"
+            ]
+        );
+        assert_eq!(
+            redact("amqp://u:p@h1//;amqp://u:p@h2//"),
+            "amqp://***@h1//;amqp://***@h2//"
         );
     }
 

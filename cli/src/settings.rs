@@ -100,6 +100,7 @@ impl Resolved {
             queue_arguments: self.config.queue_arguments(),
             common_queue_arguments: self.config.common_queue_arguments(),
             sentinel: self.broker_sentinel(),
+            failover: self.config.broker_failover_strategy,
         }
     }
 

@@ -4,11 +4,12 @@ Polling, fast publishing through the real Celery client, reading result metas
 straight from Redis, and the kombu Redis key layout (priority sub-lists,
 unacked bookkeeping) that both celeriac and Python Celery must use; a client
 for Flower's HTTP API (the real Flower's and ``celeriac flower``'s) and a
-Prometheus text parser.
+Prometheus text parser; a progress sampler for failover tests.
 """
 import contextlib
 import json
 import re
+import threading
 import time
 
 #: kombu's Redis priority separator and steps (kombu/transport/redis.py).
@@ -234,3 +235,30 @@ def parse_metrics(text):
 def metric(samples, name, **labels):
     """The value of series ``name{labels}`` (exactly those labels), or None."""
     return samples.get((name, frozenset(labels.items())))
+
+
+class Progress:
+    """Samples the executions count every 5 ms; after the fault, the longest stretch without a new execution
+    is the failover as the worker lives it, and its end is when it consumes again."""
+
+    def __init__(self, client, key):
+        self.client, self.key, self.points, self.stop_flag = client, key, [], False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop_flag:
+            self.points.append((time.monotonic(), self.client.hlen(self.key)))
+            time.sleep(0.005)
+
+    def stop(self, t0):
+        """(seconds from ``t0`` to the end of the longest stall after it, that stall's length)."""
+        self.stop_flag = True
+        self.thread.join(2)
+        changes = [(t, n) for (t, n), (_, prev) in zip(self.points[1:], self.points) if n != prev and t >= t0]
+        best, last = (0.0, t0), t0
+        for t, _ in changes:
+            if t - last > best[0]:
+                best = (t - last, t)
+            last = t
+        return best[1] - t0, best[0]

@@ -7,7 +7,6 @@ stay within the prefetch window. Figures go to ``test-artifacts/sentinel.jsonl``
 """
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 
-from interop_helpers import wait_for
+from interop_helpers import Progress, wait_for
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "peers"))
@@ -33,33 +32,6 @@ def group():
     g = instances.SentinelGroup()
     yield g
     g.stop()
-
-
-class Progress:
-    """Samples the executions count every 5 ms; after the fault, the longest stretch without a new execution
-    is the failover as the worker lives it, and its end is when it consumes again."""
-
-    def __init__(self, client, key):
-        self.client, self.key, self.points, self.stop_flag = client, key, [], False
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self):
-        while not self.stop_flag:
-            self.points.append((time.monotonic(), self.client.hlen(self.key)))
-            time.sleep(0.005)
-
-    def stop(self, t0):
-        """(seconds from ``t0`` to the end of the longest stall after it, that stall's length)."""
-        self.stop_flag = True
-        self.thread.join(2)
-        changes = [(t, n) for (t, n), (_, prev) in zip(self.points[1:], self.points) if n != prev and t >= t0]
-        best, last = (0.0, t0), t0
-        for t, _ in changes:
-            if t - last > best[0]:
-                best = (t - last, t)
-            last = t
-        return best[1] - t0, best[0]
 
 
 def marks_through_sentinel(workers, iso, group, name, n):

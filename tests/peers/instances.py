@@ -291,3 +291,54 @@ class RabbitInstance:
         except (OSError, ValueError):
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RabbitCluster:
+    """``size`` RabbitMQ nodes of their own (see ``RabbitInstance``), started side by side and joined into one
+    cluster with ``rabbitmqctl join_cluster``."""
+
+    def __init__(self, size=3):
+        import threading
+        self.nodes = [None] * size
+        errors = []
+
+        def make(i):
+            try:
+                self.nodes[i] = RabbitInstance(name=f"ha{os.getpid()}n{i}x{free_port()}@localhost")
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=make, args=(i,)) for i in range(size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.destroy()
+            raise errors[0]
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            for args in (["stop_app"], ["join_cluster", first.name], ["start_app"]):
+                r = node.ctl(*args, timeout=120)
+                if r.returncode != 0:
+                    self.destroy()
+                    raise RuntimeError(f"rabbitmqctl -n {node.name} {' '.join(args)}: {r.stdout}{r.stderr}")
+        _wait(lambda: len(self.running()) == size, 60, "every node running in the cluster")
+
+    def running(self):
+        import json
+        for node in self.nodes:
+            r = node.ctl("cluster_status", "--formatter", "json", timeout=30)
+            if r.returncode == 0:
+                return json.loads(r.stdout).get("running_nodes", [])
+        return []
+
+    @property
+    def url(self):
+        """kombu's failover list: every node, ``;``-separated."""
+        return ";".join(n.url for n in self.nodes)
+
+    def destroy(self):
+        for node in self.nodes:
+            if node is not None:
+                node.destroy()

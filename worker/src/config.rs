@@ -66,6 +66,12 @@ pub struct CeleryConfig {
     pub task_queues: BTreeMap<String, QueueDeclaration>,
     /// `x-max-priority` for every queue declared (Celery's `task_queue_max_priority`).
     pub task_queue_max_priority: Option<u8>,
+    /// The type of the task queues this process declares on RabbitMQ (Celery's `task_default_queue_type`):
+    /// `"classic"` or `"quorum"` (replicated across a cluster); an entry of `task_queues` that sets
+    /// `x-queue-type` keeps its own.
+    pub task_default_queue_type: QueueType,
+    /// With a list of RabbitMQ nodes (`amqp://h1//;amqp://h2//`): `"round-robin"` or `"shuffle"`.
+    pub broker_failover_strategy: celeriac_broker::FailoverStrategy,
     /// The domain database, as the application role (neither superuser nor `BYPASSRLS`): what task
     /// families use (celeriac; env `CELERIAC_DATABASE_URL`).
     pub database_url: Option<String>,
@@ -121,6 +127,8 @@ impl Default for CeleryConfig {
             task_send_sent_event: false,
             task_queues: BTreeMap::new(),
             task_queue_max_priority: None,
+            task_default_queue_type: QueueType::Classic,
+            broker_failover_strategy: Default::default(),
             database_url: None,
             database_admin_url: None,
             database_schema: None,
@@ -238,6 +246,17 @@ impl Annotation {
     }
 }
 
+/// A RabbitMQ queue type (Celery's `task_default_queue_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Classic queues (RabbitMQ's default).
+    #[default]
+    Classic,
+    /// Quorum queues: replicated on a majority of a cluster's nodes; no priorities.
+    Quorum,
+}
+
 /// `broker_transport_options`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -315,6 +334,9 @@ impl CeleryConfig {
         let mut m = serde_json::Map::new();
         if let Some(p) = self.task_queue_max_priority {
             m.insert("x-max-priority".into(), p.into());
+        }
+        if self.task_default_queue_type == QueueType::Quorum {
+            m.insert("x-queue-type".into(), "quorum".into());
         }
         m
     }
@@ -422,6 +444,11 @@ impl CeleryConfig {
         if self.worker_concurrency == Some(0) {
             return Err("worker_concurrency must be at least 1".into());
         }
+        if self.task_default_queue_type == QueueType::Quorum
+            && self.task_queue_max_priority.is_some()
+        {
+            return Err("task_queue_max_priority cannot be used with task_default_queue_type = \"quorum\": RabbitMQ quorum queues have no x-max-priority".into());
+        }
         let vt = self.broker_transport_options.visibility_timeout;
         if vt.is_nan() || vt <= 0.0 {
             return Err("broker_transport_options.visibility_timeout must be positive".into());
@@ -504,6 +531,27 @@ task_annotations = { "bench.fail" = { autoretry_for = ["ValueError"], retry_back
         assert!(e.contains("unknown field `task_acks_lates`"), "{e}");
         let e = CeleryConfig::from_toml("[broker_transport_options]\nvisibility = 3").unwrap_err();
         assert!(e.contains("unknown field `visibility`"), "{e}");
+    }
+
+    #[test]
+    fn quorum_queues_and_failover_strategy() {
+        let c = CeleryConfig::from_toml(
+            "task_default_queue_type = \"quorum\"\nbroker_failover_strategy = \"shuffle\"\n[task_queues.orders]\nqueue_arguments = { \"x-queue-type\" = \"classic\" }",
+        )
+        .unwrap();
+        assert_eq!(
+            c.broker_failover_strategy,
+            celeriac_broker::FailoverStrategy::Shuffle
+        );
+        assert_eq!(c.common_queue_arguments()["x-queue-type"], "quorum");
+        assert_eq!(c.queue_arguments()["orders"]["x-queue-type"], "classic");
+        let e = CeleryConfig::from_toml(
+            "task_default_queue_type = \"quorum\"\ntask_queue_max_priority = 5",
+        )
+        .unwrap_err();
+        assert!(e.contains("no x-max-priority"), "{e}");
+        let e = CeleryConfig::from_toml("task_default_queue_type = \"stream\"").unwrap_err();
+        assert!(e.contains("unknown variant `stream`"), "{e}");
     }
 
     #[test]

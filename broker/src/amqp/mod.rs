@@ -10,12 +10,15 @@
 //!   and says so in the log; a watchdog restarts consumers that stopped receiving while messages wait;
 //! - ETA tasks are parked inside RabbitMQ through kombu's native delayed delivery topology, so they hold
 //!   no prefetch slot and no worker memory while they wait;
-//! - revoked ids persist in the durable queue `celeriac.revoked`.
+//! - revoked ids persist in the durable queue `celeriac.revoked`;
+//! - a cluster's nodes as kombu's failover list: a lost node is replaced by the next that accepts.
 //!
 //! # Layout
+//! - [`nodes`]: the failover list and the node in use.
 //! - [`table`]: header tables ↔ JSON, task messages ↔ AMQP messages.
 //! - [`topology`]: names, arguments and declaration errors.
 
+pub mod nodes;
 pub mod table;
 pub mod topology;
 
@@ -68,6 +71,7 @@ impl std::fmt::Debug for AmqpBroker {
 
 struct Inner {
     uri: String,
+    nodes: nodes::Nodes,
     options: BrokerOptions,
     link: Mutex<Option<Arc<Link>>>,
     generation: AtomicU64,
@@ -221,6 +225,7 @@ impl AmqpBroker {
     pub async fn connect(uri: String, options: BrokerOptions) -> Result<Self> {
         let (settles, settle_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
+            nodes: nodes::Nodes::new(&uri, options.failover),
             uri,
             options,
             link: Mutex::new(None),
@@ -369,6 +374,16 @@ async fn supervise(inner: Weak<Inner>, stop: CancellationToken) {
 }
 
 impl Inner {
+    /// Arguments of celeriac's own durable queues (revoked ids, dead letters): the task queues' type, so that
+    /// with quorum task queues they survive the loss of a cluster node too.
+    fn own_queue_args(&self) -> FieldTable {
+        let mut args = Map::new();
+        if let Some(t) = self.options.common_queue_arguments.get("x-queue-type") {
+            args.insert("x-queue-type".into(), t.clone());
+        }
+        table::to_table(&args)
+    }
+
     fn current(&self) -> Option<Arc<Link>> {
         let guard = self.link.lock().expect("link");
         guard
@@ -426,12 +441,7 @@ impl Inner {
             .unwrap_or_else(|| "celeriac".into());
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(format!("celeriac {name}").as_bytes()));
-        let conn = tokio::time::timeout(
-            Duration::from_secs(10),
-            Connection::connect(&this.uri, props),
-        )
-        .await
-        .map_err(|_| BrokerError::NotConnected("connecting to RabbitMQ timed out".into()))??;
+        let conn = this.nodes.connect(props).await?;
         let consume = conn.create_channel().await?;
         consume
             .basic_qos(this.options.prefetch, BasicQosOptions { global: false })
@@ -1116,7 +1126,7 @@ impl Broker for AmqpBroker {
     async fn dead_letter(&self, held: &Held, reason: &str) -> Result<()> {
         let queue = format!("celeriac.deadletter.{}", held.queue);
         let (link, ch) = self.inner.temp_channel().await?;
-        ch.queue_declare(short(&queue), durable_queue(), FieldTable::default())
+        ch.queue_declare(short(&queue), durable_queue(), self.inner.own_queue_args())
             .await?;
         let _ = ch.close(200, short("ok")).await;
         drop(link);
@@ -1302,7 +1312,7 @@ impl Broker for AmqpBroker {
         ch.queue_declare(
             short(topology::REVOKED_QUEUE),
             durable_queue(),
-            FieldTable::default(),
+            self.inner.own_queue_args(),
         )
         .await?;
         let _ = ch.close(200, short("ok")).await;
@@ -1329,7 +1339,7 @@ impl Broker for AmqpBroker {
         ch.queue_declare(
             short(topology::REVOKED_QUEUE),
             durable_queue(),
-            FieldTable::default(),
+            self.inner.own_queue_args(),
         )
         .await?;
         let mut ids = Vec::new();
