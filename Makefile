@@ -42,7 +42,7 @@ flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and
 
 test: redis postgres rabbitmq chromium venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ), the test peers' own tests, and interop (real Python Celery, Flower, headless Chromium, SMTP).
 	cargo test --workspace --all-targets
-	$(PYTHON) -m pytest -q tests/peers
+	$(PYTHON) -m pytest -q tests/peers tests/deploy
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
 
 # `make test-repeat N=10`: the interop suite N times in a row; each round keeps its artifacts (worker logs,
@@ -116,7 +116,7 @@ postgres: ## Make sure PostgreSQL answers on 127.0.0.1:5432 with a database `tes
 
 venv: $(VENV)/.installed ## The Python venv with the pinned Celery used by interop tests and benchmarks.
 
-PY_REQUIREMENTS := tests/interop/requirements.txt $(wildcard tests/peers/requirements*.txt)
+PY_REQUIREMENTS := tests/interop/requirements.txt $(wildcard tests/peers/requirements*.txt) tests/deploy/requirements.txt
 
 $(VENV)/.installed: $(PY_REQUIREMENTS)
 	@command -v python3 >/dev/null || { echo "missing: python3 (apt-get install python3 python3-venv)"; exit 1; }

@@ -534,6 +534,16 @@ task_annotations = { "bench.fail" = { autoretry_for = ["ValueError"], retry_back
     }
 
     #[test]
+    fn shipped_ha_configs_parse() {
+        for text in [
+            include_str!("../../compose/ha/sentinel.toml"),
+            include_str!("../../compose/ha/rabbitmq.toml"),
+        ] {
+            CeleryConfig::from_toml(text).unwrap();
+        }
+    }
+
+    #[test]
     fn quorum_queues_and_failover_strategy() {
         let c = CeleryConfig::from_toml(
             "task_default_queue_type = \"quorum\"\nbroker_failover_strategy = \"shuffle\"\n[task_queues.orders]\nqueue_arguments = { \"x-queue-type\" = \"classic\" }",
