@@ -140,3 +140,31 @@ def test_r1_cluster_node_lost_under_load(fault, cluster, workers, iso, redis_cli
     assert "connected to another RabbitMQ node of the list" in w.log_path.read_text(errors="replace")
     app.close()
     confirmed_app.close()
+
+
+def test_r2_python_and_celeriac_workers_share_a_quorum_queue(cluster, workers, iso, redis_client):
+    """A Python Celery worker (``task_default_queue_type = "quorum"``, Celery 5.5+) and a celeriac worker
+    consume one quorum queue through the failover list: each task runs exactly once and both take a share."""
+    n = 1000
+    app = client(cluster, iso)
+    workers.broker_url = cluster.url
+    workers.client_app = app
+    marks = iso.key("shared")
+    settings = {"task_default_queue_type": "quorum"}
+    with app.producer_or_acquire() as producer:
+        ids = [app.send_task("bench.mark", args=(i, marks, iso.redis_url), queue=iso.queue, producer=producer).id
+               for i in range(n)]
+    workers.start(kind="python", concurrency=2, acks_late=True, wait_ready=False, settings=settings)
+
+    def python_share():
+        return sum(int(v) for v in redis_client.hgetall(f"{marks}:workers").values())
+
+    wait_for(lambda: python_share() >= 10, 60, interval=0.05, message="the Python worker to consume")
+    workers.start(concurrency=2, acks_late=True, wait_ready=False, settings=settings)
+    wait_for(lambda: redis_client.hlen(marks) == n, 180, interval=0.1, message="every task executed")
+    counts = {int(k): int(v) for k, v in redis_client.hgetall(marks).items()}
+    assert sorted(counts) == list(range(n)) and set(counts.values()) == {1}
+    assert 0 < python_share() < n, python_share()
+    keys = [iso.result_key(i) for i in ids]
+    wait_for(lambda: redis_client.exists(*keys) == n, 60, interval=0.2, message="every result stored")
+    app.close()
