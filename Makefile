@@ -20,21 +20,35 @@ endif
 METRICS_ADDR ?= 127.0.0.1:9091
 CELERIAC_DEBUG := $(CARGO_TARGET_DIR)/debug/celeriac
 CELERIAC_RELEASE := $(CARGO_TARGET_DIR)/release/celeriac
+# `make down`/`make ps`: whichever binary is built.
+CELERIAC_BIN_ANY = $(firstword $(wildcard $(CELERIAC_RELEASE) $(CELERIAC_DEBUG)) $(CELERIAC_RELEASE))
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up down ps prometheus flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-up: $(UP_SERVICES) release ## Start a worker on realtime,bulk against local Redis (BROKER=amqp: RabbitMQ); Ctrl-C stops it.
-	@echo "celeriac worker on queues realtime,bulk; broker $(UP_BROKER), results at $(REDIS_URL); metrics at http://$(METRICS_ADDR)/metrics"
-	@echo "Send a task from another shell:"
-	@echo "  $(CELERIAC_RELEASE) -b $(UP_BROKER) --result-backend $(REDIS_URL) call bench.add --args '[2, 3]' -Q realtime   # prints the task id"
-	@echo "  $(CELERIAC_RELEASE) --result-backend $(REDIS_URL) result <task id>                              # prints the result meta"
-	@echo "or from Python:  Celery(broker='$(UP_BROKER)', backend='$(REDIS_URL)').send_task('bench.add', (2, 3), queue='realtime').get()"
-	exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) worker -Q realtime,bulk -l info --metrics-addr $(METRICS_ADDR)
+up: $(UP_SERVICES) postgres venv prometheus release ## Start the platform natively (compose/stack.toml): workers, beat, flower, peers, Prometheus; Ctrl-C stops it.
+	@echo "celeriac platform (compose/stack.toml), broker $(UP_BROKER), results at $(REDIS_URL):"
+	@echo "  workers: email :9091, payment :9092, sync :9093, general (realtime,bulk) :9094 (/metrics, /health)"
+	@echo "  beat :9095, flower http://127.0.0.1:5555/, webhooks :9080, Prometheus http://127.0.0.1:9090/ (if installed)"
+	@echo "  peers: SMTP sink :2525 (mail at http://127.0.0.1:8025/), Stripe API :12111; tenant 'demo'"
+	@echo "From another shell:  make ps  |  make down  |  Python:"
+	@echo "  app = Celery(broker='$(UP_BROKER)', backend='$(REDIS_URL)')"
+	@echo "  app.send_task('bench.add', (2, 3), queue='realtime').get()"
+	@echo "  app.send_task('email.send', kwargs=dict(tenant_id='demo', idempotency_key='hi-1', to=['ann@example.com'], subject='Hi', text='Hello'), queue='email').get()"
+	$(if $(filter amqp,$(BROKER)),CELERY_BROKER_URL=$(UP_BROKER)) exec $(CELERIAC_RELEASE) up -f compose/stack.toml --var python=$(PYTHON)
+
+down: ## Stop the stack `make up` started (one SIGTERM each, warm shutdowns).
+	@$(CELERIAC_BIN_ANY) down
+
+ps: ## List the services of the running stack and their state.
+	@$(CELERIAC_BIN_ANY) ps || true
+
+prometheus:
+	@scripts/ensure-prometheus.sh
 
 flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and web UI) on http://127.0.0.1:$(FLOWER_PORT) for the `make up` broker.
 	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"

@@ -11,6 +11,7 @@ mod flower;
 mod purge;
 mod result;
 mod settings;
+mod up;
 mod webhooks;
 mod worker;
 
@@ -55,6 +56,13 @@ enum Command {
     Email(domain::EmailArgs),
     /// Serve the webhook endpoints peers call back (Stripe: POST /webhooks/stripe).
     Webhooks(webhooks::WebhooksArgs),
+    /// Run the platform's stack natively (compose/stack.toml): start order by health, prefixed logs,
+    /// restarts, one SIGTERM each on Ctrl-C.
+    Up(up::UpArgs),
+    /// List the services of the running stack.
+    Ps(up::StateArgs),
+    /// Stop the running stack and wait for it.
+    Down(up::StateArgs),
 }
 
 /// Log output format.
@@ -149,6 +157,9 @@ fn main() {
             Command::Tenants(args) => domain::tenants(&cli.global, args).await,
             Command::Email(args) => domain::email(&cli.global, args).await,
             Command::Webhooks(args) => webhooks::run(&cli.global, args).await,
+            Command::Up(args) => up::up(args).await,
+            Command::Ps(args) => up::ps(args).await,
+            Command::Down(args) => up::down(args).await,
         };
         match outcome {
             Ok(code) => code,
