@@ -25,7 +25,7 @@ CELERIAC_BIN_ANY = $(firstword $(wildcard $(CELERIAC_RELEASE) $(CELERIAC_DEBUG))
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up down ps prometheus flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up down ps prometheus fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -75,6 +75,22 @@ chaos: redis postgres rabbitmq venv build ## Peer restarts under load at full sc
 	@rm -f test-artifacts/chaos.jsonl
 	@CHAOS_SCALE=full CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q -p no:cacheprovider tests/interop/test_chaos.py; \
 	  rc=$$?; $(PYTHON) tests/interop/chaos_table.py test-artifacts/chaos.jsonl; exit $$rc
+
+# `make fuzz FUZZ_RUNS=N`: coverage-guided fuzzing (cargo fuzz, nightly) of every decoder that takes outside
+# input, N executions per target, starting from the smoke test's seeds; a crash stops it with the input saved
+# under fuzz/artifacts/<target>/. CI runs the stable smoke of the same targets (fuzz-harness/tests/smoke.rs).
+FUZZ_RUNS ?= 1000000
+fuzz: ## Fuzz every decoder (envelope, message, signature, pidbox, AMQP tables, config) FUZZ_RUNS times each.
+	@rustup toolchain list | grep -q '^nightly' || { echo "missing: the nightly toolchain (rustup toolchain install nightly)"; exit 1; }
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	CELERIAC_FUZZ_SEEDS=$(CURDIR)/fuzz/corpus cargo test -q -p celeriac-fuzz-harness --test smoke
+	cd fuzz && env -u CARGO_TARGET_DIR cargo +nightly fuzz build -O
+	@cd fuzz && for t in $$(env -u CARGO_TARGET_DIR cargo +nightly fuzz list); do \
+	  echo "== $$t: $(FUZZ_RUNS) runs"; \
+	  env -u CARGO_TARGET_DIR cargo +nightly fuzz run -O $$t corpus/$$t -- -runs=$(FUZZ_RUNS) -rss_limit_mb=2048 \
+	    -malloc_limit_mb=512 -timeout=10 -max_len=65536 -print_final_stats=1 2>&1 | grep -E '^(==|#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss|.*ERROR|SUMMARY)' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
 
 peers: venv ## Only the test peers' own tests (SMTP sink, Stripe launcher, fake shop).
 	$(PYTHON) -m pytest -q tests/peers

@@ -11,7 +11,7 @@
 use celeriac_backend::{BackendError, ResultBackend};
 use celeriac_broker::{Broker, BrokerError};
 use celeriac_protocol::{Signature, TaskMessage, Value, time};
-use serde_json::json;
+use serde_json::{Map, json};
 use std::collections::HashMap;
 use std::sync::Arc;
 use thiserror::Error;
@@ -179,43 +179,69 @@ fn kind(v: &Value) -> Option<&str> {
     v.get("subtask_type").and_then(Value::as_str)
 }
 
-/// Gives every task of a canvas its id now (Celery's `freeze`) and returns the id of its result.
+/// Gives every task of a canvas its id now (Celery's `freeze`) and returns the id of its result. A part
+/// that is not a signature (not a JSON object) is left as it is, to be refused with a clear error when it is
+/// applied; freezing never panics on what a client sent.
 pub fn freeze(s: &mut Value) -> String {
-    if !s["options"].is_object() {
-        s["options"] = json!({});
+    if s.is_null() {
+        // As serde_json's indexing did: a missing part becomes a signature with an id.
+        *s = json!({});
     }
-    match kind(s) {
+    let Some(obj) = s.as_object_mut() else {
+        return new_id();
+    };
+    if !obj.get("options").is_some_and(Value::is_object) {
+        obj.insert("options".into(), json!({}));
+    }
+    let kind = obj
+        .get("subtask_type")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let tasks = |obj: &mut Map<String, Value>| {
+        obj.get_mut("kwargs")
+            .and_then(|k| k.get_mut("tasks"))
+            .and_then(Value::as_array_mut)
+            .map(std::mem::take)
+    };
+    let own_id = |obj: &mut Map<String, Value>| {
+        let options = obj
+            .get_mut("options")
+            .and_then(Value::as_object_mut)
+            .expect("set above");
+        let id = options
+            .get("task_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(new_id);
+        options.insert("task_id".into(), json!(id));
+        id
+    };
+    match kind.as_deref() {
         Some("chain") => {
             let mut last = String::new();
-            if let Some(tasks) = s["kwargs"]["tasks"].as_array_mut() {
-                for t in tasks.iter_mut() {
+            if let Some(mut list) = tasks(obj) {
+                for t in list.iter_mut() {
                     last = freeze(t);
                 }
+                obj["kwargs"]["tasks"] = Value::Array(list);
             }
             last
         }
         Some("group") => {
-            let gid = s["options"]["task_id"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(new_id);
-            s["options"]["task_id"] = json!(gid);
-            if let Some(tasks) = s["kwargs"]["tasks"].as_array_mut() {
-                for t in tasks.iter_mut() {
+            let gid = own_id(obj);
+            if let Some(mut list) = tasks(obj) {
+                for t in list.iter_mut() {
                     freeze(t);
                 }
+                obj["kwargs"]["tasks"] = Value::Array(list);
             }
             gid
         }
-        Some("chord") => freeze(&mut s["kwargs"]["body"]),
-        _ => {
-            let id = s["options"]["task_id"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(new_id);
-            s["options"]["task_id"] = json!(id);
-            id
-        }
+        Some("chord") => match obj.get_mut("kwargs") {
+            Some(Value::Object(k)) => freeze(k.entry("body").or_insert(Value::Null)),
+            _ => new_id(),
+        },
+        _ => own_id(obj),
     }
 }
 
@@ -597,6 +623,22 @@ impl Canvas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn freezing_what_is_not_a_signature_does_not_panic() {
+        // Found by the fuzz smoke: a number where a step or the options belong used to panic.
+        let mut c =
+            json!({"subtask_type": "chain", "kwargs": {"tasks": [1, "x", null]}, "options": 3});
+        let last = freeze(&mut c);
+        assert_eq!(c["kwargs"]["tasks"][0], json!(1));
+        assert_eq!(c["kwargs"]["tasks"][2]["options"]["task_id"], json!(last));
+        let mut g = json!({"subtask_type": "group", "kwargs": 5});
+        let gid = freeze(&mut g);
+        assert_eq!(g["options"]["task_id"], json!(gid));
+        let mut n = json!(7);
+        freeze(&mut n);
+        assert_eq!(n, json!(7));
+    }
 
     #[test]
     fn builders_make_celery_dicts() {

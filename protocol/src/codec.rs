@@ -69,25 +69,36 @@ impl ContentType {
     }
 }
 
+/// The largest body a compressed message may expand to (a task message is kilobytes; a few bytes of zlib
+/// can claim gigabytes).
+pub const MAX_DECOMPRESSED: u64 = 64 * 1024 * 1024;
+
 /// Undoes kombu compression named by the `compression` header. kombu registers zlib under
-/// `application/x-gzip`, so both zlib and gzip streams are recognised by their magic bytes.
+/// `application/x-gzip`, so both zlib and gzip streams are recognised by their magic bytes. A body that
+/// expands past [`MAX_DECOMPRESSED`] is refused, not allocated.
 pub fn decompress(compression: &str, body: &[u8]) -> Result<Vec<u8>, ProtocolError> {
-    let err = |detail: std::io::Error| ProtocolError::Decompress {
+    let err = |detail: String| ProtocolError::Decompress {
         compression: compression.to_string(),
-        detail: detail.to_string(),
+        detail,
     };
     match compression {
         "application/x-gzip" | "application/gzip" | "gzip" | "zlib" | "application/x-zlib"
         | "application/zlib" => {
-            let mut out = Vec::with_capacity(body.len() * 4);
-            if body.starts_with(&[0x1f, 0x8b]) {
-                flate2::read::MultiGzDecoder::new(body)
-                    .read_to_end(&mut out)
-                    .map_err(err)?;
+            let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(1 << 20));
+            let reader: Box<dyn Read + '_> = if body.starts_with(&[0x1f, 0x8b]) {
+                Box::new(flate2::read::MultiGzDecoder::new(body))
             } else {
-                flate2::read::ZlibDecoder::new(body)
-                    .read_to_end(&mut out)
-                    .map_err(err)?;
+                Box::new(flate2::read::ZlibDecoder::new(body))
+            };
+            reader
+                .take(MAX_DECOMPRESSED + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| err(e.to_string()))?;
+            if out.len() as u64 > MAX_DECOMPRESSED {
+                return Err(err(format!(
+                    "it expands past {} MiB",
+                    MAX_DECOMPRESSED / (1024 * 1024)
+                )));
             }
             Ok(out)
         }
@@ -125,6 +136,25 @@ mod tests {
     use flate2::Compression;
     use serde_json::json;
     use std::io::Write;
+
+    #[test]
+    fn a_decompression_bomb_is_refused_without_allocating_it() {
+        // 100 MiB of zeros compress to ~100 KB.
+        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), Compression::best());
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..100 {
+            enc.write_all(&chunk).unwrap();
+        }
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 1 << 20);
+        let e = decompress("application/x-gzip", &bomb)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "cannot decompress body (application/x-gzip): it expands past 64 MiB"
+        );
+    }
 
     #[test]
     fn pickle_is_refused_with_reason() {

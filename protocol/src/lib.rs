@@ -19,6 +19,7 @@ pub mod error;
 pub mod event;
 pub mod json;
 pub mod message;
+pub mod pidbox;
 pub mod repr;
 pub mod result;
 pub mod signature;

@@ -2132,16 +2132,6 @@ mod pidbox {
         }
     }
 
-    fn selected(req: &Value, me: &str) -> bool {
-        match req.get("destination") {
-            Some(Value::Array(d)) => d.iter().any(|n| n.as_str() == Some(me)),
-            _ => match req.get("pattern").and_then(Value::as_str) {
-                Some(p) => glob(p, me),
-                None => true,
-            },
-        }
-    }
-
     /// Python's `bool(value)` for JSON values.
     pub(super) fn truthy(v: &Value) -> bool {
         match v {
@@ -2151,18 +2141,6 @@ mod pidbox {
             Value::String(s) => !s.is_empty(),
             Value::Array(a) => !a.is_empty(),
             Value::Object(o) => !o.is_empty(),
-        }
-    }
-
-    fn glob(pattern: &str, text: &str) -> bool {
-        match pattern.split_once('*') {
-            None => pattern == text,
-            Some((head, tail)) => {
-                text.starts_with(head)
-                    && (tail.is_empty()
-                        || (0..=text.len() - head.len())
-                            .any(|i| glob(tail, &text[head.len() + i..])))
-            }
         }
     }
 
@@ -2520,7 +2498,7 @@ mod pidbox {
                 .max(theirs)
                 + 1;
             clock.store(now, std::sync::atomic::Ordering::Relaxed);
-            if !selected(&req, &shared.settings.hostname) {
+            if !celeriac_protocol::pidbox::selected(&req, &shared.settings.hostname) {
                 continue;
             }
             let method = req
@@ -2582,14 +2560,6 @@ mod pidbox {
             assert!(!super::truthy(&json!(null)));
             assert!(!super::truthy(&json!(false)));
             assert!(!super::truthy(&json!("")));
-        }
-
-        #[test]
-        fn glob_patterns() {
-            assert!(super::glob("w*@vm", "w1@vm"));
-            assert!(super::glob("*", "x"));
-            assert!(!super::glob("w*@vm", "x1@vm"));
-            assert!(super::glob("w1@vm", "w1@vm"));
         }
     }
 }
