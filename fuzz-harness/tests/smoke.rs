@@ -201,3 +201,31 @@ fn config_smoke() {
     ];
     smoke("config", h::config, &seeds, 5_000);
 }
+
+/// Inputs that crashed a fuzz target once (`make fuzz` saves them under fuzz/artifacts/): each must pass now.
+#[test]
+fn past_crashes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/regressions");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("regressions") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let data = std::fs::read(&path).expect("input");
+        let target: fn(&[u8]) = match name.split('-').next() {
+            Some("envelope") => h::envelope,
+            Some("message") => h::message,
+            Some("signature") => h::signature,
+            Some("pidbox") => h::pidbox,
+            Some("amqp_table") => h::amqp_table,
+            Some("config") => h::config,
+            _ => panic!("{name}: name it <target>-<what>"),
+        };
+        target(&data);
+        seen += 1;
+    }
+    assert!(seen >= 1);
+}

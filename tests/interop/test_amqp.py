@@ -134,12 +134,13 @@ def test_q4_acks_late_sigkill_loses_nothing(amqp, workers, iso, redis_client):
     app = amqp.app
     w1 = workers.start(concurrency=4, acks_late=True)
 
-    # 10 blocks of [bench.sleep(1), 20 x bench.mark]: the sleeps pin the 4 slots, so at any moment
-    # the worker holds started and prefetched messages unacknowledged.
+    # 10 blocks of [bench.sleep(3), 20 x bench.mark]: the sleeps pin the 4 slots, so at any moment
+    # the worker holds started and prefetched messages unacknowledged, for long enough (about 9 s) that a slow
+    # rabbitmqctl on a loaded machine still reads the queue before the worker is done.
     sleep_ids, mark_ids = [], []
     with app.producer_or_acquire() as producer:
         for block in range(10):
-            sleep_ids.append(app.send_task("bench.sleep", (1,), producer=producer).id)
+            sleep_ids.append(app.send_task("bench.sleep", (3,), producer=producer).id)
             for j in range(20):
                 i = block * 20 + j
                 mark_ids.append(app.send_task("bench.mark", (i, iso.mark_key, iso.redis_url),

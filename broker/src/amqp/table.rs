@@ -1,5 +1,5 @@
 //! AMQP field tables ↔ JSON, and task messages ↔ AMQP messages, as py-amqp encodes them: `str`→`S`,
-//! `bool`→`t`, `int`→`I` (or `l` beyond 32 bits), `float`→`d`, `None`→`V`, `list`→`A`, `dict`→`F`
+//! `bool`→`t`, `int`→`I` (or `l` beyond 32 bits, `T` beyond 63), `float`→`d`, `None`→`V`, `list`→`A`, `dict`→`F`
 //! (spec §3.2). The body travels raw (no base64, no envelope); task headers go in the header table.
 
 use celeriac_protocol::{ProtocolError, TaskMessage, TaskProperties};
@@ -19,7 +19,8 @@ pub fn to_amqp(v: &Value) -> AMQPValue {
                     Err(_) => AMQPValue::LongLongInt(i),
                 }
             } else if let Some(u) = n.as_u64() {
-                AMQPValue::LongLongInt(u.min(i64::MAX as u64) as i64)
+                // Beyond i64: AMQP's only unsigned 64-bit type keeps the value exact.
+                AMQPValue::Timestamp(u)
             } else {
                 AMQPValue::Double(n.as_f64().unwrap_or(0.0))
             }
@@ -226,7 +227,8 @@ mod tests {
     #[test]
     fn headers_roundtrip_through_a_table() {
         let v = json!({"lang": "py", "retries": 0, "timelimit": [null, 1.5], "stamps": {}, "group_index": null,
-                       "ignore_result": false, "big": 9_007_199_254_740_993i64});
+                       "ignore_result": false, "big": 9_007_199_254_740_993i64,
+                       "beyond_i64": 14_507_327_383_470_079_999u64});
         let back = Value::Object(from_table(&to_table(v.as_object().unwrap())));
         assert_eq!(back, v);
     }
