@@ -86,12 +86,13 @@ def message_ids(maildir) -> collections.Counter:
 
 
 def deliveries(maildir) -> list[dict]:
-    """The sidecar log ``deliveries.jsonl``: one dict per stored message, in order."""
+    """The sidecar log ``deliveries.jsonl``: one dict per stored message, in order. A last line the sink is
+    still writing (no newline yet) is not a delivery yet."""
     path = os.path.join(maildir, LOG_FILE)
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 def _write_json_atomic(path, obj) -> None:
