@@ -54,10 +54,10 @@ flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and
 	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"
 	FLOWER_UNAUTHENTICATED_API=1 exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) flower --port $(FLOWER_PORT) --db "sqlite://$(CACHE)/flower.db?mode=rwc"
 
-test: redis postgres rabbitmq chromium venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ), the test peers' own tests, and interop (real Python Celery, Flower, headless Chromium, SMTP).
+test: redis postgres rabbitmq chromium prometheus venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ), the test peers' own tests, and interop (real Python Celery, Flower, headless Chromium, SMTP).
 	cargo test --workspace --all-targets
-	$(PYTHON) -m pytest -q tests/peers tests/deploy
-	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
+	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/peers tests/deploy
+	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q --durations=15 tests/interop
 
 # `make test-repeat N=10`: the interop suite N times in a row; each round keeps its artifacts (worker logs,
 # the Redis state of failing tests) in test-artifacts/repeat/<round>/, and the summary lists every failure.
@@ -99,7 +99,7 @@ unit: redis postgres rabbitmq ## Only the Rust tests.
 	cargo test --workspace --all-targets
 
 interop: redis rabbitmq chromium venv build ## Only the Python interop tests.
-	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/interop
+	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q --durations=15 tests/interop
 
 lint: ## cargo fmt --check and clippy with warnings as errors.
 	cargo fmt --all -- --check

@@ -142,6 +142,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Acknowledges deliveries: they are gone for good.
     async fn ack(&self, tags: &[String]) -> Result<()>;
 
+    /// Waits until every ack queued so far has left for the broker, where a transport settles in the
+    /// background (AMQP's basic.ack has no reply). The worker calls it before storing results whose early
+    /// acks must land first. Transports whose `ack` returns once applied do nothing.
+    async fn flush_acks(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Gives deliveries back to their queues with the redelivered flag: `front` puts them next in line
     /// (kombu's restore), otherwise at the back (kombu's `reject(requeue=True)`).
     async fn requeue(&self, held: &[&Held], front: bool) -> Result<usize>;

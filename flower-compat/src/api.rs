@@ -168,6 +168,7 @@ async fn metrics(State(app): Shared, headers: HeaderMap) -> Response {
         let l = crate::metrics::FlowerMetrics::worker_labels(name);
         app.metrics.online.get_or_create(&l).set(i64::from(*alive));
         app.metrics.executing.get_or_create(&l).set(*active);
+        app.metrics.exporter_worker(name, *alive);
     }
     let (queues, concurrency) = {
         let inspected = app.inspected.lock().expect("inspected");
@@ -203,10 +204,7 @@ async fn metrics(State(app): Shared, headers: HeaderMap) -> Response {
     }
     for q in queues {
         if let Ok(n) = app.broker.queue_length(&q).await {
-            app.metrics
-                .queue_length
-                .get_or_create(&vec![("queue".to_string(), q)])
-                .set(n as i64);
+            app.metrics.queue(&q, n);
         }
     }
     // Flower serves text/plain; a scraper asking for OpenMetrics gets that type.

@@ -3,6 +3,12 @@
 //! `flower_worker_online`, `flower_worker_number_of_currently_executing_tasks`), plus queue lengths and
 //! worker concurrency; with the worker label switched off every series drops it (one series per task
 //! instead of one per task and worker).
+//!
+//! It is also the cluster's celery-exporter: the series that exporter derives from the event stream and the
+//! broker, and which no single worker can report alone, come from here once each: `celery_worker_up{hostname}`
+//! (1 while heartbeats arrive, 0 once they stop), `celery_queue_length{queue_name}` (one series per queue, so
+//! the dashboards' sums are right) and `celery_task_sent_total{name,hostname,queue_name}` (from `task-sent`).
+//! The per-task counters stay with the workers that run the tasks.
 
 use crate::state::TaskRecord;
 use prometheus_client::encoding::text::encode;
@@ -38,6 +44,12 @@ pub struct FlowerMetrics {
     pub queue_length: Family<Labels, Gauge>,
     /// `celeriac_flower_worker_concurrency{worker}`.
     pub concurrency: Family<Labels, Gauge>,
+    /// celery-exporter's `celery_worker_up{hostname}`.
+    pub worker_up: Family<Labels, Gauge>,
+    /// celery-exporter's `celery_queue_length{queue_name}`.
+    pub exporter_queue_length: Family<Labels, Gauge>,
+    /// celery-exporter's `celery_task_sent_total{name,hostname,queue_name}`.
+    sent: Family<Labels, Counter>,
 }
 
 impl Default for FlowerMetrics {
@@ -58,6 +70,9 @@ impl FlowerMetrics {
         let executing = Family::<Labels, Gauge>::default();
         let queue_length = Family::<Labels, Gauge>::default();
         let concurrency = Family::<Labels, Gauge>::default();
+        let worker_up = Family::<Labels, Gauge>::default();
+        let exporter_queue_length = Family::<Labels, Gauge>::default();
+        let sent = Family::<Labels, Counter>::default();
         registry.register("flower_events", "Number of events", events.clone());
         registry.register(
             "flower_task_runtime_seconds",
@@ -94,6 +109,21 @@ impl FlowerMetrics {
             "Concurrency (pool size) of a worker",
             concurrency.clone(),
         );
+        registry.register(
+            "celery_worker_up",
+            "Indicates if a worker has recently sent a heartbeat",
+            worker_up.clone(),
+        );
+        registry.register(
+            "celery_queue_length",
+            "The number of message in broker queue",
+            exporter_queue_length.clone(),
+        );
+        registry.register(
+            "celery_task_sent",
+            "Sent when a task message is published",
+            sent.clone(),
+        );
         Self {
             registry,
             events,
@@ -104,7 +134,28 @@ impl FlowerMetrics {
             executing,
             queue_length,
             concurrency,
+            worker_up,
+            exporter_queue_length,
+            sent,
         }
+    }
+
+    /// Sets the cluster-level series of a worker (`alive`: heartbeats arriving) and of the queues.
+    pub fn exporter_worker(&self, hostname: &str, alive: bool) {
+        self.worker_up
+            .get_or_create(&vec![("hostname".into(), hostname.to_string())])
+            .set(i64::from(alive));
+    }
+
+    /// Sets `celery_queue_length` and `celeriac_flower_queue_length` of a queue.
+    pub fn queue(&self, queue: &str, length: u64) {
+        let n = i64::try_from(length).unwrap_or(i64::MAX);
+        self.queue_length
+            .get_or_create(&vec![("queue".into(), queue.to_string())])
+            .set(n);
+        self.exporter_queue_length
+            .get_or_create(&vec![("queue_name".into(), queue.to_string())])
+            .set(n);
     }
 
     /// Label set of a worker series.
@@ -150,6 +201,20 @@ impl FlowerMetrics {
         self.events
             .get_or_create(&series(Some(("type", kind))))
             .inc();
+        if kind == "task-sent" {
+            // As celery-exporter labels it: the sender's hostname, the queue it was routed to.
+            let queue = ["queue", "routing_key"]
+                .iter()
+                .find_map(|k| event.get(*k).and_then(Value::as_str))
+                .unwrap_or_default();
+            self.sent
+                .get_or_create(&vec![
+                    ("name".into(), name.clone()),
+                    ("hostname".into(), worker.clone()),
+                    ("queue_name".into(), queue.to_string()),
+                ])
+                .inc();
+        }
         let plain = series(None);
         if let Some(r) = event
             .get("runtime")
@@ -224,6 +289,42 @@ mod tests {
             text.contains(
                 r#"flower_task_runtime_seconds_count{task="tasks.add",worker="w1@vm"} 1"#
             )
+        );
+    }
+
+    #[test]
+    fn celery_exporter_series_once_per_worker_and_queue() {
+        let m = FlowerMetrics::new();
+        let sent = serde_json::json!({"type": "task-sent", "hostname": "gen1@client", "name": "tasks.add",
+            "queue": "realtime", "routing_key": "realtime"});
+        let t = TaskRecord::default();
+        m.observe(sent.as_object().unwrap(), &t, true);
+        m.observe(sent.as_object().unwrap(), &t, false);
+        m.exporter_worker("w1@vm", true);
+        m.exporter_worker("w2@vm", false);
+        m.queue("bulk", 7);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"celery_task_sent_total{name="tasks.add",hostname="gen1@client",queue_name="realtime"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"celery_worker_up{hostname="w1@vm"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"celery_worker_up{hostname="w2@vm"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"celery_queue_length{queue_name="bulk"} 7"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"celeriac_flower_queue_length{queue="bulk"} 7"#),
+            "{text}"
         );
     }
 }

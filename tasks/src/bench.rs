@@ -121,6 +121,18 @@ pub fn register(registry: &mut Registry) {
         },
     );
     registry.task(
+        "bench.reject",
+        &["reason"],
+        opts(),
+        |_ctx, (reason,): (String,)| async move {
+            // `raise Reject(reason, requeue=False)`: dropped, FAILURE Reject stored.
+            Err::<Value, _>(TaskError::Reject {
+                requeue: false,
+                reason,
+            })
+        },
+    );
+    registry.task(
         "bench.panic",
         &[],
         opts(),

@@ -4,8 +4,11 @@ dependency order; a Python Celery client gets answers from the general, email an
 worker serves ``/metrics``; flower-compat lists the workers; ``celeriac ps`` shows the stack; one SIGINT stops
 everything cleanly (warm shutdowns, exit 0, every port closed).
 """
+import datetime
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+import dashboards
 from conftest import celeriac_bin
 from fixtures_platform import POSTGRES_URL
 from interop_helpers import wait_for
@@ -27,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PORTS = ["smtp_port", "smtp_http_port", "stripe_port", "webhooks_port", "email_port", "payment_port", "sync_port",
          "general_port", "beat_port", "flower_port", "prometheus_port"]
 WORKERS = {"email": "email_port", "payment": "payment_port", "sync": "sync_port", "general": "general_port"}
+# Our dashboard's panels for what this test does not cause: no unknown payment, no sync run, no beat entry due
+# within the test (each of these families exists only once it has a first value).
+QUIET_PANELS = {"Payment: unknown outcomes", "Sync: lag by stream", "Sync: records per second",
+                "Beat: sends by entry"}
 
 
 def free_port():
@@ -59,7 +67,7 @@ def stack(iso, tmp_path):
     database = POSTGRES_URL.rsplit("/", 1)[1]
     argv = [celeriac_bin(), "up", "-f", "compose/stack.toml", "--state-file", str(state), "--stop-timeout", "60",
             "--var", f"config={config}", "--var", f"python={sys.executable}", "--var", f"data={data}",
-            "--var", f"database={database}", "--var", f"schema={schema}",
+            "--var", f"database={database}", "--var", f"schema={schema}", "--var", "scrape_interval=1s",
             *[a for name, port in ports.items() for a in ("--var", f"{name}={port}")]]
     log = open(tmp_path / "up.log", "w")
     env = dict(os.environ, CELERY_BROKER_URL=iso.redis_url, CELERY_RESULT_BACKEND=iso.redis_url)
@@ -81,6 +89,52 @@ def phases(state):
         return {}
 
 
+def dashboards_have_data(app, ports):
+    """celery-exporter's dashboards (unchanged, grafana.com 17508/17509 and the older one) and ours: after a
+    failure, a retry, a rejection and an expired task, every panel query returns data from the stack's
+    Prometheus, variables filled as Grafana fills them."""
+    base = f"http://127.0.0.1:{ports['prometheus_port']}"
+
+    def every_kind_of_event():
+        with pytest.raises(ValueError):
+            app.send_task("bench.fail", ("boom",), queue="realtime").get(timeout=30)
+        assert app.send_task("bench.flaky", (1, 0.1), queue="realtime").get(timeout=30) == 1
+        rejected = app.send_task("bench.reject", ("not today",), queue="realtime")
+        wait_for(lambda: rejected.state == "FAILURE", 30, message="bench.reject stored as FAILURE")
+        expired = app.send_task("bench.add", (1, 1), queue="realtime",
+                                expires=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1))
+        wait_for(lambda: expired.state == "REVOKED", 30, message="the expired task revoked")
+
+    # Twice, a scrape apart: series born at the first event (a new exception class, a first task-sent) show
+    # an increase from the second on, as in any deployment older than a minute.
+    every_kind_of_event()
+    wait_for(lambda: all(dashboards.prom(base, "/api/v1/query", query=q)["result"] for q in (
+        'celery_task_failed_total{name="bench.fail", exception="ValueError"}',
+        'celery_task_sent_total{name="bench.fail"}')), 30, interval=0.5,
+        message="Prometheus to scrape the first failure and the first task-sent")
+    every_kind_of_event()
+
+    def targets_up():
+        active = dashboards.prom(base, "/api/v1/targets")["activeTargets"]
+        return len(active) == 6 and all(t["health"] == "up" for t in active)
+
+    wait_for(targets_up, 60, interval=0.5, message="Prometheus scraping the six celeriac targets")
+    boards = [dashboards.load(dashboards.MIXIN / name) for name in dashboards.MIXIN_DASHBOARDS]
+    boards += [dashboards.load(path) for path in dashboards.OUR_DASHBOARDS]
+    assert len(boards) == 4
+    # Rate windows need two scrapes after the last event (1 s apart here): poll until every query answers.
+    last = {}
+
+    def all_answer():
+        last["missing"] = [m for b in boards for m in dashboards.empty_queries(base, b, expect_empty=QUIET_PANELS)]
+        return not last["missing"]
+
+    try:
+        wait_for(all_answer, 60, interval=1, message="every dashboard query to return data")
+    except AssertionError:
+        raise AssertionError("queries without data:\n" + "\n".join(last["missing"])) from None
+
+
 def test_up_runs_the_platform_and_stops_it_cleanly(stack, iso):
     proc, ports = stack["proc"], stack["ports"]
 
@@ -97,7 +151,7 @@ def test_up_runs_the_platform_and_stops_it_cleanly(stack, iso):
     assert ps.returncode == 0 and "email" in ps.stdout and "ready" in ps.stdout, ps.stdout
 
     app = Celery(f"up-{iso.tag}", broker=iso.redis_url, backend=iso.redis_url, set_as_current=False)
-    app.conf.update(broker_transport_options={"global_keyprefix": iso.prefix},
+    app.conf.update(broker_transport_options={"global_keyprefix": iso.prefix}, task_send_sent_event=True,
                     result_backend_transport_options={"global_keyprefix": iso.prefix},
                     task_routes={"email.*": {"queue": "email"}, "payment.*": {"queue": "payment"},
                                  "sync.*": {"queue": "sync"}, "catalog.*": {"queue": "sync"}})
@@ -112,10 +166,17 @@ def test_up_runs_the_platform_and_stops_it_cleanly(stack, iso):
     assert len(list((stack["data"] / "maildir" / "new").iterdir())) == 1
     for name, port in WORKERS.items():
         status, body = get(f"http://127.0.0.1:{ports[port]}/metrics")
-        assert status == 200 and "celery_worker_up" in body, name
+        assert status == 200 and "celeriac_worker_up" in body, name
     flower = f"http://127.0.0.1:{ports['flower_port']}/api/workers"
     wait_for(lambda: {n.split("@")[0] for n in json.loads(get(flower)[1])} >= set(WORKERS), 30,
              message="flower-compat to list the four workers")
+    # flower-compat is the cluster's celery-exporter: one celery_worker_up per worker, from heartbeats.
+    exported = get(f"http://127.0.0.1:{ports['flower_port']}/metrics")[1]
+    up = {m.group(1).split("@")[0] for m in re.finditer(r'celery_worker_up\{hostname="([^"]+)"\} 1', exported)}
+    assert up >= set(WORKERS), exported
+    if shutil.which("prometheus"):  # `make test` installs it (make prometheus); the stack runs without
+        assert p["prometheus"] == "ready", p
+        dashboards_have_data(app, ports)
     app.close()
 
     proc.send_signal(signal.SIGINT)

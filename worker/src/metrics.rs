@@ -1,5 +1,8 @@
 //! Per-worker Prometheus metrics with celery-exporter's names and labels (so its Grafana dashboards work),
-//! and the `/metrics` + `/health` HTTP endpoints. `/health` answers 200 only while the consumer has talked
+//! and the `/metrics` + `/health` HTTP endpoints. The series the exporter reports once per cluster
+//! (`celery_worker_up` from heartbeats, `celery_queue_length` per queue, `celery_task_sent_total`) come from
+//! flower-compat, which sees every worker; a worker reports its own view as `celeriac_worker_up` and
+//! `celeriac_worker_queue_length`, so the dashboards' sums never count a queue once per consumer. `/health` answers 200 only while the consumer has talked
 //! to the broker recently: a worker that silently stopped consuming shows up as unhealthy.
 
 use axum::Router;
@@ -27,6 +30,19 @@ pub struct TaskLabels {
     pub hostname: String,
     /// Queue the task came from.
     pub queue_name: String,
+}
+
+/// Labels of `celery_task_failed_total`: the task's, plus the exception's class name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailedLabels {
+    /// Task name.
+    pub name: String,
+    /// Worker node name.
+    pub hostname: String,
+    /// Queue the task came from.
+    pub queue_name: String,
+    /// The exception's class name (`ValueError`), as celery-exporter writes it.
+    pub exception: String,
 }
 
 /// Labels of per-worker series.
@@ -68,7 +84,7 @@ pub enum TaskEvent {
     Started,
     /// `celery_task_succeeded_total`.
     Succeeded,
-    /// `celery_task_failed_total`.
+    /// `celery_task_failed_total` (counted with its exception by [`Metrics::failed`]).
     Failed,
     /// `celery_task_retried_total`.
     Retried,
@@ -89,16 +105,17 @@ pub struct Metrics {
     registry: Registry,
     hostname: String,
     counters: [Family<TaskLabels, Counter>; 7],
+    failed: Family<FailedLabels, Counter>,
     runtime: RuntimeFamily,
     /// task name → queue → series; hits allocate nothing.
     series: std::sync::RwLock<
         std::collections::HashMap<String, std::collections::HashMap<String, Arc<TaskSeries>>>,
     >,
-    /// `celery_worker_up`.
+    /// `celeriac_worker_up`.
     pub worker_up: Gauge,
     /// `celery_worker_tasks_active`.
     pub tasks_active: Gauge,
-    /// `celery_queue_length{queue_name}` (all priority lists summed).
+    /// `celeriac_worker_queue_length{queue_name}` (all priority lists summed), as this worker reads it.
     pub queue_length: Family<QueueLabels, Gauge>,
     /// `celeriac_worker_prefetched`: messages held unacked by this worker.
     pub prefetched: Gauge,
@@ -139,8 +156,13 @@ impl Metrics {
             ("celery_task_rejected", "Tasks rejected"),
             ("celery_task_revoked", "Tasks revoked or expired"),
         ];
-        for ((name, help), family) in names.iter().zip(counters.iter()) {
-            registry.register(*name, *help, family.clone());
+        let failed = Family::<FailedLabels, Counter>::default();
+        for (i, ((name, help), family)) in names.iter().zip(counters.iter()).enumerate() {
+            if i == TaskEvent::Failed as usize {
+                registry.register(*name, *help, failed.clone());
+            } else {
+                registry.register(*name, *help, family.clone());
+            }
         }
         let runtime: RuntimeFamily = Family::new_with_constructor(runtime_histogram);
         registry.register(
@@ -153,8 +175,8 @@ impl Metrics {
         };
         let up_family = Family::<WorkerLabels, Gauge>::default();
         registry.register(
-            "celery_worker_up",
-            "1 while the worker runs",
+            "celeriac_worker_up",
+            "1 while the worker runs (celery_worker_up, from heartbeats, is flower-compat's)",
             up_family.clone(),
         );
         let active_family = Family::<WorkerLabels, Gauge>::default();
@@ -165,8 +187,8 @@ impl Metrics {
         );
         let queue_length = Family::<QueueLabels, Gauge>::default();
         registry.register(
-            "celery_queue_length",
-            "Messages waiting in the queue",
+            "celeriac_worker_queue_length",
+            "Messages waiting in a queue this worker consumes (celery_queue_length, once per queue, is flower-compat's)",
             queue_length.clone(),
         );
         let prefetched_family = Family::<WorkerLabels, Gauge>::default();
@@ -208,6 +230,7 @@ impl Metrics {
             registry,
             hostname: hostname.to_string(),
             counters,
+            failed,
             runtime,
             series: Default::default(),
             worker_up,
@@ -269,9 +292,28 @@ impl Metrics {
             .collect()
     }
 
+    /// Creates a task's series at 0 before its first event.
+    pub fn init_task(&self, name: &str, queue: &str) {
+        self.series(name, queue);
+    }
+
     /// Bumps a task counter.
     pub fn task(&self, event: TaskEvent, name: &str, queue: &str) {
         self.series(name, queue).counters[event as usize].inc();
+    }
+
+    /// Counts a failure with its exception's class name (`celery_task_failed_total{exception}`).
+    pub fn failed(&self, name: &str, queue: &str, exception: &str) {
+        self.task(TaskEvent::Failed, name, queue);
+        let labels = self.labels(name, queue);
+        self.failed
+            .get_or_create(&FailedLabels {
+                name: labels.name,
+                hostname: labels.hostname,
+                queue_name: labels.queue_name,
+                exception: exception.to_string(),
+            })
+            .inc();
     }
 
     /// Records a task runtime.
@@ -430,8 +472,20 @@ mod tests {
         assert!(text.contains(r#"celery_task_received_total{name="bench.add",hostname="w1@host",queue_name="realtime"} 1"#), "{text}");
         assert!(text.contains(r#"celery_task_succeeded_total{name="bench.add",hostname="w1@host",queue_name="realtime"} 2"#));
         assert!(text.contains(r#"celery_task_runtime_count{name="bench.add",hostname="w1@host",queue_name="realtime"} 1"#));
-        assert!(text.contains(r#"celery_worker_up{hostname="w1@host"} 1"#));
-        assert!(text.contains(r#"celery_queue_length{queue_name="bulk"} 7"#));
+        assert!(text.contains(r#"celeriac_worker_up{hostname="w1@host"} 1"#));
+        assert!(text.contains(r#"celeriac_worker_queue_length{queue_name="bulk"} 7"#));
+        // Once per cluster, from flower-compat: never from a worker.
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("celery_worker_up") || l.starts_with("celery_queue_length"))
+        );
+        m.failed("bench.fail", "realtime", "ValueError");
+        m.failed("bench.fail", "realtime", "ValueError");
+        m.failed("bench.fail", "realtime", "KeyError");
+        let text = m.encode();
+        assert!(text.contains(r#"celery_task_failed_total{name="bench.fail",hostname="w1@host",queue_name="realtime",exception="ValueError"} 2"#), "{text}");
+        assert!(text.contains(r#"celery_task_failed_total{name="bench.fail",hostname="w1@host",queue_name="realtime",exception="KeyError"} 1"#), "{text}");
     }
 
     #[test]

@@ -113,11 +113,32 @@ struct Job {
 }
 
 enum Commit {
-    /// A finished task: maybe a result to store, maybe a late ack after it.
+    /// A finished task: maybe a result to store, and how its message is settled around it.
     Done {
         meta: Option<Box<ResultMeta>>,
-        late_ack: Option<(String, bool)>,
+        ack: Ack,
     },
+}
+
+/// How a message is settled around the result stored with it.
+enum Ack {
+    /// Nothing to settle here (a state update, or a message settled elsewhere).
+    None,
+    /// Acked before the task ran (the default): that ack is applied before the result is stored, as in
+    /// Celery, so a crash in between never runs a finished task again.
+    Early(String),
+    /// `acks_late`: acked after the result is stored (with whether it frees a prefetch slot).
+    Late(String, bool),
+}
+
+impl Ack {
+    fn of(job: &Job) -> Ack {
+        if job.acks_late {
+            Ack::Late(job.held.tag.clone(), job.holds_slot)
+        } else {
+            Ack::Early(job.held.tag.clone())
+        }
+    }
 }
 
 /// What is needed to settle an acks_late job the worker loses (abandoned at the shutdown timeout).
@@ -140,6 +161,8 @@ struct Slots {
     pending_acks: Mutex<Vec<(String, bool)>>,
     wake_fetcher: tokio::sync::Notify,
     wake_flusher: tokio::sync::Notify,
+    /// Fired whenever held messages are acked or released (the committer waits on early acks).
+    acked: tokio::sync::Notify,
 }
 
 impl Slots {
@@ -161,6 +184,13 @@ impl Slots {
     fn forget(&self, tag: &str) {
         self.held.lock().expect("held").remove(tag);
         self.metrics.prefetched.dec();
+        self.acked.notify_waiters();
+    }
+
+    /// Whether any of these messages is still held unacked.
+    fn holds_any(&self, tags: &[String]) -> bool {
+        let held = self.held.lock().expect("held");
+        tags.iter().any(|t| held.contains(t))
     }
 
     fn hold(&self, tag: &str) {
@@ -175,6 +205,7 @@ impl Slots {
             self.prefetch.add_permits(1);
         }
         self.metrics.prefetched.dec();
+        self.acked.notify_waiters();
     }
 }
 
@@ -424,6 +455,17 @@ pub async fn run_with_metrics(
     )
     .with_sent_events(settings.send_sent_event);
     let registry = crate::builtins::with_builtins(registry);
+    // The tasks routed to this worker's queues start their series at 0, so each one's first event is an
+    // increase() Prometheus sees (celery-exporter's rate panels, the mixin's fail-rate alert).
+    for name in registry.names() {
+        let queue = settings
+            .routes
+            .get(&name)
+            .map_or(settings.default_queue.as_str(), String::as_str);
+        if settings.queues.iter().any(|q| q == queue) {
+            metrics.init_task(&name, queue);
+        }
+    }
     let revoked: HashSet<String> = broker.revoked().await?.into_iter().collect();
     let settings_queues = settings.queues.clone();
     let settings_concurrency = settings.concurrency;
@@ -454,6 +496,7 @@ pub async fn run_with_metrics(
         pending_acks: Mutex::new(Vec::new()),
         wake_fetcher: tokio::sync::Notify::new(),
         wake_flusher: tokio::sync::Notify::new(),
+        acked: tokio::sync::Notify::new(),
     });
     let flusher_stop = CancellationToken::new();
     let flusher = tokio::spawn(ack_flusher(
@@ -761,7 +804,7 @@ async fn receive(
     shared.metrics.task(TaskEvent::Received, &name, &held.queue);
     let Some(task) = shared.registry.get(&name).cloned() else {
         error!(task = %name, id = %message.id(), "Received unregistered task of type {name:?}; storing NotRegistered");
-        shared.metrics.task(TaskEvent::Failed, &name, &held.queue);
+        shared.metrics.failed(&name, &held.queue, "NotRegistered");
         let exc = ExceptionInfo::new("celery.exceptions", "NotRegistered", name.clone());
         shared.events.task(
             "task-failed",
@@ -778,7 +821,7 @@ async fn receive(
         meta.reply_to = message.properties.reply_to.clone();
         let _ = shared.commit.send(Commit::Done {
             meta: Some(Box::new(meta)),
-            late_ack: Some((held.tag, true)),
+            ack: Ack::Late(held.tag, true),
         });
         return;
     };
@@ -910,7 +953,7 @@ fn discard_revoked(shared: &Shared, job: Box<Job>) {
     let meta = shared.revoked_meta(&job, "revoked");
     let _ = shared.commit.send(Commit::Done {
         meta,
-        late_ack: Some((job.held.tag, job.holds_slot)),
+        ack: Ack::Late(job.held.tag, job.holds_slot),
     });
 }
 
@@ -935,7 +978,7 @@ fn revoke_expired(shared: &Shared, job: Box<Job>) {
         .then(|| shared.meta(&job, State::Revoked, json!(exc), None));
     let _ = shared.commit.send(Commit::Done {
         meta: meta.map(Box::new),
-        late_ack: Some((job.held.tag, job.holds_slot)),
+        ack: Ack::Late(job.held.tag, job.holds_slot),
     });
 }
 
@@ -1091,7 +1134,7 @@ async fn dispatcher(
         for j in fail {
             let _ = shared.commit.send(Commit::Done {
                 meta: Some(Box::new(j.meta)),
-                late_ack: Some((j.held.tag, j.holds_slot)),
+                ack: Ack::Late(j.held.tag, j.holds_slot),
             });
         }
     }
@@ -1121,9 +1164,14 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     if opts.track_started.unwrap_or(shared.settings.track_started) {
         let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
         let meta = shared.meta(&job, State::Started, info, None);
+        // STARTED follows the early ack too: Celery acks before the task runs.
+        let ack = match Ack::of(&job) {
+            Ack::Late(..) => Ack::None,
+            early => early,
+        };
         let _ = shared.commit.send(Commit::Done {
             meta: Some(Box::new(meta)),
-            late_ack: None,
+            ack,
         });
     }
     let cancel = CancellationToken::new();
@@ -1239,10 +1287,10 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
                 .expect("running_late")
                 .remove(&job.held.tag);
         }
-        let late_ack = job
-            .acks_late
-            .then(|| (job.held.tag.clone(), job.holds_slot));
-        let _ = shared.commit.send(Commit::Done { meta, late_ack });
+        let _ = shared.commit.send(Commit::Done {
+            meta,
+            ack: Ack::of(&job),
+        });
         return;
     }
     let outcome = autoretry(&job, outcome);
@@ -1257,9 +1305,7 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     };
     let store = shared.store_results(&job);
     let id = job.message.id().to_string();
-    let late_ack = job
-        .acks_late
-        .then(|| (job.held.tag.clone(), job.holds_slot));
+    let ack = Ack::of(&job);
     // Celery's order: publish callbacks and the next chain step, store the result, then the chord part. A
     // callback the broker refused (a full queue) or never confirmed fails the task, as an exception raised
     // while applying callbacks does in Celery: nothing is dropped silently.
@@ -1306,7 +1352,7 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
             })
         }
         Err(TaskError::Failed(exc)) => {
-            shared.metrics.task(TaskEvent::Failed, &name, &queue);
+            shared.metrics.failed(&name, &queue, &exc.exc_type);
             shared.events.task(
                 "task-failed",
                 vec![
@@ -1393,7 +1439,7 @@ async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
     }
     let _ = shared.commit.send(Commit::Done {
         meta: meta.map(Box::new),
-        late_ack,
+        ack,
     });
     if let Some((state, result)) = chord_part {
         canvas_flow::chord_part_return(shared, &job, state, &result).await;
@@ -1419,7 +1465,7 @@ fn state_sink(shared: &Arc<Shared>, job: &Job) -> celeriac_task::StateSink {
         m.reply_to = reply_to.clone();
         let _ = tx.send(Commit::Done {
             meta: Some(Box::new(m)),
-            late_ack: None,
+            ack: Ack::None,
         });
     })
 }
@@ -1609,15 +1655,21 @@ async fn committer(
     let mut buf = Vec::with_capacity(1024);
     while rx.recv_many(&mut buf, 1024).await > 0 {
         let mut metas = Vec::new();
+        let mut early = Vec::new();
         let mut late = Vec::new();
-        for Commit::Done { meta, late_ack } in buf.drain(..) {
+        for Commit::Done { meta, ack } in buf.drain(..) {
+            let stored = meta.is_some();
             if let Some(m) = meta {
                 metas.push(*m);
             }
-            if let Some(a) = late_ack {
-                late.push(a);
+            match ack {
+                Ack::None => {}
+                Ack::Early(tag) if stored => early.push(tag),
+                Ack::Early(_) => {}
+                Ack::Late(tag, slot) => late.push((tag, slot)),
             }
         }
+        settle_early_acks(&slots, broker.as_ref(), &early).await;
         if store_all(backend.as_ref(), &metas, &peers).await {
             ack_all(&slots, broker.as_ref(), late).await;
         } else {
@@ -1625,6 +1677,41 @@ async fn committer(
             for (tag, slot) in late {
                 slots.release(&tag, slot);
             }
+        }
+    }
+}
+
+/// Celery acks a message before its task runs; here the ack is queued then and applied in the fetcher's
+/// next round trip. Before a result is stored its early ack must have landed, or a crash in between would
+/// leave a finished task's message to be restored and run again: apply what is still queued, then wait for
+/// acks in flight in a fetch (one round trip; a failed one hands them back to be applied here or by the
+/// flusher).
+async fn settle_early_acks(slots: &Slots, broker: &dyn Broker, tags: &[String]) {
+    if tags.is_empty() {
+        return;
+    }
+    loop {
+        if !slots.holds_any(tags) {
+            if let Err(e) = broker.flush_acks().await {
+                warn!(error = %e, "waiting for acks to leave failed; storing results anyway");
+            }
+            return;
+        }
+        let pending = slots.take_acks();
+        if !pending.is_empty() {
+            ack_all(slots, broker, pending).await;
+            continue;
+        }
+        let applied = slots.acked.notified();
+        tokio::pin!(applied);
+        applied.as_mut().enable();
+        if !slots.holds_any(tags) {
+            continue;
+        }
+        tokio::select! {
+            _ = applied => {}
+            // Acks handed back by a failed fetch wake the flusher, not us: look again now and then.
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
 }
@@ -2005,7 +2092,7 @@ mod canvas_flow {
         m.date_done = Some(time::isoformat(chrono::Utc::now()));
         let _ = shared.commit.send(Commit::Done {
             meta: Some(Box::new(m)),
-            late_ack: None,
+            ack: Ack::None,
         });
     }
 
@@ -2324,7 +2411,7 @@ mod pidbox {
                         m.date_done = Some(time::isoformat(chrono::Utc::now()));
                         let _ = shared.commit.send(Commit::Done {
                             meta: Some(Box::new(m)),
-                            late_ack: None,
+                            ack: Ack::None,
                         });
                     }
                 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+mod slow_acks;
+
 fn url() -> String {
     std::env::var("CELERIAC_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
@@ -91,10 +93,21 @@ impl Env {
         registry: Registry,
         shutdown: &Shutdown,
     ) -> tokio::task::JoinHandle<Result<(), celeriac_worker::WorkerError>> {
+        self.spawn_over(Arc::clone(&self.broker), settings, registry, shutdown)
+    }
+
+    /// Runs a worker over another view of the test's broker.
+    fn spawn_over(
+        &self,
+        broker: Arc<dyn Broker>,
+        settings: WorkerSettings,
+        registry: Registry,
+        shutdown: &Shutdown,
+    ) -> tokio::task::JoinHandle<Result<(), celeriac_worker::WorkerError>> {
         tokio::spawn(celeriac_worker::run(
             settings,
             registry,
-            Arc::clone(&self.broker),
+            broker,
             Arc::clone(&self.backend),
             shutdown.clone(),
         ))
@@ -277,6 +290,51 @@ async fn warm_shutdown_gives_back_unstarted_and_finishes_running() {
     for id in &ids[1..] {
         assert!(env.backend.get(id).await.unwrap().is_none());
     }
+    env.cleanup().await;
+}
+
+/// Issue 20: an early ack (Celery acks before the task runs) must have landed before the result is stored;
+/// otherwise a worker crash between the two leaves a finished task's message to be restored and run again.
+/// Acks here reach Redis 300 ms late; the moment each result is readable, its message must be gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_ack_lands_before_the_result_is_stored() {
+    let env = Env::new().await;
+    let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let slow: Arc<dyn Broker> = Arc::new(slow_acks::SlowAcks {
+        inner: Arc::clone(&env.broker),
+        delay: Duration::from_millis(300),
+    });
+    let shutdown = Shutdown::default();
+    let worker = env.spawn_over(
+        slow,
+        env.settings(2, 4, false),
+        registry(Arc::clone(&running), Arc::clone(&peak)),
+        &shutdown,
+    );
+    let mut conn = env.conn.clone();
+    for x in 0..3 {
+        let id = env.send("t.blocking_double", vec![json!(x)]).await;
+        let key = format!("{}celery-task-meta-{id}", env.prefix);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let stored: String = loop {
+            let got: Option<String> = conn.get(&key).await.unwrap();
+            if let Some(v) = got {
+                break v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no result for {id}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let unacked: usize = conn.hlen(format!("{}unacked", env.prefix)).await.unwrap();
+        assert_eq!(
+            unacked, 0,
+            "result of task {x} stored before its ack landed"
+        );
+        let meta: Value = serde_json::from_str(&stored).unwrap();
+        assert_eq!(meta["status"], json!("SUCCESS"));
+        assert_eq!(meta["result"], json!(x * 2));
+    }
+    shutdown.warm.cancel();
+    worker.await.unwrap().unwrap();
     env.cleanup().await;
 }
 

@@ -1115,6 +1115,13 @@ impl Broker for AmqpBroker {
         self.inner.enqueue_frames(current, true, false, true).await
     }
 
+    async fn flush_acks(&self) -> Result<()> {
+        // An empty batch that reports back: settles leave in order, so every earlier ack was sent.
+        self.inner
+            .enqueue_frames(Vec::new(), true, true, false)
+            .await
+    }
+
     async fn requeue(&self, held: &[&Held], _front: bool) -> Result<usize> {
         let tags: Vec<String> = held.iter().map(|h| h.tag.clone()).collect();
         let current = self.inner.current_tags(&tags);
