@@ -1,0 +1,428 @@
+//! Running one task: events and metrics, time limits, panics caught, the outcome turned into what Celery
+//! stores (callbacks and chain steps published first), then handed to the committer.
+
+use super::*;
+
+/// Runs one job and hands its outcome to the committer.
+pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
+    let started = Instant::now();
+    let name = job.message.task().to_string();
+    let queue = job.held.queue.clone();
+    let opts = &job.task.options;
+    shared.metrics.task(TaskEvent::Started, &name, &queue);
+    shared.metrics.tasks_active.inc();
+    shared
+        .events
+        .active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .events
+        .task("task-started", vec![("uuid", json!(job.message.id()))]);
+    let terminate = CancellationToken::new();
+    shared.unwait(job.message.id());
+    shared.running.lock().expect("running").insert(
+        job.message.id().to_string(),
+        pidbox::running_from(&job, &shared.settings.hostname, terminate.clone()),
+    );
+    if opts.track_started.unwrap_or(shared.settings.track_started) {
+        let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
+        let meta = shared.meta(&job, State::Started, info, None);
+        // STARTED follows the early ack too: Celery acks before the task runs.
+        let ack = match Ack::of(&job) {
+            Ack::Late(..) => Ack::None,
+            early => early,
+        };
+        let _ = shared.commit.send(Commit::Done {
+            meta: Some(Box::new(meta)),
+            ack,
+        });
+    }
+    let cancel = CancellationToken::new();
+    let started_children: Arc<Mutex<Vec<Value>>> = Default::default();
+    let ctx = TaskContext {
+        id: job.message.id().to_string(),
+        name: name.clone(),
+        retries: job.message.headers.retries,
+        hostname: shared.settings.hostname.clone(),
+        queue: queue.clone(),
+        redelivered: job.held.redelivered,
+        cancel: cancel.clone(),
+        state: Some(state_sink(shared, &job)),
+        root_id: job
+            .message
+            .headers
+            .root_id
+            .clone()
+            .unwrap_or_else(|| job.message.id().to_string()),
+        canvas: Some(Arc::new(canvas_flow::Publisher(shared.canvas.clone()))),
+        peers: Arc::clone(&shared.settings.peers),
+        limiter: Some(Arc::new(canvas_flow::BrokerLimiter(Arc::clone(
+            &shared.broker,
+        )))),
+        children: Arc::clone(&started_children),
+    };
+    // Limits: the message's `timelimit` header, then the task's options, then the worker's settings.
+    let (h_hard, h_soft) = job.message.headers.time_limits();
+    let (c_hard, c_soft) = shared
+        .time_limits
+        .read()
+        .expect("time_limits")
+        .get(&name)
+        .copied()
+        .unwrap_or((None, None));
+    let hard = h_hard
+        .or(c_hard)
+        .or(opts.time_limit)
+        .or(shared.settings.time_limit)
+        .filter(|t| *t > 0.0);
+    let soft = h_soft
+        .or(c_soft)
+        .or(opts.soft_time_limit)
+        .or(shared.settings.soft_time_limit)
+        .filter(|t| *t > 0.0);
+    let args = std::mem::take(&mut job.message.args);
+    let kwargs = std::mem::take(&mut job.message.kwargs);
+    let extended = shared
+        .settings
+        .result_extended
+        .then(|| (args.clone(), kwargs.clone()));
+    let outcome = match job.task.bind(args, kwargs) {
+        Err(e) => Err(e),
+        Ok(bound) => {
+            let run = async {
+                match &job.task.handler {
+                    Handler::Async(h) => AssertUnwindSafe(h(ctx, bound))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|p| Err(panicked(panic_message(p)))),
+                    Handler::Blocking(h) => {
+                        let h = Arc::clone(h);
+                        match tokio::task::spawn_blocking(move || h(ctx, bound)).await {
+                            Ok(r) => r,
+                            Err(e) if e.is_panic() => Err(panicked(panic_message(e.into_panic()))),
+                            Err(e) => Err(panicked(e.to_string())),
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                r = with_time_limits(run, hard, soft, &cancel) => r,
+                _ = terminate.cancelled() => {
+                    cancel.cancel();
+                    Err(TaskError::Ignore)
+                }
+            }
+        }
+    };
+    let runtime = started.elapsed().as_secs_f64();
+    shared.metrics.tasks_active.dec();
+    shared
+        .events
+        .active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .running
+        .lock()
+        .expect("running")
+        .remove(job.message.id());
+    shared
+        .events
+        .processed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared.metrics.runtime(&name, &queue, runtime);
+    if terminate.is_cancelled() {
+        // `revoke(terminate=True)`: REVOKED "terminated", the slot freed, the message acked.
+        shared.metrics.task(TaskEvent::Revoked, &name, &queue);
+        shared.events.task(
+            "task-revoked",
+            vec![
+                ("uuid", json!(job.message.id())),
+                ("terminated", json!(true)),
+                ("signum", json!(15)),
+                ("expired", json!(false)),
+            ],
+        );
+        let meta = shared.revoked_meta(&job, "terminated");
+        if job.acks_late {
+            shared
+                .running_late
+                .lock()
+                .expect("running_late")
+                .remove(&job.held.tag);
+        }
+        let _ = shared.commit.send(Commit::Done {
+            meta,
+            ack: Ack::of(&job),
+        });
+        return;
+    }
+    let outcome = autoretry(&job, outcome);
+    let outcome = match outcome {
+        Err(TaskError::Retry {
+            countdown,
+            eta,
+            exc,
+            max_retries,
+        }) => retry(shared, &job, countdown, eta, exc, max_retries).await,
+        other => other,
+    };
+    let store = shared.store_results(&job);
+    let id = job.message.id().to_string();
+    let ack = Ack::of(&job);
+    // Celery's order: publish callbacks and the next chain step, store the result, then the chord part. A
+    // callback the broker refused (a full queue) or never confirmed fails the task, as an exception raised
+    // while applying callbacks does in Celery: nothing is dropped silently.
+    let mut published = Vec::new();
+    let outcome = match outcome {
+        Ok(value) => match canvas_flow::on_success(shared, &job, &value).await {
+            Ok(children) => {
+                published = children;
+                Ok(value)
+            }
+            Err(e) => {
+                error!(task = %name, %id, error = %e, "publishing the task's callbacks failed; the task fails");
+                Err(TaskError::Failed(ExceptionInfo::new(
+                    "kombu.exceptions",
+                    "OperationalError",
+                    e,
+                )))
+            }
+        },
+        other => other,
+    };
+    let mut chord_part = None;
+    let meta = match outcome {
+        Ok(value) => {
+            shared.metrics.task(TaskEvent::Succeeded, &name, &queue);
+            if shared.events.task_events() {
+                shared.events.task(
+                    "task-succeeded",
+                    vec![
+                        ("uuid", json!(id)),
+                        ("result", json!(celeriac_protocol::repr::repr(&value))),
+                        ("runtime", json!(runtime)),
+                    ],
+                );
+            }
+            debug!(task = %name, %id, runtime, "Task succeeded");
+            let mut children = std::mem::take(&mut *started_children.lock().expect("children"));
+            children.append(&mut published);
+            chord_part = Some(("SUCCESS", value.clone()));
+            store.then(|| {
+                let mut m = shared.meta(&job, State::Success, value, extended);
+                m.children = Some(children);
+                m
+            })
+        }
+        Err(TaskError::Failed(exc)) => {
+            shared.metrics.failed(&name, &queue, &exc.exc_type);
+            shared.events.task(
+                "task-failed",
+                vec![
+                    ("uuid", json!(id)),
+                    ("exception", json!(exc.repr())),
+                    ("traceback", json!(exc.traceback(&name))),
+                ],
+            );
+            warn!(task = %name, %id, runtime, exception = %exc.repr(), "Task raised");
+            chord_part = Some(("FAILURE", json!(exc)));
+            let m = store.then(|| {
+                let mut m = shared.meta(&job, State::Failure, json!(exc), extended);
+                m.traceback = Some(exc.traceback(&name));
+                m
+            });
+            canvas_flow::on_failure(shared, &job, &exc).await;
+            m
+        }
+        Err(TaskError::Retry { exc, countdown, .. }) => {
+            // Republished: store RETRY with the exception; the retry message is this task's child.
+            shared.metrics.task(TaskEvent::Retried, &name, &queue);
+            if let Some(e) = &exc {
+                shared.events.task(
+                    "task-retried",
+                    vec![
+                        ("uuid", json!(id)),
+                        ("exception", json!(e.repr())),
+                        ("traceback", json!(e.traceback(&name))),
+                    ],
+                );
+            } else {
+                shared.events.task(
+                    "task-retried",
+                    vec![
+                        ("uuid", json!(id)),
+                        ("exception", json!("Retry()")),
+                        ("traceback", Value::Null),
+                    ],
+                );
+            }
+            info!(task = %name, %id, countdown, "Task retry scheduled");
+            let result = exc.as_ref().map(|e| json!(e)).unwrap_or(Value::Null);
+            let mut m = shared.meta(&job, State::Retry, result, None);
+            m.traceback = exc.as_ref().map(|e| e.traceback(&name));
+            m.children = Some(vec![json!([[id, null], null])]);
+            Some(m)
+        }
+        Err(TaskError::Ignore) => None,
+        Err(TaskError::Reject { requeue, reason }) => {
+            shared.metrics.task(TaskEvent::Rejected, &name, &queue);
+            shared.events.task(
+                "task-rejected",
+                vec![("uuid", json!(id)), ("requeue", json!(requeue))],
+            );
+            info!(task = %name, %id, requeue, %reason, "Task rejected");
+            if requeue && job.acks_late {
+                shared
+                    .running_late
+                    .lock()
+                    .expect("running_late")
+                    .remove(&job.held.tag);
+                if let Err(e) = shared.broker.requeue(&[&job.held], false).await {
+                    error!(error = %e, "requeue failed; the visibility timeout will restore the message");
+                }
+                shared.release(&job.held.tag, job.holds_slot);
+                return;
+            }
+            store.then(|| {
+                let exc = ExceptionInfo {
+                    exc_type: "Reject".into(),
+                    exc_message: vec![reason.into(), requeue.into()],
+                    exc_module: Some("celery.exceptions".into()),
+                };
+                shared.meta(&job, State::Failure, json!(exc), extended)
+            })
+        }
+    };
+    if job.acks_late {
+        shared
+            .running_late
+            .lock()
+            .expect("running_late")
+            .remove(&job.held.tag);
+    }
+    let _ = shared.commit.send(Commit::Done {
+        meta: meta.map(Box::new),
+        ack,
+    });
+    if let Some((state, result)) = chord_part {
+        canvas_flow::chord_part_return(shared, &job, state, &result).await;
+    }
+}
+
+/// `update_state` for one job: custom states go through the committer, in order with the final result.
+pub(super) fn state_sink(shared: &Arc<Shared>, job: &Job) -> celeriac_task::StateSink {
+    let tx = shared.commit.clone();
+    let (id, group, parent, reply_to) = (
+        job.message.headers.id.clone(),
+        job.message.headers.group.clone(),
+        job.message.headers.parent_id.clone(),
+        job.message.properties.reply_to.clone(),
+    );
+    Arc::new(move |state: &str, meta: Value| {
+        let mut m = ResultMeta::new(id.clone(), State::parse(state), meta);
+        if m.status.is_ready() {
+            m.date_done = Some(time::isoformat(chrono::Utc::now()));
+        }
+        m.group_id = group.clone();
+        m.parent_id = parent.clone();
+        m.reply_to = reply_to.clone();
+        let _ = tx.send(Commit::Done {
+            meta: Some(Box::new(m)),
+            ack: Ack::None,
+        });
+    })
+}
+
+/// Runs a task under its time limits: at the soft limit the task's cancellation token fires (it may clean
+/// up and return); at the hard limit it is abandoned with `TimeLimitExceeded` and its slot freed.
+pub(super) async fn with_time_limits<F>(
+    run: F,
+    hard: Option<f64>,
+    soft: Option<f64>,
+    cancel: &CancellationToken,
+) -> Result<Value, TaskError>
+where
+    F: std::future::Future<Output = Result<Value, TaskError>>,
+{
+    if hard.is_none() && soft.is_none() {
+        return run.await;
+    }
+    let sleep_for = |s: Option<f64>| async move {
+        match s {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(run);
+    let soft_timer = sleep_for(soft);
+    let hard_timer = sleep_for(hard);
+    tokio::pin!(soft_timer, hard_timer);
+    let mut soft_fired = false;
+    loop {
+        tokio::select! {
+            r = &mut run => return r,
+            _ = &mut soft_timer, if !soft_fired => {
+                soft_fired = true;
+                cancel.cancel();
+            }
+            _ = &mut hard_timer => {
+                cancel.cancel();
+                // As Python Celery stores it (billiard's class, re-exported by celery.exceptions).
+                return Err(TaskError::exception(
+                    Some("billiard.exceptions"),
+                    "TimeLimitExceeded",
+                    vec![json!(hard.unwrap_or_default())],
+                ));
+            }
+        }
+    }
+}
+
+/// `autoretry_for`: a failure of a listed class becomes a retry, with exponential backoff when configured.
+pub(super) fn autoretry(job: &Job, outcome: Result<Value, TaskError>) -> Result<Value, TaskError> {
+    let o = &job.task.options;
+    let Err(TaskError::Failed(exc)) = &outcome else {
+        return outcome;
+    };
+    let Some(kinds) = &o.autoretry_for else {
+        return outcome;
+    };
+    if !kinds
+        .iter()
+        .any(|k| k == &exc.exc_type || k == "Exception" || k == "BaseException")
+    {
+        return outcome;
+    }
+    // Celery: factor = int(max(1.0, retry_backoff)).
+    let countdown = o.retry_backoff.filter(|f| *f > 0.0).map(|factor| {
+        backoff(
+            factor.max(1.0).trunc(),
+            job.message.headers.retries,
+            o.retry_backoff_max.unwrap_or(600.0),
+            o.retry_jitter.unwrap_or(true),
+            random_unit(),
+        )
+    });
+    let Err(TaskError::Failed(exc)) = outcome else {
+        unreachable!()
+    };
+    Err(TaskError::retry_with(exc, countdown))
+}
+
+pub(super) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "task panicked".into()
+    }
+}
+
+pub(super) fn panicked(message: String) -> TaskError {
+    TaskError::exception(
+        Some("celeriac.exceptions"),
+        "TaskPanicked",
+        vec![Value::String(message)],
+    )
+}
