@@ -8,6 +8,8 @@
 //! - [`Canvas`]: applies any signature dict (task, chain, group, chord, chunks, xmap, xstarmap).
 //! - [`Applied`]: what was published, with Celery's result tuples (`children`).
 
+pub mod trace;
+
 use celeriac_backend::{BackendError, ResultBackend};
 use celeriac_broker::{Broker, BrokerError};
 use celeriac_protocol::{Signature, TaskMessage, Value, time};
@@ -490,6 +492,7 @@ impl Canvas {
             .or_else(|| str_opt("routing_key"))
             .or_else(|| self.routes.get(&s.task).cloned())
             .unwrap_or_else(|| self.default_queue.clone());
+        trace::inject(&mut msg.headers.extra);
         self.broker.publish(&msg, &queue).await?;
         if self.sent_events {
             self.sent_event(&msg, &queue).await;

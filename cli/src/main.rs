@@ -8,6 +8,7 @@ mod control;
 mod domain;
 mod families;
 mod flower;
+mod otel;
 mod purge;
 mod result;
 mod settings;
@@ -106,6 +107,13 @@ fn main() {
         std::process::exit(2);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let otel = match otel::init() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
     // A panicking task becomes a FAILURE result; log it as one line instead of a backtrace dump.
     std::panic::set_hook(Box::new(|info| {
         let location = info
@@ -169,6 +177,7 @@ fn main() {
             }
         }
     });
+    otel.shutdown();
     // Do not wait for blocking task threads a shutdown abandoned.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

@@ -57,7 +57,7 @@ def test_topology_and_order():
     services = resolved()["services"]
     assert set(services) == {"redis", "postgres", "migrate", "tenant", "email", "payment", "sync", "general",
                              "beat", "flower", "webhooks", "smtp", "stripe", "prometheus", "loki", "promtail",
-                             "grafana"}
+                             "grafana", "tempo"}
     assert "rabbitmq" in resolved("--profile", "amqp")["services"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["tenant"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -79,3 +79,13 @@ def test_prometheus_scrapes_every_worker_as_job_celery():
     targets = {t for sc in job["static_configs"] for t in sc["targets"]}
     assert {"email:9091", "payment:9092", "sync:9093", "general:9094", "beat:9095", "flower:5555"} == targets
     assert all({"namespace", "cluster"} <= set(sc["labels"]) for sc in job["static_configs"])
+
+
+def test_workers_send_traces_to_tempo():
+    services = resolved()["services"]
+    for name in ("email", "payment", "sync", "general", "beat", "flower", "webhooks"):
+        assert services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://tempo:4318", name
+    assert "tempo" in services["grafana"]["depends_on"]
+    sources = yaml.safe_load((ROOT / "compose" / "grafana" / "provisioning" / "datasources"
+                              / "datasources.yaml").read_text())["datasources"]
+    assert {s["type"]: s["url"] for s in sources}["tempo"] == "http://tempo:3200"

@@ -49,6 +49,9 @@ Task contract (same names as celeriac's built-in tasks):
                                  {"done": i, "total": steps}) + 0.2 s sleep
                                  for i in 1..=steps
 
+Tracing (test_traces.py): with ``INTEROP_OTLP_ENDPOINT`` set, each pool process instruments Celery with
+``opentelemetry-instrumentation-celery`` and exports its spans there (service ``python-worker``).
+
 Extra side effect, Python-only: ``bench.mark`` also does
 ``HINCRBY <key>:workers <node name> 1`` so mixed-fleet tests can tell which
 Python node ran how many marks (celeriac is not required to do this; its share
@@ -155,6 +158,24 @@ def _extra_settings_from_env(settings):
 
 
 app = Celery("pyapp")
+
+if os.environ.get("INTEROP_OTLP_ENDPOINT"):
+    from celery.signals import worker_process_init
+
+    @worker_process_init.connect(weak=False)
+    def _init_tracing(*args, **kwargs):
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+        provider = TracerProvider(resource=Resource.create({"service.name": "python-worker"}))
+        endpoint = os.environ["INTEROP_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        trace.set_tracer_provider(provider)
+        CeleryInstrumentor().instrument()
 # Before any task is defined: annotations (autoretry_for above all) are applied
 # when a task class is bound to the app.
 app.conf.update(_extra_settings_from_env(_settings_from_env()))

@@ -119,6 +119,11 @@ def dashboards_have_data(app, ports):
         return len(active) == 6 and all(t["health"] == "up" for t in active)
 
     wait_for(targets_up, 60, interval=0.5, message="Prometheus scraping the six celeriac targets")
+    # Our alert rules are loaded and none fires on a healthy stack.
+    rules = [r for g in dashboards.prom(base, "/api/v1/rules")["groups"] for r in g["rules"]]
+    assert sorted(r["name"] for r in rules) == ["CeleriacDeadLettersGrowing", "CeleriacPaymentUnknown",
+                                                "CeleriacPeerDown", "CeleriacSyncLagging", "CeleriacWorkerDown"]
+    assert [r["name"] for r in rules if r["state"] != "inactive"] == []
     boards = [dashboards.load(dashboards.MIXIN / name) for name in dashboards.MIXIN_DASHBOARDS]
     boards += [dashboards.load(path) for path in dashboards.OUR_DASHBOARDS]
     assert len(boards) == 4

@@ -10,6 +10,7 @@
 //! - [`runtime`]: the worker loop (fetcher, dispatcher, committer, housekeeping) and shutdown.
 //! - [`events`]: Celery events (worker heartbeats, task events with `-E`).
 //! - [`metrics`]: celery-exporter-compatible metrics, `/metrics` and `/health`.
+//! - [`trace`]: W3C trace context in and out of task messages, a `run/<task>` span per task.
 //! - [`error`]: why a worker stops ([`WorkerError`]).
 
 pub mod builtins;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod runtime;
+pub mod trace;
 
 pub use celeriac_task as task;
 pub use celeriac_task::{Registry, TaskContext, TaskError, TaskOptions};

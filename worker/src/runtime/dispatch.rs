@@ -2,6 +2,7 @@
 //! limits, and on warm shutdown gives back what never started and settles what it had to abandon.
 
 use super::*;
+use tracing::Instrument;
 
 /// Starts jobs while concurrency allows.
 pub(super) async fn dispatcher(
@@ -86,10 +87,17 @@ pub(super) async fn dispatcher(
             shared.slots.queue_ack(job.held.tag.clone(), job.holds_slot);
         }
         let shared = Arc::clone(&shared);
-        running.spawn(async move {
-            execute(&shared, job).await;
-            drop(permit);
-        });
+        let span = task_span(&job);
+        let cx = crate::trace::start(&job.message, &shared.settings.hostname, &job.held.queue);
+        let headers = crate::trace::headers(&cx);
+        running.spawn(
+            async move {
+                let state = celeriac_canvas::trace::scope(headers, execute(&shared, job)).await;
+                crate::trace::finish(&cx, state);
+                drop(permit);
+            }
+            .instrument(span),
+        );
     }
     // Warm shutdown. Messages that never started go back (the fetcher closes the channel when it stops).
     while let Some(Ok((job, _))) = delayed.join_next().await {

@@ -3,8 +3,23 @@
 
 use super::*;
 
-/// Runs one job and hands its outcome to the committer.
-pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
+/// The span of one task: every log line written while it runs carries its id, its name and, when it takes
+/// one, its tenant (`--log-format json` writes them as fields of each line, for Loki and friends).
+pub(super) fn task_span(job: &Job) -> tracing::Span {
+    let span = tracing::info_span!(
+        "task",
+        task_id = %job.message.id(),
+        task_name = %job.message.task(),
+        tenant_id = tracing::field::Empty,
+    );
+    if let Some(tenant) = job.message.kwargs.get("tenant_id").and_then(Value::as_str) {
+        span.record("tenant_id", tenant);
+    }
+    span
+}
+
+/// Runs one job and hands its outcome to the committer; returns the state Celery reports for it.
+pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) -> &'static str {
     let started = Instant::now();
     let name = job.message.task().to_string();
     let queue = job.held.queue.clone();
@@ -97,7 +112,10 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
                         .unwrap_or_else(|p| Err(panicked(panic_message(p)))),
                     Handler::Blocking(h) => {
                         let h = Arc::clone(h);
-                        match tokio::task::spawn_blocking(move || h(ctx, bound)).await {
+                        let span = tracing::Span::current();
+                        match tokio::task::spawn_blocking(move || span.in_scope(|| h(ctx, bound)))
+                            .await
+                        {
                             Ok(r) => r,
                             Err(e) if e.is_panic() => Err(panicked(panic_message(e.into_panic()))),
                             Err(e) => Err(panicked(e.to_string())),
@@ -154,7 +172,7 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
             meta,
             ack: Ack::of(&job),
         });
-        return;
+        return "REVOKED";
     }
     let outcome = autoretry(&job, outcome);
     let outcome = match outcome {
@@ -191,6 +209,13 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         other => other,
     };
     let mut chord_part = None;
+    let state = match &outcome {
+        Ok(_) => "SUCCESS",
+        Err(TaskError::Failed(_)) => "FAILURE",
+        Err(TaskError::Retry { .. }) => "RETRY",
+        Err(TaskError::Ignore) => "IGNORED",
+        Err(TaskError::Reject { .. }) => "REJECTED",
+    };
     let meta = match outcome {
         Ok(value) => {
             shared.metrics.task(TaskEvent::Succeeded, &name, &queue);
@@ -281,7 +306,7 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
                     error!(error = %e, "requeue failed; the visibility timeout will restore the message");
                 }
                 shared.release(&job.held.tag, job.holds_slot);
-                return;
+                return "REJECTED";
             }
             store.then(|| {
                 let exc = ExceptionInfo {
@@ -304,9 +329,10 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) {
         meta: meta.map(Box::new),
         ack,
     });
-    if let Some((state, result)) = chord_part {
-        canvas_flow::chord_part_return(shared, &job, state, &result).await;
+    if let Some((part, result)) = chord_part {
+        canvas_flow::chord_part_return(shared, &job, part, &result).await;
     }
+    state
 }
 
 /// `update_state` for one job: custom states go through the committer, in order with the final result.

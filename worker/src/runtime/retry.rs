@@ -45,6 +45,7 @@ pub(super) async fn retry(
         msg.headers.eta = Some(time::isoformat(when));
         msg.headers.parent_id = Some(msg.headers.id.clone());
         msg.headers.extra.shift_remove("redelivered");
+        celeriac_canvas::trace::inject(&mut msg.headers.extra);
         shared
             .broker
             .publish(&msg, &job.held.routing_key)
