@@ -1,6 +1,7 @@
 """JSON logs (``--log-format json``, what compose's Promtail ships to Loki): every line a task writes while it
-runs carries the task's id and name and, when the task takes a ``tenant_id`` argument, the tenant, as fields of
-the line's ``span``; lines outside any task carry none.
+runs carries the task's id and name, when the task takes a ``tenant_id`` argument the tenant, and when its
+message carries a W3C ``traceparent`` the trace id, as fields of the line's ``span``; lines outside any task
+carry none.
 """
 import json
 
@@ -30,7 +31,9 @@ def test_task_lines_carry_task_id_name_and_tenant(workers, client_app):
     worker = workers.start(extra_args=["--log-format", "json"])
     plain = client_app.send_task("bench.fail", ("boom",))
     # bench.fail takes no tenant_id: the call fails with TypeError, logged inside the task's span.
-    tenanted = client_app.send_task("bench.fail", kwargs={"message": "boom", "tenant_id": "acme"})
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    tenanted = client_app.send_task("bench.fail", kwargs={"message": "boom", "tenant_id": "acme"},
+                                    headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
     for r in (plain, tenanted):
         with pytest.raises((ValueError, TypeError)):
             try:
@@ -41,7 +44,7 @@ def test_task_lines_carry_task_id_name_and_tenant(workers, client_app):
     raised = [line for line in lines if line["fields"].get("message") == "Task raised"]
     assert len(raised) == 1, lines
     assert raised[0]["span"] == {"name": "task", "task_id": tenanted.id, "task_name": "bench.fail",
-                                 "tenant_id": "acme"}
+                                 "tenant_id": "acme", "trace_id": trace_id}
     assert "TypeError" in raised[0]["fields"]["exception"]
     plain_lines = wait_for(lambda: task_lines(worker, plain.id), 10, message="the plain task's log lines")
     assert plain_lines[0]["span"] == {"name": "task", "task_id": plain.id, "task_name": "bench.fail"}

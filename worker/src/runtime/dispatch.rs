@@ -90,6 +90,10 @@ pub(super) async fn dispatcher(
         let span = task_span(&job);
         let cx = crate::trace::start(&job.message, &shared.settings.hostname, &job.held.queue);
         let headers = crate::trace::headers(&cx);
+        if let Some(h) = &headers {
+            // `00-<trace id>-...`: the id Tempo finds the trace by.
+            span.record("trace_id", h.traceparent.get(3..35).unwrap_or_default());
+        }
         running.spawn(
             async move {
                 let state = celeriac_canvas::trace::scope(headers, execute(&shared, job)).await;

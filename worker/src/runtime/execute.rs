@@ -3,14 +3,16 @@
 
 use super::*;
 
-/// The span of one task: every log line written while it runs carries its id, its name and, when it takes
-/// one, its tenant (`--log-format json` writes them as fields of each line, for Loki and friends).
+/// The span of one task: every log line written while it runs carries its id, its name, when it takes one
+/// its tenant, and when it is traced its trace id (`--log-format json` writes them as fields of each line,
+/// for Loki and friends).
 pub(super) fn task_span(job: &Job) -> tracing::Span {
     let span = tracing::info_span!(
         "task",
         task_id = %job.message.id(),
         task_name = %job.message.task(),
         tenant_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
     if let Some(tenant) = job.message.kwargs.get("tenant_id").and_then(Value::as_str) {
         span.record("tenant_id", tenant);
