@@ -524,6 +524,7 @@ pub async fn run_with_metrics(
         });
     }
     background.spawn(housekeeping(Arc::clone(&shared), housekeeping_stop.clone()));
+    background.spawn(health_probe(Arc::clone(&shared), housekeeping_stop.clone()));
     background.spawn(pidbox::serve(
         Arc::clone(&shared),
         housekeeping_stop.clone(),

@@ -1,5 +1,6 @@
 //! Housekeeping: visibility leases renewed, expired ones of dead consumers restored, parked ETA tasks brought
-//! back, queue lengths read.
+//! back, queue lengths read; and the health probe that turns `/health` red as soon as the broker stops
+//! answering.
 
 use super::*;
 
@@ -45,6 +46,28 @@ pub(super) async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Proves the broker connection twice a second when nothing else has: a ping that fails, or that a
+/// reconnecting client holds for over half a second, marks the broker down (`/health` answers 503 naming it)
+/// at once, rather than after `max_silence` with a fetch or a ping stuck in the client's reconnect.
+pub(super) async fn health_probe(shared: Arc<Shared>, stop: CancellationToken) {
+    const EVERY: Duration = Duration::from_millis(500);
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if shared.health.silence() < EVERY {
+            continue;
+        }
+        match tokio::time::timeout(EVERY, shared.broker.ping()).await {
+            Ok(Ok(())) => shared.health.contact(),
+            _ => shared.health.lost(),
         }
     }
 }
