@@ -343,14 +343,33 @@ impl CatalogSource for Shopify {
                         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                     }
                 }
-                let body = resp.text().await.unwrap_or_default();
+                // A connection cut while the body arrives is an outage, not a refusal: try again.
+                let body = match resp.text().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        last = format!("the shop's answer ({status}) was cut off: {e}");
+                        tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+                        continue;
+                    }
+                };
                 match status {
                     200 => {
-                        let v: Value =
-                            serde_json::from_str(&body).map_err(|e| SourceError::Rejected {
-                                status,
-                                message: format!("the page is not JSON: {e}"),
-                            })?;
+                        let v: Value = match serde_json::from_str(&body) {
+                            Ok(v) => v,
+                            // Cut short without an error from the connection (it closed early): again.
+                            Err(e) if e.is_eof() => {
+                                last = format!("the page was cut off: {e}");
+                                tokio::time::sleep(Duration::from_millis(200 << attempt.min(5)))
+                                    .await;
+                                continue;
+                            }
+                            Err(e) => {
+                                return Err(SourceError::Rejected {
+                                    status,
+                                    message: format!("the page is not JSON: {e}"),
+                                });
+                            }
+                        };
                         let records = v[stream.as_str()].as_array().cloned().ok_or_else(|| {
                             SourceError::Rejected {
                                 status,
@@ -396,6 +415,70 @@ impl CatalogSource for Shopify {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Quiet;
+    impl FetchObserver for Quiet {
+        fn call(&self, _: Stream, _: u16) {}
+        fn throttled(&self, _: f64) {}
+        fn bucket(&self, _: u32, _: u32) {}
+    }
+
+    /// A shop whose first two answers are cut off (a 200 whose body stops early, then one whose connection
+    /// closes before its promised length) and whose third is whole: the page arrives, nothing is refused.
+    #[tokio::test]
+    async fn an_answer_cut_off_mid_body_is_tried_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicUsize::new(0));
+        let s = Arc::clone(&served);
+        let server = tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let n = s.fetch_add(1, Ordering::SeqCst);
+                let whole = r#"{"products": [{"id": 1}]}"#;
+                let answer = match n {
+                    0 => "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"products\": [".to_string(),
+                    1 => "HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"products\"".to_string(),
+                    _ => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{whole}",
+                        whole.len()
+                    ),
+                };
+                sock.write_all(answer.as_bytes()).await.unwrap();
+                let _ = sock.shutdown().await;
+            }
+        });
+        let shop = Shopify::new(&ShopifySettings {
+            url: format!("http://{addr}"),
+            api_version: "2024-07".into(),
+            token: "t".into(),
+            page_size: 50,
+            capacity: 40,
+            margin: 0,
+            leak_per_s: 1000.0,
+            max_tries: 5,
+            timeout: 5.0,
+        })
+        .unwrap();
+        let page = shop
+            .fetch(
+                Stream::Products,
+                &PageRequest::First {
+                    updated_at_min: None,
+                },
+                None,
+                &Quiet,
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.records.len(), 1);
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        server.abort();
+    }
 
     #[test]
     fn link_headers_give_the_next_page() {
