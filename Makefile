@@ -25,7 +25,7 @@ CELERIAC_BIN_ANY = $(firstword $(wildcard $(CELERIAC_RELEASE) $(CELERIAC_DEBUG))
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up down ps prometheus fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up down ps prometheus fashion-mnist train-vision fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,11 +50,21 @@ ps: ## List the services of the running stack and their state.
 prometheus:
 	@scripts/ensure-prometheus.sh
 
+fashion-mnist:
+	@scripts/ensure-fashion-mnist.sh
+
+# `make train-vision`: the training run that made tasks/vision/weights/ (its figures land in classifier.json;
+# a few minutes per epoch on two cores). VISION_TRAIN_ARGS adds options (`--limit 2000` for a smoke run).
+VISION_EPOCHS ?= 6
+train-vision: fashion-mnist ## Train the vision classifier in Rust (Burn, CPU) and write tasks/vision/weights/.
+	cargo build --release -p celeriac
+	$(CELERIAC_RELEASE) train vision --epochs $(VISION_EPOCHS) --channels 16 --learning-rate 0.003 --seed 42 --out tasks/vision/weights $(VISION_TRAIN_ARGS)
+
 flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and web UI) on http://127.0.0.1:$(FLOWER_PORT) for the `make up` broker.
 	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"
 	FLOWER_UNAUTHENTICATED_API=1 exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) flower --port $(FLOWER_PORT) --db "sqlite://$(CACHE)/flower.db?mode=rwc"
 
-test: redis postgres rabbitmq chromium prometheus venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ), the test peers' own tests, and interop (real Python Celery, Flower, headless Chromium, SMTP).
+test: redis postgres rabbitmq chromium prometheus fashion-mnist venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ), the test peers' own tests, and interop (real Python Celery, Flower, headless Chromium, SMTP).
 	cargo test --workspace --all-targets
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/peers tests/deploy
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q --durations=15 tests/interop
@@ -62,7 +72,7 @@ test: redis postgres rabbitmq chromium prometheus venv build ## Run every test: 
 # `make test-repeat N=10`: the interop suite N times in a row; each round keeps its artifacts (worker logs,
 # the Redis state of failing tests) in test-artifacts/repeat/<round>/, and the summary lists every failure.
 N ?= 10
-test-repeat: redis postgres rabbitmq chromium venv build ## Run the interop suite N times (N=10) and report every failure with its artifacts.
+test-repeat: redis postgres rabbitmq chromium fashion-mnist venv build ## Run the interop suite N times (N=10) and report every failure with its artifacts.
 	@failed=0; for i in $$(seq 1 $(N)); do \
 	  dir=test-artifacts/repeat/$$i; rm -rf $$dir; mkdir -p $$dir; \
 	  if INTEROP_ARTIFACTS=$$PWD/$$dir CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q -p no:cacheprovider tests/interop > $$dir/pytest.txt 2>&1; \
@@ -95,10 +105,10 @@ fuzz: ## Fuzz every decoder (envelope, message, signature, pidbox, AMQP tables, 
 peers: venv ## Only the test peers' own tests (SMTP sink, Stripe launcher, fake shop).
 	$(PYTHON) -m pytest -q tests/peers
 
-unit: redis postgres rabbitmq ## Only the Rust tests.
+unit: redis postgres rabbitmq fashion-mnist ## Only the Rust tests.
 	cargo test --workspace --all-targets
 
-interop: redis rabbitmq chromium venv build ## Only the Python interop tests.
+interop: redis rabbitmq chromium fashion-mnist venv build ## Only the Python interop tests.
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q --durations=15 tests/interop
 
 lint: ## cargo fmt --check and clippy with warnings as errors.

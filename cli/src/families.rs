@@ -16,6 +16,8 @@ const FAMILIES: &[(&str, Register)] = &[
     ("email", celeriac_tasks_email::register),
     ("payment", celeriac_tasks_payment::register),
     ("sync", celeriac_tasks_sync::register),
+    #[cfg(feature = "vision")]
+    ("vision", celeriac_tasks_vision::register),
 ];
 
 /// The config sections that belong to families (`[email]`, ...).

@@ -12,6 +12,8 @@ mod otel;
 mod purge;
 mod result;
 mod settings;
+#[cfg(feature = "vision")]
+mod train;
 mod up;
 mod webhooks;
 mod worker;
@@ -64,6 +66,9 @@ enum Command {
     Ps(up::StateArgs),
     /// Stop the running stack and wait for it.
     Down(up::StateArgs),
+    /// Train a model in Rust and write its weights (`celeriac train vision`).
+    #[cfg(feature = "vision")]
+    Train(train::TrainArgs),
 }
 
 /// Log output format.
@@ -88,7 +93,7 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         ),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level},celeriac_domain={level},celeriac_tasks_email={level},celeriac_tasks_payment={level}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level},celeriac_domain={level},celeriac_tasks_email={level},celeriac_tasks_payment={level},celeriac_tasks_vision={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -168,6 +173,8 @@ fn main() {
             Command::Up(args) => up::up(args).await,
             Command::Ps(args) => up::ps(args).await,
             Command::Down(args) => up::down(args).await,
+            #[cfg(feature = "vision")]
+            Command::Train(args) => train::run(args).await,
         };
         match outcome {
             Ok(code) => code,

@@ -24,6 +24,7 @@ mod m20261206_000003_tenants;
 mod m20261206_000004_email;
 mod m20261206_000005_payment;
 mod m20261206_000006_sync;
+mod m20261206_000007_vision;
 pub mod tenancy;
 
 /// Every migration, oldest first.
@@ -62,6 +63,7 @@ impl MigratorTrait for DomainMigrator {
             Box::new(m20261206_000004_email::Migration),
             Box::new(m20261206_000005_payment::Migration),
             Box::new(m20261206_000006_sync::Migration),
+            Box::new(m20261206_000007_vision::Migration),
         ]
     }
 

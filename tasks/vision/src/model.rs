@@ -1,0 +1,131 @@
+//! The classifier: five 3×3 convolution blocks (batch norm, ReLU, two 2×2 max pools), global average
+//! pooling, a linear layer to the embedding, L2 normalisation, and a linear layer to the ten classes. The
+//! normalised embedding is the penultimate layer, so the same forward pass gives `vision.embed` and
+//! `vision.classify`, and cosine similarity between embeddings is what training shaped.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d, Relu,
+};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+/// Fashion-MNIST's class names, by class id.
+pub const CLASS_NAMES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// Number of classes.
+pub const CLASSES: usize = CLASS_NAMES.len();
+
+/// The shape of the network; saved beside the weights.
+#[derive(Config, Debug, PartialEq)]
+pub struct ClassifierConfig {
+    /// Channels of the first blocks (then twice and four times as many).
+    #[config(default = 16)]
+    pub channels: usize,
+    /// Dimension of the embedding.
+    #[config(default = 128)]
+    pub embedding: usize,
+    /// Dropout before the embedding layer (training only).
+    #[config(default = 0.2)]
+    pub dropout: f64,
+    /// Factor on the unit-length embedding before the class layer (a cosine classifier's temperature).
+    #[config(default = 10.0)]
+    pub scale: f64,
+}
+
+/// Convolution, batch norm, ReLU.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    conv: Conv2d<B>,
+    norm: BatchNorm<B>,
+}
+
+impl<B: Backend> Block<B> {
+    fn new(channels_in: usize, channels_out: usize, device: &B::Device) -> Self {
+        Self {
+            conv: Conv2dConfig::new([channels_in, channels_out], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .with_bias(false)
+                .init(device),
+            norm: BatchNormConfig::new(channels_out).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        Relu::new().forward(self.norm.forward(self.conv.forward(x)))
+    }
+}
+
+/// The network.
+#[derive(Module, Debug)]
+pub struct Classifier<B: Backend> {
+    b1: Block<B>,
+    b2: Block<B>,
+    b3: Block<B>,
+    b4: Block<B>,
+    b5: Block<B>,
+    pool: MaxPool2d,
+    dropout: Dropout,
+    embed: Linear<B>,
+    classes: Linear<B>,
+    scale: f64,
+}
+
+/// One forward pass: logits `[n, 10]` and unit-length embeddings `[n, d]`.
+pub struct Output<B: Backend> {
+    /// Class scores before the softmax.
+    pub logits: Tensor<B, 2>,
+    /// L2-normalised embeddings.
+    pub embedding: Tensor<B, 2>,
+}
+
+impl ClassifierConfig {
+    /// A freshly initialised network on `device`.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Classifier<B> {
+        let c = self.channels;
+        Classifier {
+            b1: Block::new(1, c, device),
+            b2: Block::new(c, c, device),
+            b3: Block::new(c, 2 * c, device),
+            b4: Block::new(2 * c, 2 * c, device),
+            b5: Block::new(2 * c, 4 * c, device),
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            embed: LinearConfig::new(4 * c, self.embedding).init(device),
+            classes: LinearConfig::new(self.embedding, CLASSES).init(device),
+            scale: self.scale,
+        }
+    }
+}
+
+impl<B: Backend> Classifier<B> {
+    /// Images `[n, 1, 28, 28]` (0..1, item light on dark) to logits and embeddings.
+    pub fn forward(&self, images: Tensor<B, 4>) -> Output<B> {
+        let x = self.pool.forward(self.b2.forward(self.b1.forward(images)));
+        let x = self.pool.forward(self.b4.forward(self.b3.forward(x)));
+        let x = self.b5.forward(x);
+        let [n, channels, _, _] = x.dims();
+        let x = x.mean_dim(3).mean_dim(2).reshape([n, channels]);
+        let e = self.embed.forward(self.dropout.forward(x));
+        let norm = e.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-6);
+        let embedding = e / norm;
+        let logits = self
+            .classes
+            .forward(embedding.clone().mul_scalar(self.scale));
+        Output { logits, embedding }
+    }
+}

@@ -1,0 +1,119 @@
+//! The Celery tasks of the family, registered under their dotted names: `vision.classify`, `vision.embed`,
+//! and per tenant `vision.index`, `vision.unindex` and `vision.search`. Each decodes its image off the async
+//! runtime, then waits for the batching executor.
+
+use crate::Vision;
+use crate::model::{CLASS_NAMES, CLASSES};
+use celeriac_task::{Registry, TaskContext, TaskError, TaskOptions};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// Registers the tasks over `vision`.
+pub fn register(registry: &mut Registry, vision: Arc<Vision>) {
+    let v = Arc::clone(&vision);
+    registry.task(
+        "vision.classify",
+        &["image"],
+        TaskOptions::default(),
+        move |_ctx: TaskContext, (image,): (Value,)| {
+            let v = Arc::clone(&v);
+            async move {
+                let p = v.predict(&image).await?;
+                Ok(classification(&p.probs))
+            }
+        },
+    );
+    let v = Arc::clone(&vision);
+    registry.task(
+        "vision.embed",
+        &["image"],
+        TaskOptions::default(),
+        move |_ctx: TaskContext, (image,): (Value,)| {
+            let v = Arc::clone(&v);
+            async move { Ok::<_, TaskError>(v.predict(&image).await?.embedding) }
+        },
+    );
+    register_search(registry, vision);
+}
+
+fn product_id(v: &str) -> Result<&str, TaskError> {
+    let v = v.trim();
+    if v.is_empty() || v.len() > 256 {
+        return Err(TaskError::value_error(
+            "product_id: expected 1 to 256 characters",
+        ));
+    }
+    Ok(v)
+}
+
+fn register_search(registry: &mut Registry, vision: Arc<Vision>) {
+    let v = Arc::clone(&vision);
+    registry.task(
+        "vision.index",
+        &["tenant_id", "product_id", "image"],
+        TaskOptions::default(),
+        move |_ctx: TaskContext, (tenant, product, image): (String, String, Value)| {
+            let v = Arc::clone(&v);
+            async move {
+                let product = product_id(&product)?;
+                let embedding = v.predict(&image).await?.embedding;
+                let replaced = v.search.put(&tenant, product, &embedding).await?;
+                Ok(json!({"product_id": product, "dim": embedding.len(), "replaced": replaced}))
+            }
+        },
+    );
+    let v = Arc::clone(&vision);
+    registry.task(
+        "vision.unindex",
+        &["tenant_id", "product_id"],
+        TaskOptions::default(),
+        move |_ctx: TaskContext, (tenant, product): (String, String)| {
+            let v = Arc::clone(&v);
+            async move {
+                let product = product_id(&product)?;
+                let deleted = v.search.delete(&tenant, product).await?;
+                Ok(json!({"product_id": product, "deleted": deleted}))
+            }
+        },
+    );
+    let v = Arc::clone(&vision);
+    registry.task(
+        "vision.search",
+        &["tenant_id", "image", "k?"],
+        TaskOptions::default(),
+        move |_ctx: TaskContext, (tenant, image, k): (String, Value, Option<i64>)| {
+            let v = Arc::clone(&v);
+            async move {
+                let k = k.unwrap_or(10);
+                if !(1..=1000).contains(&k) {
+                    return Err(TaskError::value_error(format!(
+                        "k: {k} is not between 1 and 1000"
+                    )));
+                }
+                let query = v.predict(&image).await?.embedding;
+                let (hits, _) = v.search.search(&tenant, &query, k as usize).await?;
+                Ok(hits)
+            }
+        },
+    );
+}
+
+/// `{"label", "class_id", "score", "probs"}` of a softmax.
+pub fn classification(probs: &[f32]) -> Value {
+    let (class_id, score) =
+        probs
+            .iter()
+            .copied()
+            .enumerate()
+            .take(CLASSES)
+            .fold(
+                (0, f32::MIN),
+                |best, (i, p)| if p > best.1 { (i, p) } else { best },
+            );
+    json!({
+        "label": CLASS_NAMES[class_id],
+        "class_id": class_id,
+        "score": score,
+        "probs": probs,
+    })
+}
