@@ -21,6 +21,7 @@ use celeriac_backend::ResultBackend;
 use celeriac_broker::Broker;
 use celeriac_canvas::Canvas;
 use celeriac_protocol::envelope::Envelope;
+use celeriac_protocol::event::EventKind;
 use serde_json::{Map, Value};
 use state::{ClusterState, TaskRecord, events_in};
 use std::collections::{HashMap, HashSet};
@@ -152,7 +153,11 @@ impl App {
         use std::sync::atomic::Ordering::Relaxed;
         // Celery's receiver: clients never sync clocks, so a task-sent event gets the receiver's clock - 1;
         // any other event advances the receiver's clock past its own.
-        if event.get("type").and_then(Value::as_str) == Some("task-sent") {
+        let known = event
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(EventKind::parse);
+        if known == Some(EventKind::TaskSent) {
             let c = self.clock.load(Relaxed);
             event.insert("clock".into(), Value::from(c.max(1) - 1));
             self.clock.fetch_add(1, Relaxed);
@@ -174,7 +179,7 @@ impl App {
                 .lock()
                 .expect("cluster")
                 .worker_event(&event, received);
-            if kind != "worker-offline"
+            if known != Some(EventKind::WorkerOffline)
                 && let Some(host) = event.get("hostname").and_then(Value::as_str)
                 && !self.inspected.lock().expect("inspected").contains_key(host)
             {

@@ -11,6 +11,7 @@
 //! The per-task counters stay with the workers that run the tasks.
 
 use crate::state::TaskRecord;
+use celeriac_protocol::event::EventKind;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -201,7 +202,8 @@ impl FlowerMetrics {
         self.events
             .get_or_create(&series(Some(("type", kind))))
             .inc();
-        if kind == "task-sent" {
+        let known = EventKind::parse(kind);
+        if known == Some(EventKind::TaskSent) {
             // As celery-exporter labels it: the sender's hostname, the queue it was routed to.
             let queue = ["queue", "routing_key"]
                 .iter()
@@ -226,11 +228,11 @@ impl FlowerMetrics {
         if task.eta.is_some() || task.received.is_none() {
             return;
         }
-        match kind {
-            "task-received" => {
+        match known {
+            Some(EventKind::TaskReceived) => {
                 self.prefetched.get_or_create(&plain).inc();
             }
-            "task-started" => {
+            Some(EventKind::TaskStarted) => {
                 if let (Some(started), Some(received)) = (task.started, task.received) {
                     self.prefetch_time
                         .get_or_create(&plain)
@@ -238,10 +240,10 @@ impl FlowerMetrics {
                     self.prefetched.get_or_create(&plain).dec();
                 }
             }
-            "task-succeeded" | "task-failed" if task.started.is_some() => {
+            Some(EventKind::TaskSucceeded | EventKind::TaskFailed) if task.started.is_some() => {
                 self.prefetch_time.get_or_create(&plain).set(0.0);
             }
-            "task-revoked" | "task-rejected" if task.started.is_none() => {
+            Some(EventKind::TaskRevoked | EventKind::TaskRejected) if task.started.is_none() => {
                 self.prefetched.get_or_create(&plain).dec();
             }
             _ => {}

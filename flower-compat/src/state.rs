@@ -2,22 +2,14 @@
 //! shows): workers from `worker-*` events (online, heartbeats, active, processed, load) and tasks from
 //! `task-*` events, merged with Celery's precedence rules so out-of-order events do not move a task back.
 
+use celeriac_protocol::event::EventKind;
+use celeriac_protocol::result::State;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Celery's `states.PRECEDENCE` index (lower = later in a task's life); unknown states sit with `None`.
 fn precedence(state: &str) -> usize {
-    match state {
-        "SUCCESS" => 0,
-        "FAILURE" => 1,
-        "REVOKED" => 3,
-        "STARTED" => 4,
-        "RECEIVED" => 5,
-        "REJECTED" => 6,
-        "RETRY" => 7,
-        "PENDING" => 8,
-        _ => 2,
-    }
+    State::parse(state).precedence()
 }
 
 /// A task as Flower shows it (`/api/task/info`).
@@ -108,29 +100,26 @@ impl TaskRecord {
         let kind = event
             .get("type")
             .and_then(Value::as_str)
-            .and_then(|t| t.strip_prefix("task-"))
             .unwrap_or_default();
+        let known = EventKind::parse(kind);
         let timestamp = event.get("timestamp").and_then(Value::as_f64);
-        let state = match kind {
-            "sent" => "PENDING".to_string(),
-            "received" => "RECEIVED".to_string(),
-            "started" => "STARTED".to_string(),
-            "failed" => "FAILURE".to_string(),
-            "retried" => "RETRY".to_string(),
-            "succeeded" => "SUCCESS".to_string(),
-            "revoked" => "REVOKED".to_string(),
-            "rejected" => "REJECTED".to_string(),
-            other => other.to_uppercase(),
+        // A custom `task-<name>` event sets the state `<NAME>`, as Celery's event state does.
+        let state = match known.and_then(EventKind::task_state) {
+            Some(s) => s.as_str().to_string(),
+            None => kind
+                .strip_prefix("task-")
+                .unwrap_or_default()
+                .to_uppercase(),
         };
-        match kind {
-            "sent" => self.sent = timestamp,
-            "received" => self.received = timestamp,
-            "started" => self.started = timestamp,
-            "failed" => self.failed = timestamp,
-            "retried" => self.retried = timestamp,
-            "succeeded" => self.succeeded = timestamp,
-            "revoked" => self.revoked = timestamp,
-            "rejected" => self.rejected = timestamp,
+        match known {
+            Some(EventKind::TaskSent) => self.sent = timestamp,
+            Some(EventKind::TaskReceived) => self.received = timestamp,
+            Some(EventKind::TaskStarted) => self.started = timestamp,
+            Some(EventKind::TaskFailed) => self.failed = timestamp,
+            Some(EventKind::TaskRetried) => self.retried = timestamp,
+            Some(EventKind::TaskSucceeded) => self.succeeded = timestamp,
+            Some(EventKind::TaskRevoked) => self.revoked = timestamp,
+            Some(EventKind::TaskRejected) => self.rejected = timestamp,
             _ => {}
         }
         let happened_before = state != "RETRY"
@@ -179,7 +168,7 @@ impl TaskRecord {
             self.timestamp = timestamp;
         }
         let hostname = opt_str(event.get("hostname"));
-        if kind == "sent" {
+        if known == Some(EventKind::TaskSent) {
             self.client = hostname;
         } else if hostname.is_some() {
             self.worker = hostname;
@@ -343,7 +332,7 @@ impl ClusterState {
                 *slot = Some(v.to_string());
             }
         }
-        if kind == "worker-offline" {
+        if EventKind::parse(kind) == Some(EventKind::WorkerOffline) {
             w.offline = true;
             w.heartbeats.clear();
         } else {
@@ -362,7 +351,7 @@ impl ClusterState {
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if kind == "task-sent" {
+        if EventKind::parse(kind) == Some(EventKind::TaskSent) {
             return;
         }
         if let Some(host) = event.get("hostname").and_then(Value::as_str) {

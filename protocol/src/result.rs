@@ -59,6 +59,22 @@ impl State {
         }
     }
 
+    /// Celery's `states.precedence`: the index in `PRECEDENCE` (lower = later in a task's life); a custom
+    /// state sits where Celery puts unknown ones (`None`, between FAILURE and REVOKED).
+    pub fn precedence(&self) -> usize {
+        match self {
+            Self::Success => 0,
+            Self::Failure => 1,
+            Self::Custom(_) => 2,
+            Self::Revoked => 3,
+            Self::Started => 4,
+            Self::Received => 5,
+            Self::Rejected => 6,
+            Self::Retry => 7,
+            Self::Pending => 8,
+        }
+    }
+
     /// SUCCESS, FAILURE, REVOKED: `date_done` is set and waiting clients stop.
     pub fn is_ready(&self) -> bool {
         matches!(self, Self::Success | Self::Failure | Self::Revoked)
@@ -205,6 +221,18 @@ impl Serialize for ResultMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn states_order_as_celerys_precedence() {
+        let order = [
+            "SUCCESS", "FAILURE", "PROGRESS", "REVOKED", "STARTED", "RECEIVED", "REJECTED",
+            "RETRY", "PENDING",
+        ];
+        for (i, s) in order.iter().enumerate() {
+            assert_eq!(State::parse(s).precedence(), i, "{s}");
+            assert_eq!(State::parse(s).as_str(), *s);
+        }
+    }
 
     #[test]
     fn success_meta_bytes_match_capture() {

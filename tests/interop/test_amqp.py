@@ -19,6 +19,7 @@ afterwards, so runs never collide. Same conventions as test_interop.py otherwise
     q11b task_queue_max_priority applies to every queue the worker consumes, as in Celery
     q13  task events reach Celery's own event receiver through the celeryev exchange
     q14  a callback into a full queue fails its task with OperationalError, nothing is dropped   celeriac-only
+    q15  self.retry() over RabbitMQ: the retry is republished (same id, retries + 1) and runs to its result
     q12  RabbitMQ stopped and started under load: /health 503 while down, 200 after,
          nothing lost, consuming again within 5 s of the restart                     celeriac-only
 """
@@ -295,6 +296,17 @@ def test_q8_countdown_over_amqp(amqp, workers, iso, redis_client):
     assert ran_at >= sent_at + timedelta(seconds=3), f"ran at {ran_at}, before send + 3 s ({sent_at})"
     time.sleep(0.5)  # a second execution would land now
     assert redis_client.hgetall(iso.mark_key) == {b"7": b"1"}
+
+
+# ------------------------------------------------------------ q15. retries
+def test_q15_retry_over_amqp(amqp, workers, iso, redis_client):
+    workers.start()
+
+    result = amqp.app.send_task("bench.flaky", (2, 0.2))
+    assert result.get(timeout=GET_TIMEOUT) == 2
+    meta = json.loads(redis_client.get(iso.result_key(result.id)))
+    assert meta["status"] == "SUCCESS"
+    assert meta["result"] == 2
 
 
 # ------------------------------------------------------------ q9. celery CLI

@@ -4,7 +4,7 @@
 //! workers. Events are queued without blocking the task path and published in pipelined batches.
 
 use celeriac_broker::Broker;
-use celeriac_protocol::event::{self, EventHeader};
+use celeriac_protocol::event::{self, EventHeader, EventKind};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 /// Events waiting to be published: `(type, fields)`.
-pub type EventQueue = mpsc::UnboundedReceiver<(String, Map<String, Value>)>;
+pub type EventQueue = mpsc::UnboundedReceiver<(EventKind, Map<String, Value>)>;
 
 /// Heartbeat interval (Celery's `freq`).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -29,7 +29,7 @@ pub struct Events {
     pub processed: AtomicU64,
     /// Tasks running.
     pub active: AtomicI64,
-    tx: mpsc::UnboundedSender<(String, Map<String, Value>)>,
+    tx: mpsc::UnboundedSender<(EventKind, Map<String, Value>)>,
 }
 
 fn now() -> f64 {
@@ -76,10 +76,10 @@ impl Events {
     }
 
     /// A task event (dropped unless task events are enabled). `fields` come in Celery's order.
-    pub fn task(&self, kind: &str, fields: Vec<(&str, Value)>) {
+    pub fn task(&self, kind: EventKind, fields: Vec<(&str, Value)>) {
         if self.task_events() {
             let _ = self.tx.send((
-                kind.to_string(),
+                kind,
                 fields
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))
@@ -89,7 +89,7 @@ impl Events {
     }
 
     /// A worker event with the current counters.
-    pub fn worker(&self, kind: &str, freq: f64) {
+    pub fn worker(&self, kind: EventKind, freq: f64) {
         let mut f = Map::new();
         f.insert("freq".into(), json!(freq));
         f.insert(
@@ -107,10 +107,10 @@ impl Events {
             "sw_sys".into(),
             json!(std::env::consts::OS.replace("linux", "Linux")),
         );
-        let _ = self.tx.send((kind.to_string(), f));
+        let _ = self.tx.send((kind, f));
     }
 
-    fn envelope(&self, kind: &str, fields: &Map<String, Value>) -> (String, Vec<u8>) {
+    fn envelope(&self, kind: EventKind, fields: &Map<String, Value>) -> (String, Vec<u8>) {
         let header = EventHeader {
             hostname: &self.hostname,
             utcoffset: 0.0,
@@ -118,11 +118,11 @@ impl Events {
             clock: self.clock.fetch_add(1, Ordering::Relaxed) + 1,
             timestamp: now(),
         };
-        let rk = event::routing_key(kind);
+        let rk = kind.routing_key();
         let body = event::body(&header, kind, fields);
         let tag = uuid::Uuid::new_v4().to_string();
-        let env = event::envelope(&body, &self.hostname, &rk, &tag);
-        (rk, env)
+        let env = event::envelope(&body, &self.hostname, rk, &tag);
+        (rk.to_string(), env)
     }
 }
 
@@ -145,14 +145,14 @@ pub async fn publisher(
                 }
             }
             _ = heartbeat.tick() => {
-                events.worker("worker-heartbeat", HEARTBEAT.as_secs_f64());
+                events.worker(EventKind::WorkerHeartbeat, HEARTBEAT.as_secs_f64());
                 continue;
             }
             _ = stop.cancelled() => {
                 while let Ok(e) = rx.try_recv() {
                     buf.push(e);
                 }
-                events.worker("worker-offline", HEARTBEAT.as_secs_f64());
+                events.worker(EventKind::WorkerOffline, HEARTBEAT.as_secs_f64());
                 while let Ok(e) = rx.try_recv() {
                     buf.push(e);
                 }
@@ -167,11 +167,11 @@ pub async fn publisher(
 async fn send(
     events: &Events,
     broker: &Arc<dyn Broker>,
-    buf: &mut Vec<(String, Map<String, Value>)>,
+    buf: &mut Vec<(EventKind, Map<String, Value>)>,
 ) {
     let batch: Vec<(String, Vec<u8>)> = buf
         .drain(..)
-        .map(|(kind, f)| events.envelope(&kind, &f))
+        .map(|(kind, f)| events.envelope(kind, &f))
         .collect();
     if let Err(e) = broker.publish_events(&batch).await {
         warn!(error = %e, count = batch.len(), "publishing events failed");

@@ -19,6 +19,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod runtime;
+pub mod telemetry;
 pub mod trace;
 
 pub use celeriac_task as task;

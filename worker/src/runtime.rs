@@ -18,11 +18,13 @@
 //! (callbacks, chain steps, chords) and `pidbox` (remote control).
 
 use crate::error::WorkerError;
-use crate::metrics::{Health, Metrics, QueueLabels, TaskEvent};
+use crate::metrics::{Health, Metrics, QueueLabels};
+use crate::telemetry::{Revocation, TaskTelemetry};
 use celeriac_backend::ResultBackend;
 use celeriac_broker::{Broker, Delivery, Held};
 use celeriac_canvas::Canvas;
 use celeriac_protocol::envelope::Envelope;
+use celeriac_protocol::event::EventKind;
 use celeriac_protocol::result::{ExceptionInfo, ResultMeta, State};
 use celeriac_protocol::{TaskMessage, time};
 use celeriac_task::{
@@ -280,6 +282,11 @@ struct Shared {
 type TimeLimits = (Option<f64>, Option<f64>);
 
 impl Shared {
+    /// Counts, announces and logs what happened to task `name` from `queue` (see [`TaskTelemetry`]).
+    fn emit(&self, what: TaskTelemetry<'_>, name: &str, queue: &str) {
+        what.emit(&self.metrics, &self.events, name, queue);
+    }
+
     /// Records a received job as waiting (for a slot, or for `eta`) until it starts or leaves.
     fn wait_for(&self, job: &Job, eta: Option<String>) {
         let info = pidbox::request_info(job, &self.settings.hostname, None, false, None);
@@ -438,7 +445,10 @@ pub async fn run_with_metrics(
         crate::events::Events::new(&settings.hostname, settings.send_task_events);
     let events_stop = CancellationToken::new();
     let events_task = settings.heartbeat.then(|| {
-        events.worker("worker-online", crate::events::HEARTBEAT.as_secs_f64());
+        events.worker(
+            EventKind::WorkerOnline,
+            crate::events::HEARTBEAT.as_secs_f64(),
+        );
         tokio::spawn(crate::events::publisher(
             Arc::clone(&events),
             events_rx,

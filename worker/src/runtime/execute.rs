@@ -21,20 +21,20 @@ pub(super) fn task_span(job: &Job) -> tracing::Span {
 }
 
 /// Runs one job and hands its outcome to the committer; returns the state Celery reports for it.
-pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) -> &'static str {
+pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str {
     let started = Instant::now();
     let name = job.message.task().to_string();
     let queue = job.held.queue.clone();
     let opts = &job.task.options;
-    shared.metrics.task(TaskEvent::Started, &name, &queue);
     shared.metrics.tasks_active.inc();
     shared
         .events
         .active
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    shared
-        .events
-        .task("task-started", vec![("uuid", json!(job.message.id()))]);
+    let what = TaskTelemetry::Started {
+        id: job.message.id(),
+    };
+    shared.emit(what, &name, &queue);
     let terminate = CancellationToken::new();
     shared.unwait(job.message.id());
     shared.running.lock().expect("running").insert(
@@ -97,8 +97,9 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) -> &'static
         .or(opts.soft_time_limit)
         .or(shared.settings.soft_time_limit)
         .filter(|t| *t > 0.0);
-    let args = std::mem::take(&mut job.message.args);
-    let kwargs = std::mem::take(&mut job.message.kwargs);
+    // The message stays whole: a retry republishes it as decoded, whatever the transport.
+    let args = job.message.args.clone();
+    let kwargs = job.message.kwargs.clone();
     let extended = shared
         .settings
         .result_extended
@@ -152,16 +153,11 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) -> &'static
     shared.metrics.runtime(&name, &queue, runtime);
     if terminate.is_cancelled() {
         // `revoke(terminate=True)`: REVOKED "terminated", the slot freed, the message acked.
-        shared.metrics.task(TaskEvent::Revoked, &name, &queue);
-        shared.events.task(
-            "task-revoked",
-            vec![
-                ("uuid", json!(job.message.id())),
-                ("terminated", json!(true)),
-                ("signum", json!(15)),
-                ("expired", json!(false)),
-            ],
-        );
+        let what = TaskTelemetry::Revoked {
+            id: job.message.id(),
+            how: Revocation::Terminated,
+        };
+        shared.emit(what, &name, &queue);
         let meta = shared.revoked_meta(&job, "terminated");
         if job.acks_late {
             shared
@@ -220,18 +216,12 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) -> &'static
     };
     let meta = match outcome {
         Ok(value) => {
-            shared.metrics.task(TaskEvent::Succeeded, &name, &queue);
-            if shared.events.task_events() {
-                shared.events.task(
-                    "task-succeeded",
-                    vec![
-                        ("uuid", json!(id)),
-                        ("result", json!(celeriac_protocol::repr::repr(&value))),
-                        ("runtime", json!(runtime)),
-                    ],
-                );
-            }
-            debug!(task = %name, %id, runtime, "Task succeeded");
+            let what = TaskTelemetry::Succeeded {
+                id: &id,
+                result: &value,
+                runtime,
+            };
+            shared.emit(what, &name, &queue);
             let mut children = std::mem::take(&mut *started_children.lock().expect("children"));
             children.append(&mut published);
             chord_part = Some(("SUCCESS", value.clone()));
@@ -242,16 +232,12 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) -> &'static
             })
         }
         Err(TaskError::Failed(exc)) => {
-            shared.metrics.failed(&name, &queue, &exc.exc_type);
-            shared.events.task(
-                "task-failed",
-                vec![
-                    ("uuid", json!(id)),
-                    ("exception", json!(exc.repr())),
-                    ("traceback", json!(exc.traceback(&name))),
-                ],
-            );
-            warn!(task = %name, %id, runtime, exception = %exc.repr(), "Task raised");
+            let what = TaskTelemetry::Failed {
+                id: &id,
+                exc: &exc,
+                runtime,
+            };
+            shared.emit(what, &name, &queue);
             chord_part = Some(("FAILURE", json!(exc)));
             let m = store.then(|| {
                 let mut m = shared.meta(&job, State::Failure, json!(exc), extended);
@@ -263,27 +249,12 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) -> &'static
         }
         Err(TaskError::Retry { exc, countdown, .. }) => {
             // Republished: store RETRY with the exception; the retry message is this task's child.
-            shared.metrics.task(TaskEvent::Retried, &name, &queue);
-            if let Some(e) = &exc {
-                shared.events.task(
-                    "task-retried",
-                    vec![
-                        ("uuid", json!(id)),
-                        ("exception", json!(e.repr())),
-                        ("traceback", json!(e.traceback(&name))),
-                    ],
-                );
-            } else {
-                shared.events.task(
-                    "task-retried",
-                    vec![
-                        ("uuid", json!(id)),
-                        ("exception", json!("Retry()")),
-                        ("traceback", Value::Null),
-                    ],
-                );
-            }
-            info!(task = %name, %id, countdown, "Task retry scheduled");
+            let what = TaskTelemetry::Retried {
+                id: &id,
+                exc: exc.as_ref(),
+                countdown,
+            };
+            shared.emit(what, &name, &queue);
             let result = exc.as_ref().map(|e| json!(e)).unwrap_or(Value::Null);
             let mut m = shared.meta(&job, State::Retry, result, None);
             m.traceback = exc.as_ref().map(|e| e.traceback(&name));
@@ -292,12 +263,12 @@ pub(super) async fn execute(shared: &Arc<Shared>, mut job: Box<Job>) -> &'static
         }
         Err(TaskError::Ignore) => None,
         Err(TaskError::Reject { requeue, reason }) => {
-            shared.metrics.task(TaskEvent::Rejected, &name, &queue);
-            shared.events.task(
-                "task-rejected",
-                vec![("uuid", json!(id)), ("requeue", json!(requeue))],
-            );
-            info!(task = %name, %id, requeue, %reason, "Task rejected");
+            let what = TaskTelemetry::Rejected {
+                id: &id,
+                requeue,
+                reason: &reason,
+            };
+            shared.emit(what, &name, &queue);
             if requeue && job.acks_late {
                 shared
                     .running_late

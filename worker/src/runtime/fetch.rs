@@ -184,19 +184,13 @@ pub(super) async fn receive(
         }
     };
     let name = message.task().to_string();
-    shared.metrics.task(TaskEvent::Received, &name, &held.queue);
     let Some(task) = shared.registry.get(&name).cloned() else {
-        error!(task = %name, id = %message.id(), "Received unregistered task of type {name:?}; storing NotRegistered");
-        shared.metrics.failed(&name, &held.queue, "NotRegistered");
         let exc = ExceptionInfo::new("celery.exceptions", "NotRegistered", name.clone());
-        shared.events.task(
-            "task-failed",
-            vec![
-                ("uuid", json!(message.id())),
-                ("exception", json!(exc.repr())),
-                ("traceback", Value::Null),
-            ],
-        );
+        let what = TaskTelemetry::Unregistered {
+            message: &message,
+            exc: &exc,
+        };
+        shared.emit(what, &name, &held.queue);
         let mut meta = ResultMeta::failure(message.id(), &exc, None);
         meta.date_done = Some(time::isoformat(chrono::Utc::now()));
         meta.group_id = message.headers.group.clone();
@@ -208,24 +202,7 @@ pub(super) async fn receive(
         });
         return;
     };
-    debug!(task = %name, id = %message.id(), "Task received");
-    if shared.events.task_events() {
-        let h = &message.headers;
-        shared.events.task(
-            "task-received",
-            vec![
-                ("uuid", json!(h.id)),
-                ("name", json!(h.task)),
-                ("args", json!(h.argsrepr)),
-                ("kwargs", json!(h.kwargsrepr)),
-                ("root_id", json!(h.root_id)),
-                ("parent_id", json!(h.parent_id)),
-                ("retries", json!(h.retries)),
-                ("eta", json!(h.eta)),
-                ("expires", json!(h.expires)),
-            ],
-        );
-    }
+    shared.emit(TaskTelemetry::Received(&message), &name, &held.queue);
     let acks_late = task.options.acks_late.unwrap_or(shared.settings.acks_late);
     let now = chrono::Utc::now();
     let expired = message
@@ -320,19 +297,11 @@ pub(super) fn eta_fired(shared: &Shared, job: Box<Job>, ready: &mpsc::UnboundedS
 /// A revoked task seen on receipt or when its ETA fires: REVOKED (not over a SUCCESS), acked, never run.
 pub(super) fn discard_revoked(shared: &Shared, job: Box<Job>) {
     shared.unwait(job.message.id());
-    info!(task = %job.message.task(), id = %job.message.id(), "Discarding revoked task");
-    shared
-        .metrics
-        .task(TaskEvent::Revoked, job.message.task(), &job.held.queue);
-    shared.events.task(
-        "task-revoked",
-        vec![
-            ("uuid", json!(job.message.id())),
-            ("terminated", json!(false)),
-            ("signum", Value::Null),
-            ("expired", json!(false)),
-        ],
-    );
+    let what = TaskTelemetry::Revoked {
+        id: job.message.id(),
+        how: Revocation::Revoked,
+    };
+    shared.emit(what, job.message.task(), &job.held.queue);
     let meta = shared.revoked_meta(&job, "revoked");
     let _ = shared.commit.send(Commit::Done {
         meta,
@@ -342,20 +311,12 @@ pub(super) fn discard_revoked(shared: &Shared, job: Box<Job>) {
 
 pub(super) fn revoke_expired(shared: &Shared, job: Box<Job>) {
     shared.unwait(job.message.id());
-    info!(task = %job.message.task(), id = %job.message.id(), "Discarding expired task");
-    shared
-        .metrics
-        .task(TaskEvent::Revoked, job.message.task(), &job.held.queue);
+    let what = TaskTelemetry::Revoked {
+        id: job.message.id(),
+        how: Revocation::Expired,
+    };
+    shared.emit(what, job.message.task(), &job.held.queue);
     let exc = ExceptionInfo::new("celery.exceptions", "TaskRevokedError", "expired");
-    shared.events.task(
-        "task-revoked",
-        vec![
-            ("uuid", json!(job.message.id())),
-            ("terminated", json!(false)),
-            ("signum", Value::Null),
-            ("expired", json!(true)),
-        ],
-    );
     let meta = shared
         .store_results(&job)
         .then(|| shared.meta(&job, State::Revoked, json!(exc), None));

@@ -4,6 +4,7 @@
 use super::*;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use celeriac_protocol::pidbox::ControlCommand;
 use futures::StreamExt;
 
 /// What `inspect active` shows of a running task.
@@ -70,20 +71,20 @@ pub(super) fn truthy(v: &Value) -> bool {
 
 fn reply_for(
     shared: &Shared,
-    method: &str,
+    method: ControlCommand,
     args: &Value,
     clock: u64,
     started: Instant,
 ) -> Option<Value> {
     let s = &shared.settings;
     Some(match method {
-        "ping" => json!({"ok": "pong"}),
-        "clock" => json!({"clock": clock}),
-        "registered" => {
+        ControlCommand::Ping => json!({"ok": "pong"}),
+        ControlCommand::Clock => json!({"clock": clock}),
+        ControlCommand::Registered => {
             let names: Vec<String> = shared.registry.names().into_iter().filter(|n| !n.starts_with("celery.")).collect();
             json!(names)
         }
-        "active_queues" => Value::Array(
+        ControlCommand::ActiveQueues => Value::Array(
             shared
                 .current_queues()
                 .iter()
@@ -97,11 +98,11 @@ fn reply_for(
                 })
                 .collect(),
         ),
-        "active" => {
+        ControlCommand::Active => {
             let running = shared.running.lock().expect("running");
             Value::Array(running.values().map(|r| r.info.clone()).collect())
         }
-        "reserved" => {
+        ControlCommand::Reserved => {
             let waiting = shared.waiting.lock().expect("waiting");
             Value::Array(
                 waiting
@@ -111,7 +112,7 @@ fn reply_for(
                     .collect(),
             )
         }
-        "scheduled" => {
+        ControlCommand::Scheduled => {
             let waiting = shared.waiting.lock().expect("waiting");
             // Celery's timer entries for ETA tasks have priority 6.
             Value::Array(
@@ -123,12 +124,12 @@ fn reply_for(
                     .collect(),
             )
         }
-        "revoked" => {
+        ControlCommand::Revoked => {
             let mut ids: Vec<String> = shared.revoked.read().expect("revoked").iter().cloned().collect();
             ids.sort();
             json!(ids)
         }
-        "conf" => {
+        ControlCommand::Conf => {
             // Celery answers with the settings it was configured with (`with_defaults=False`).
             let routes: Map<String, Value> = s
                 .routes
@@ -153,7 +154,7 @@ fn reply_for(
                 "include": [],
             })
         }
-        "query_task" => {
+        ControlCommand::QueryTask => {
             let ids: Vec<&str> = match args.get("ids") {
                 Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
                 Some(Value::String(one)) => vec![one.as_str()],
@@ -172,7 +173,7 @@ fn reply_for(
             }
             Value::Object(out)
         }
-        "stats" => json!({
+        ControlCommand::Stats => json!({
             "total": shared.metrics.totals(),
             "pid": std::process::id(),
             "clock": clock.to_string(),
@@ -185,16 +186,16 @@ fn reply_for(
             "prefetch_count": s.prefetch(),
             "rusage": {},
         }),
-        "enable_events" => {
+        ControlCommand::EnableEvents => {
             let was = shared.events.set_task_events(true);
             json!({"ok": if was { "task events already enabled" } else { "task events enabled" }})
         }
-        "disable_events" => {
+        ControlCommand::DisableEvents => {
             shared.events.set_task_events(false);
             json!({"ok": "task events disabled"})
         }
-        "heartbeat" => {
-            shared.events.worker("worker-heartbeat", 5.0);
+        ControlCommand::Heartbeat => {
+            shared.events.worker(EventKind::WorkerHeartbeat, 5.0);
             Value::Null
         }
         _ => {
@@ -269,11 +270,15 @@ async fn revoke(shared: &Shared, args: &Value, force_terminate: bool) -> Value {
 
 /// Commands that change the running worker. `Some(None)`: handled, no reply (shutdown); `None`: not one
 /// of these.
-async fn control(shared: &Arc<Shared>, method: &str, args: &Value) -> Option<Option<Value>> {
+async fn control(
+    shared: &Arc<Shared>,
+    method: ControlCommand,
+    args: &Value,
+) -> Option<Option<Value>> {
     let text = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_string);
     let ok = |m: String| Some(Some(json!({"ok": m})));
     match method {
-        "rate_limit" => {
+        ControlCommand::RateLimit => {
             let task = text("task_name").unwrap_or_default();
             if shared.registry.get(&task).is_none() {
                 return Some(Some(json!({"error": format!("unknown task {task:?}")})));
@@ -307,7 +312,7 @@ async fn control(shared: &Arc<Shared>, method: &str, args: &Value) -> Option<Opt
                 .insert(task, limiter);
             ok(msg.into())
         }
-        "time_limit" => {
+        ControlCommand::TimeLimit => {
             let task = text("task_name").unwrap_or_default();
             if shared.registry.get(&task).is_none() {
                 return Some(Some(json!({"error": format!("unknown task {task:?}")})));
@@ -321,7 +326,7 @@ async fn control(shared: &Arc<Shared>, method: &str, args: &Value) -> Option<Opt
                 .insert(task, (hard, soft));
             ok("time limits set successfully".into())
         }
-        "pool_grow" => {
+        ControlCommand::PoolGrow => {
             let n = args.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
             shared.concurrency.add_permits(n);
             shared
@@ -329,7 +334,7 @@ async fn control(shared: &Arc<Shared>, method: &str, args: &Value) -> Option<Opt
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             ok("pool will grow".into())
         }
-        "pool_shrink" => {
+        ControlCommand::PoolShrink => {
             let n = args.get("n").and_then(Value::as_u64).unwrap_or(1) as usize;
             let now = shared
                 .concurrency_now
@@ -347,7 +352,7 @@ async fn control(shared: &Arc<Shared>, method: &str, args: &Value) -> Option<Opt
             });
             ok("pool will shrink".into())
         }
-        "add_consumer" => {
+        ControlCommand::AddConsumer => {
             let queue = text("queue").unwrap_or_default();
             if queue.is_empty() {
                 return Some(Some(json!({"error": "no queue given"})));
@@ -362,7 +367,7 @@ async fn control(shared: &Arc<Shared>, method: &str, args: &Value) -> Option<Opt
             queues.push(queue.clone());
             ok(format!("add consumer {queue}"))
         }
-        "cancel_consumer" => {
+        ControlCommand::CancelConsumer => {
             let queue = text("queue").unwrap_or_default();
             shared
                 .queues
@@ -380,7 +385,7 @@ async fn control(shared: &Arc<Shared>, method: &str, args: &Value) -> Option<Opt
             }
             ok(format!("no longer consuming from {queue}"))
         }
-        "shutdown" => {
+        ControlCommand::Shutdown => {
             warn!("remote control: shutdown requested");
             shared.warm.cancel();
             Some(None)
@@ -432,17 +437,21 @@ pub(super) async fn serve(shared: Arc<Shared>, stop: CancellationToken) {
             .to_string();
         let arguments = req.get("arguments").cloned().unwrap_or(Value::Null);
         debug!(%method, "remote control request");
-        let value = if method == "revoke" || method == "terminate" {
-            Some(revoke(&shared, &arguments, method == "terminate").await)
-        } else if let Some(v) = control(&shared, &method, &arguments).await {
-            v
-        } else {
-            reply_for(&shared, &method, &arguments, now, started)
+        let Some(command) = ControlCommand::parse(&method) else {
+            warn!(%method, "unknown remote control command");
+            continue;
         };
-        let Some(value) = value else {
-            if method != "shutdown" {
-                warn!(%method, "unknown remote control command");
+        let value = match command {
+            ControlCommand::Revoke | ControlCommand::Terminate => {
+                Some(revoke(&shared, &arguments, command == ControlCommand::Terminate).await)
             }
+            _ => match control(&shared, command, &arguments).await {
+                Some(v) => v,
+                None => reply_for(&shared, command, &arguments, now, started),
+            },
+        };
+        // `shutdown` answers nothing.
+        let Some(value) = value else {
             continue;
         };
         let (Some(ticket), Some(rk)) = (

@@ -1,5 +1,5 @@
-//! `Task.retry`: the message republished with the same id, `retries + 1` and an ETA, or the task failed past
-//! `max_retries`.
+//! `Task.retry`: the decoded message republished with the same id, `retries + 1` and an ETA, or the task
+//! failed past `max_retries`.
 
 use super::*;
 
@@ -38,9 +38,9 @@ pub(super) async fn retry(
         chrono::Utc::now() + chrono::Duration::microseconds((delay * 1e6) as i64)
     });
     let republish = async {
-        let mut msg = Envelope::parse(&job.held.raw)
-            .and_then(Envelope::into_task)
-            .map_err(|e| e.to_string())?;
+        // The decoded message, never `held.raw` again: over RabbitMQ the raw bytes are the body alone (its
+        // headers are in the AMQP header table), so re-parsing them as a kombu envelope failed every retry.
+        let mut msg = job.message.clone();
         msg.headers.retries += 1;
         msg.headers.eta = Some(time::isoformat(when));
         msg.headers.parent_id = Some(msg.headers.id.clone());
