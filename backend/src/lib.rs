@@ -4,7 +4,10 @@
 //! # Layout
 //! - [`redis`]: the Redis backend (store with dedupe, get, wait through Pub/Sub).
 //! - [`rpc`]: `rpc://`, results sent as messages to the client's reply queue over RabbitMQ.
+//! - `memory` (feature `test-utils`): results in this process, for fast runtime tests.
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod memory;
 pub mod redis;
 pub mod rpc;
 

@@ -7,10 +7,13 @@
 //! - [`redis`]: the Redis transport (keys, Lua scripts, consume/ack/restore, publish).
 //! - [`amqp`]: the RabbitMQ transport (topology, consumers with per-consumer QoS, confirms, reconnection).
 //! - [`pidbox`]: the client side of remote control (broadcast a command, collect replies).
+//! - `memory` (feature `test-utils`): an in-memory broker for fast runtime tests.
 //! - [`error`]: the error type, [`BrokerError`].
 
 pub mod amqp;
 pub mod error;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod memory;
 pub mod pidbox;
 pub mod redis;
 pub mod sentinel;
