@@ -10,7 +10,7 @@
 use crate::{Broker, BrokerError, Delivery, Held, QueueOrder, Result, caps};
 use async_trait::async_trait;
 use celeriac_protocol::TaskMessage;
-use celeriac_protocol::envelope::{self, Envelope};
+use celeriac_protocol::envelope;
 use futures::StreamExt;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -144,7 +144,7 @@ impl MemoryBroker {
                         raw: raw.clone(),
                     },
                 );
-                decode(queue, tag, raw)
+                crate::redis::decode_delivery(queue, tag, raw)
             })
             .collect()
     }
@@ -158,34 +158,6 @@ impl MemoryBroker {
         } else {
             list.push_front(marked);
         }
-    }
-}
-
-fn decode(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
-    let (exchange, routing_key, redelivered, message) = match Envelope::parse(&raw) {
-        Ok(env) => {
-            let (ex, rk) = env.route();
-            let rk = if rk.is_empty() {
-                queue.clone()
-            } else {
-                rk.to_string()
-            };
-            let (ex, redelivered) = (ex.to_string(), env.redelivered());
-            (ex, rk, redelivered, env.into_task())
-        }
-        Err(e) => (String::new(), queue.clone(), false, Err(e)),
-    };
-    Delivery {
-        held: Held {
-            tag,
-            queue,
-            raw,
-            exchange,
-            routing_key,
-            redelivered,
-            amqp_properties: None,
-        },
-        message,
     }
 }
 

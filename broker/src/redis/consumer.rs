@@ -82,7 +82,8 @@ impl RedisBroker {
     }
 }
 
-fn decode_delivery(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
+/// A delivery from a kombu envelope taken from `queue` under `tag` (an undecodable one keeps its error).
+pub(crate) fn decode_delivery(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
     let (exchange, routing_key, redelivered, message) = match Envelope::parse(&raw) {
         Ok(env) => {
             let (ex, rk) = env.route();

@@ -15,6 +15,8 @@ mod consumer;
 pub mod keys;
 pub mod scripts;
 
+pub(crate) use consumer::decode_delivery;
+
 use crate::url::RedisTarget;
 use crate::{BrokerOptions, Result};
 use keys::Keys;
