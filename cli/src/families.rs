@@ -18,6 +18,8 @@ const FAMILIES: &[(&str, Register)] = &[
     ("sync", celeriac_tasks_sync::register),
     #[cfg(feature = "vision")]
     ("vision", celeriac_tasks_vision::register),
+    #[cfg(feature = "recommend")]
+    ("recommend", celeriac_tasks_recommend::register),
 ];
 
 /// The config sections that belong to families (`[email]`, ...).

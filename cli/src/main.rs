@@ -6,6 +6,8 @@ mod beat;
 mod call;
 mod control;
 mod domain;
+#[cfg(feature = "recommend")]
+mod eval;
 mod families;
 mod flower;
 mod otel;
@@ -69,6 +71,9 @@ enum Command {
     /// Train a model in Rust and write its weights (`celeriac train vision`).
     #[cfg(feature = "vision")]
     Train(train::TrainArgs),
+    /// Evaluate a model against its baselines on a public data set (`celeriac eval recommend`).
+    #[cfg(feature = "recommend")]
+    Eval(eval::EvalArgs),
 }
 
 /// Log output format.
@@ -93,7 +98,7 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
         ),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level},celeriac_domain={level},celeriac_tasks_email={level},celeriac_tasks_payment={level},celeriac_tasks_vision={level}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,celeriac={level},celeriac_worker={level},celeriac_broker={level},celeriac_backend={level},celeriac_tasks={level},celeriac_beat={level},celeriac_domain={level},celeriac_tasks_email={level},celeriac_tasks_payment={level},celeriac_tasks_vision={level},celeriac_tasks_recommend={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -175,6 +180,8 @@ fn main() {
             Command::Down(args) => up::down(args).await,
             #[cfg(feature = "vision")]
             Command::Train(args) => train::run(args).await,
+            #[cfg(feature = "recommend")]
+            Command::Eval(args) => eval::run(args).await,
         };
         match outcome {
             Ok(code) => code,

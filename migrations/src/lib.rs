@@ -25,6 +25,7 @@ mod m20261206_000004_email;
 mod m20261206_000005_payment;
 mod m20261206_000006_sync;
 mod m20261206_000007_vision;
+mod m20261206_000008_recommend;
 pub mod tenancy;
 
 /// Every migration, oldest first.
@@ -64,6 +65,7 @@ impl MigratorTrait for DomainMigrator {
             Box::new(m20261206_000005_payment::Migration),
             Box::new(m20261206_000006_sync::Migration),
             Box::new(m20261206_000007_vision::Migration),
+            Box::new(m20261206_000008_recommend::Migration),
         ]
     }
 

@@ -15,6 +15,7 @@ mod consumer;
 pub mod keys;
 pub mod scripts;
 
+#[cfg(feature = "test-utils")]
 pub(crate) use consumer::decode_delivery;
 
 use crate::url::RedisTarget;

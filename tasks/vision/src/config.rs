@@ -3,18 +3,7 @@
 use serde::Deserialize;
 use std::path::PathBuf;
 
-/// Where the models run.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// CUDA when the binary was built with it and the driver loads, else the CPU.
-    #[default]
-    Auto,
-    /// The CPU (Burn's flex backend).
-    Cpu,
-    /// CUDA; without a driver (or a CUDA build) the worker logs why and uses the CPU.
-    Cuda,
-}
+pub use celeriac_inference::DeviceChoice;
 
 /// `[vision]`.
 #[derive(Debug, Clone, Deserialize)]
