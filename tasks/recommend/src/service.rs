@@ -28,6 +28,9 @@ const POPULAR: usize = 1000;
 
 type Scores = Executor<Request, Vec<f32>>;
 
+/// Products and their share of interactions, most popular first.
+type Popular = Arc<Vec<(String, f32)>>;
+
 /// One tenant's newest model as this worker knows it.
 #[derive(Debug, Default)]
 struct Slot {
@@ -55,7 +58,7 @@ pub struct Recommend {
     tenants: Result<Arc<Tenants>, String>,
     executor: OnceCell<Result<Arc<Scores>, String>>,
     slots: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Slot>>>>,
-    popular: Mutex<HashMap<Uuid, (Instant, Arc<Vec<(String, f32)>>)>>,
+    popular: Mutex<HashMap<Uuid, (Instant, Popular)>>,
     queue: Arc<Mutex<Queue>>,
 }
 
@@ -212,7 +215,7 @@ impl Recommend {
     }
 
     /// The tenant's most popular products with their share of interactions, refreshed every `refresh_ms`.
-    pub async fn popular(&self, tenant: &Tenant) -> Result<Arc<Vec<(String, f32)>>, TaskError> {
+    pub async fn popular(&self, tenant: &Tenant) -> Result<Popular, TaskError> {
         let refresh = Duration::from_millis(self.config.refresh_ms);
         if let Some((at, p)) = lock(&self.popular).get(&tenant.id)
             && at.elapsed() < refresh
