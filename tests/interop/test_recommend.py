@@ -150,6 +150,15 @@ def test_r3_popularity_fallback(workers, client_app, iso, domain):
                            {"product_id": "q3", "score": 0.2}], "model": "popularity", "ignored": 0}
     a = call(client_app, iso, "recommend.next_items", tenant_id="shop-c", history=["q1"], k=2)
     assert [i["product_id"] for i in a["items"]] == ["q2", "q3"]
+    # A synced order's line items count as purchases: four of q4 make it the most popular (5 of 14).
+    items = ", ".join('{"product_id": "q4", "quantity": 1}' for _ in range(4))
+    domain.sql("INSERT INTO sync_orders (tenant_id, external_id, customer_id, src_created_at, src_updated_at, "
+               f"content_hash, raw) VALUES ('{domain.tenants['shop-c']}', 1, 777, now(), now(), 'h', "
+               f"'{{\"line_items\": [{items}]}}')")
+    wait_for(lambda: call(client_app, iso, "recommend.next_items", tenant_id="shop-c", history=[], k=1)["items"]
+             == [{"product_id": "q4", "score": round(5 / 14, 6)}], 10, message="the order counted")
+    a = call(client_app, iso, "recommend.for_customer", tenant_id="shop-c", customer_id="777", k=3)
+    assert [i["product_id"] for i in a["items"]] == ["q1", "q2", "q3"], a
     # A trained tenant answers an empty history with popularity.
     record_walks(client_app, iso, "shop-a", customers=30, length=6)
     assert call(client_app, iso, "recommend.train", tenant_id="shop-a", epochs=2)["version"] == 1

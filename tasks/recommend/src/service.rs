@@ -128,6 +128,7 @@ impl Recommend {
 
     /// Records one interaction; returns once it is committed (batched with concurrent calls).
     pub async fn record(&self, tenant: Tenant, record: Record) -> Result<(), TaskError> {
+        let tenants = Arc::clone(self.tenants()?);
         let (reply, answer) = oneshot::channel();
         {
             let mut q = lock(&self.queue);
@@ -136,9 +137,11 @@ impl Recommend {
                 record,
                 reply,
             });
+            // The flush task clears `flushing` under this lock when it finds nothing waiting, so a record
+            // pushed here is either taken by the running flush or starts a new one (as it does after a flush
+            // that ended any other way).
             if q.flushing.as_ref().is_none_or(|h| h.is_finished()) {
                 let queue = Arc::clone(&self.queue);
-                let tenants = self.tenants()?.clone();
                 let max = self.config.record_batch;
                 q.flushing = Some(tokio::spawn(flush(queue, tenants, max)));
             }
@@ -350,6 +353,7 @@ async fn flush(queue: Arc<Mutex<Queue>>, tenants: Arc<Tenants>, max: usize) {
         let batch: Vec<Pending> = {
             let mut q = lock(&queue);
             if q.waiting.is_empty() {
+                q.flushing = None;
                 return;
             }
             let n = q.waiting.len().min(max);

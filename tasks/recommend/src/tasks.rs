@@ -293,7 +293,7 @@ mod tests {
             kind_of(Some("like".into()))
                 .unwrap_err()
                 .to_string()
-                .contains("'view', 'cart', 'purchase'")
+                .contains("is not one of")
         );
         assert_eq!(kind_of(None).unwrap(), "view");
         assert_eq!(
