@@ -34,7 +34,7 @@ struct RecommendArgs {
     #[arg(long, default_value_t = 200)]
     epochs: usize,
     /// Epochs without improvement before the transformer stops.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     patience: usize,
     /// Width of the transformer.
     #[arg(long, default_value_t = 64)]
@@ -46,7 +46,7 @@ struct RecommendArgs {
     #[arg(long, default_value_t = 0.2)]
     dropout: f64,
     /// Adam's learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 3e-3)]
     learning_rate: f64,
     /// Most epochs of BPR-MF.
     #[arg(long, default_value_t = 200)]

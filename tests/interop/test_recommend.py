@@ -111,6 +111,31 @@ def test_r1_record_train_recommend(workers, client_app, iso, domain):
     assert a["items"][0]["product_id"] == successor(product(1)), a
 
 
+def test_r7_similar_blends_visual_similarity(workers, client_app, iso, domain):
+    from test_vision import b64, fashion_images, png
+    domain.add_tenant("shop-a")
+    rec_worker(workers, domain, visual_weight=1.0)
+    record_walks(client_app, iso, "shop-a", customers=30, length=8)
+    assert call(client_app, iso, "recommend.train", tenant_id="shop-a", epochs=2)["version"] == 1
+    # Product 1001 and 1017 share a photo; 1002..1006 have others (vision.index on the same worker).
+    images, _ = fashion_images(10)
+    photos = {product(0): images[0], product(16): images[0], **{product(i): images[i] for i in range(1, 6)}}
+    for pid, px in photos.items():
+        call(client_app, iso, "vision.index", tenant_id="shop-a", product_id=pid, image=b64(png(px)))
+    # With visual_weight = 1 the scores are the photos' cosine similarity: the twin first, with 1.0; products
+    # without a photo score 0; the answer still comes from the tenant's model.
+    a = call(client_app, iso, "recommend.similar", tenant_id="shop-a", product_id=product(0), k=6)
+    assert a["model"] == "transformer v1", a
+    assert a["items"][0]["product_id"] == product(16) and abs(a["items"][0]["score"] - 1.0) < 1e-5, a
+    assert all(i["score"] < 0.9999 for i in a["items"][1:]) and len(a["items"]) == 6, a
+    scores = [i["score"] for i in a["items"]]
+    assert scores == sorted(scores, reverse=True), a
+    # A product the model does not know but the vision family does: visual neighbours only.
+    call(client_app, iso, "vision.index", tenant_id="shop-a", product_id="new-1", image=b64(png(images[0])))
+    a = call(client_app, iso, "recommend.similar", tenant_id="shop-a", product_id="new-1", k=2)
+    assert a["model"] == "visual" and {i["product_id"] for i in a["items"]} == {product(0), product(16)}, a
+
+
 def test_r2_hot_swap_on_every_worker(workers, client_app, iso, domain):
     domain.add_tenant("shop-a")
     fleet = [rec_worker(workers, domain), rec_worker(workers, domain)]

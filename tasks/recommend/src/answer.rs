@@ -104,6 +104,23 @@ fn known(blob: Option<&Arc<Blob>>, ids: &[String]) -> (Vec<u32>, usize) {
 }
 
 impl Recommend {
+    /// The transformer's `k` best next products after `history` that `keep` accepts.
+    async fn transformer_answer(
+        &self,
+        blob: &Arc<Blob>,
+        history: Vec<u32>,
+        k: usize,
+        keep: impl Fn(&str) -> bool,
+        ignored: usize,
+    ) -> Result<Answer, TaskError> {
+        let scores = self.scores(blob, Query::Next(history)).await?;
+        Ok(Answer {
+            items: top_scores(&scores, blob, k, keep),
+            model: format!("transformer v{}", blob.version),
+            ignored,
+        })
+    }
+
     fn counted(&self, a: Answer) -> Value {
         self.metrics().answer(a.kind());
         a.to_json()
@@ -123,12 +140,8 @@ impl Recommend {
         let keep = |id: &str| !skip.contains(id);
         let answer = match blob {
             Some(blob) if !numbers.is_empty() => {
-                let scores = self.scores(&blob, Query::Next(numbers)).await?;
-                Answer {
-                    items: top_scores(&scores, &blob, k, keep),
-                    model: format!("transformer v{}", blob.version),
-                    ignored,
-                }
+                self.transformer_answer(&blob, numbers, k, keep, ignored)
+                    .await?
             }
             _ => {
                 // Without a model, a history is not read at all: nothing in it counts as unknown.
@@ -180,10 +193,10 @@ impl Recommend {
             Some((blob, item)) => {
                 let mut scores = self.scores(blob, Query::Similar(item)).await?;
                 if !visual.is_empty() {
+                    // (1 − w)·item + w·visual, a product without a vision embedding counting 0 visually.
                     for (i, s) in scores.iter_mut().enumerate().skip(1) {
-                        if let Some(v) = visual.get(&blob.meta.items[i - 1]) {
-                            *s = (1.0 - w) * *s + w * v;
-                        }
+                        let v = visual.get(&blob.meta.items[i - 1]).copied().unwrap_or(0.0);
+                        *s = (1.0 - w) * *s + w * v;
                     }
                 }
                 Answer {
@@ -235,12 +248,8 @@ impl Recommend {
         let (numbers, ignored) = known(blob.as_ref(), &products);
         let answer = match blob {
             Some(blob) if !numbers.is_empty() => {
-                let scores = self.scores(&blob, Query::Next(numbers)).await?;
-                Answer {
-                    items: top_scores(&scores, &blob, k, keep),
-                    model: format!("transformer v{}", blob.version),
-                    ignored,
-                }
+                self.transformer_answer(&blob, numbers, k, keep, ignored)
+                    .await?
             }
             Some(_) => popular_answer(&self.popular(tenant).await?, k, keep, ignored),
             None => popular_answer(&self.popular(tenant).await?, k, keep, 0),

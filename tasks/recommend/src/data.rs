@@ -140,44 +140,37 @@ impl Split {
     /// Leave-one-out by time: each customer with at least `3` items gives the last to test and the second
     /// last to validation; shorter histories only train.
     pub fn leave_one_out(sequences: &[Vec<u32>]) -> Self {
-        let mut split = Self::default();
-        for (user, s) in sequences.iter().enumerate() {
-            if s.len() < 3 {
-                split.train.push(s.clone());
-                continue;
-            }
-            let n = s.len();
-            split.train.push(s[..n - 2].to_vec());
-            split.valid.push(Case {
-                user,
-                history: s[..n - 2].to_vec(),
-                target: s[n - 2],
-            });
-            split.test.push(Case {
-                user,
-                history: s[..n - 1].to_vec(),
-                target: s[n - 1],
-            });
-        }
-        split
+        Self::hold_out(sequences, true)
     }
 
     /// A training split for serving: each customer with at least `3` items gives the last to validation
     /// (early stopping), everything else trains.
     pub fn for_serving(sequences: &[Vec<u32>]) -> Self {
+        Self::hold_out(sequences, false)
+    }
+
+    fn hold_out(sequences: &[Vec<u32>], with_test: bool) -> Self {
         let mut split = Self::default();
+        let held = if with_test { 2 } else { 1 };
         for (user, s) in sequences.iter().enumerate() {
             if s.len() < 3 {
                 split.train.push(s.clone());
                 continue;
             }
             let n = s.len();
-            split.train.push(s[..n - 1].to_vec());
+            split.train.push(s[..n - held].to_vec());
             split.valid.push(Case {
                 user,
-                history: s[..n - 1].to_vec(),
-                target: s[n - 1],
+                history: s[..n - held].to_vec(),
+                target: s[n - held],
             });
+            if with_test {
+                split.test.push(Case {
+                    user,
+                    history: s[..n - 1].to_vec(),
+                    target: s[n - 1],
+                });
+            }
         }
         split
     }

@@ -212,7 +212,7 @@ pub async fn visual_neighbours(
         .all(
             "WITH q AS (SELECT embedding, model FROM vision_embeddings WHERE tenant_id = $1 AND product_id = $2)
              SELECT v.product_id,
-                    (SELECT sum(a * b) FROM unnest(v.embedding, q.embedding) AS t(a, b))::float8 AS cosine
+                    (SELECT sum(a::float8 * b::float8) FROM unnest(v.embedding, q.embedding) AS t(a, b)) AS cosine
                FROM vision_embeddings v, q
               WHERE v.tenant_id = $1 AND v.model = q.model AND v.product_id <> $2",
             vec![Sql::from(product)],

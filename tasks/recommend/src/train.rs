@@ -34,9 +34,9 @@ impl Default for TrainOptions {
     fn default() -> Self {
         Self {
             epochs: 200,
-            patience: 5,
+            patience: 3,
             batch_size: 128,
-            learning_rate: 1e-3,
+            learning_rate: 3e-3,
             seed: 42,
             model: SasRecConfig::new(0),
         }
