@@ -37,7 +37,8 @@ def product(i):
 def rec_worker(workers, domain, **section):
     return workers.start(concurrency=32, prefetch=8,
                          settings=domain.settings(recommend={"learning_rate": 0.01, "dim": 32, "max_len": 12,
-                                                             "dropout": 0.1, "refresh_ms": 200, **section}))
+                                                             "dropout": 0.1, "patience": 10, "refresh_ms": 200,
+                                                             **section}))
 
 
 def call(client_app, iso, name, **kwargs):

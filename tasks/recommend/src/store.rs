@@ -56,9 +56,11 @@ pub async fn insert(tx: &TenantTx, records: &[Record]) -> Result<u64, DomainErro
     tx.execute(&sql, values).await
 }
 
-/// Every interaction of the tenant.
+/// Every interaction of the tenant, oldest first.
 pub async fn interactions(tx: &TenantTx) -> Result<Vec<Event>, DomainError> {
-    let rows = tx.all(ALL_INTERACTIONS, vec![]).await?;
+    // A fixed order numbers the items the same way every time, so a seeded training is reproducible.
+    let sql = format!("SELECT * FROM ({ALL_INTERACTIONS}) i ORDER BY at, customer_id, product_id");
+    let rows = tx.all(&sql, vec![]).await?;
     rows.into_iter()
         .map(|r| {
             Ok((
