@@ -1,4 +1,5 @@
-//! Celery brokers: the [`Broker`] trait the worker and publishers use, and its kombu-compatible Redis and
+//! Celery brokers: the [`Broker`] traits the worker and publishers use (the core and small capability
+//! traits: leases, parking, shared rate limits, events, remote control), and its kombu-compatible Redis and
 //! RabbitMQ transports. A broker is chosen once from the URL scheme ([`connect`]) and held as `Arc<dyn Broker>`.
 //!
 //! # Layout
@@ -29,7 +30,7 @@ pub use error::BrokerError;
 /// Result alias for broker operations.
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 
-/// A message taken from a queue and held unacknowledged until [`Broker::ack`] (or given back): what the
+/// A message taken from a queue and held unacknowledged until [`BrokerCore::ack`] (or given back): what the
 /// transport needs to acknowledge, requeue or dead-letter it.
 #[derive(Debug, Clone)]
 pub struct Held {
@@ -125,9 +126,9 @@ impl Default for BrokerOptions {
     }
 }
 
-/// A Celery broker as the worker and publishers see it.
+/// The core of a Celery broker: queues, deliveries and their settlement, publishing.
 #[async_trait]
-pub trait Broker: Send + Sync + 'static {
+pub trait BrokerCore: Send + Sync + 'static {
     /// Declares queues so that Celery tools and publishers find them (kombu binding tables).
     async fn declare(&self, queues: &[String]) -> Result<()>;
 
@@ -160,69 +161,6 @@ pub trait Broker: Send + Sync + 'static {
     /// acknowledges it, atomically.
     async fn dead_letter(&self, held: &Held, reason: &str) -> Result<()>;
 
-    /// Extends the visibility lease of deliveries still being worked on, so no other worker restores them.
-    async fn renew(&self, tags: &[String]) -> Result<()>;
-
-    /// Gives back every unacked message whose lease expired (a crashed consumer's). Returns how many.
-    async fn restore_visible(&self) -> Result<usize>;
-
-    /// Parks a held message until `due` (ETA tasks far in the future): it leaves `unacked` atomically, so no
-    /// visibility timeout redelivers it, and [`Broker::unpark_due`] on any worker republishes it when due.
-    /// Returns false when the message was no longer held (already restored elsewhere).
-    async fn park(&self, held: &Held, due: chrono::DateTime<chrono::Utc>) -> Result<bool>;
-
-    /// Republishes parked messages of `queues` due by `by` to the front of their queues; returns how many.
-    async fn unpark_due(
-        &self,
-        queues: &[String],
-        by: chrono::DateTime<chrono::Utc>,
-    ) -> Result<usize>;
-
-    /// Number of parked messages of a queue.
-    async fn parked(&self, queue: &str) -> Result<u64>;
-
-    /// Takes one token from a rate limiter shared by all workers (`interval` between tokens, bursts of
-    /// `burst`). `None`: go ahead; `Some(wait)`: try again after `wait`.
-    async fn take_shared_token(
-        &self,
-        key: &str,
-        interval: Duration,
-        burst: u32,
-    ) -> Result<Option<Duration>>;
-
-    /// Publishes Celery events (`(routing key, envelope)` pairs, e.g. `task.succeeded`) to the `celeryev`
-    /// exchange, in one round trip.
-    async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()>;
-
-    /// Every Celery event published from now on (what `celery events` and Flower receive), as envelopes.
-    /// The stream ends when the connection is lost; subscribe again.
-    async fn event_stream(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>>;
-
-    /// Remote-control requests broadcast to workers (kombu's `celery.pidbox` fanout), as raw envelopes.
-    async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>>;
-
-    /// Sends a remote-control reply envelope to the client's reply queue (`reply.celery.pidbox`, routing key
-    /// = the client's oid).
-    async fn control_reply(&self, routing_key: &str, envelope: &[u8]) -> Result<()>;
-
-    /// Records revoked task ids for every worker, now and after restarts (kept `keep` long).
-    async fn add_revoked(&self, ids: &[String], keep: Duration) -> Result<()>;
-
-    /// Revoked task ids still kept.
-    async fn revoked(&self) -> Result<Vec<String>>;
-
-    /// Broadcasts a remote-control request (the client side of [`Broker::control_requests`]) and collects the
-    /// reply envelopes sent to reply queue `oid` within `timeout`, or until `limit` replies came (kombu stops
-    /// after one reply per destination); the reply queue is declared first and deleted afterwards, as
-    /// Celery's client does.
-    async fn control_call(
-        &self,
-        envelope: &[u8],
-        oid: &str,
-        timeout: Duration,
-        limit: Option<usize>,
-    ) -> Result<Vec<Vec<u8>>>;
-
     /// Publishes a task to a queue (Celery's anonymous-exchange routing: routing key = queue name).
     async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()>;
 
@@ -254,6 +192,103 @@ pub trait Broker: Send + Sync + 'static {
     fn holds_cost_prefetch(&self) -> bool {
         false
     }
+}
+
+/// Visibility leases: unacked deliveries stay this consumer's while it renews them; expired ones of dead
+/// consumers are given back.
+#[async_trait]
+pub trait Leases: Send + Sync + 'static {
+    /// Extends the visibility lease of deliveries still being worked on, so no other worker restores them.
+    async fn renew(&self, tags: &[String]) -> Result<()>;
+
+    /// Gives back every unacked message whose lease expired (a crashed consumer's). Returns how many.
+    async fn restore_visible(&self) -> Result<usize>;
+}
+
+/// Parking: ETA tasks far in the future wait in the broker, not in worker memory.
+#[async_trait]
+pub trait Parking: Send + Sync + 'static {
+    /// Parks a held message until `due` (ETA tasks far in the future): it leaves `unacked` atomically, so no
+    /// visibility timeout redelivers it, and [`Parking::unpark_due`] on any worker republishes it when due.
+    /// Returns false when the message was no longer held (already restored elsewhere).
+    async fn park(&self, held: &Held, due: chrono::DateTime<chrono::Utc>) -> Result<bool>;
+
+    /// Republishes parked messages of `queues` due by `by` to the front of their queues; returns how many.
+    async fn unpark_due(
+        &self,
+        queues: &[String],
+        by: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize>;
+
+    /// Number of parked messages of a queue.
+    async fn parked(&self, queue: &str) -> Result<u64>;
+}
+
+/// Rate limits shared by every worker of the cluster.
+#[async_trait]
+pub trait SharedLimits: Send + Sync + 'static {
+    /// Takes one token from a rate limiter shared by all workers (`interval` between tokens, bursts of
+    /// `burst`). `None`: go ahead; `Some(wait)`: try again after `wait`.
+    async fn take_shared_token(
+        &self,
+        key: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Option<Duration>>;
+}
+
+/// Celery events (`celeryev`): publishing them and following them.
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    /// Publishes Celery events (`(routing key, envelope)` pairs, e.g. `task.succeeded`) to the `celeryev`
+    /// exchange, in one round trip.
+    async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()>;
+
+    /// Every Celery event published from now on (what `celery events` and Flower receive), as envelopes.
+    /// The stream ends when the connection is lost; subscribe again.
+    async fn event_stream(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>>;
+}
+
+/// Remote control (kombu's pidbox): requests, replies, and the revoked ids every worker keeps.
+#[async_trait]
+pub trait RemoteControl: Send + Sync + 'static {
+    /// Remote-control requests broadcast to workers (kombu's `celery.pidbox` fanout), as raw envelopes.
+    async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>>;
+
+    /// Sends a remote-control reply envelope to the client's reply queue (`reply.celery.pidbox`, routing key
+    /// = the client's oid).
+    async fn control_reply(&self, routing_key: &str, envelope: &[u8]) -> Result<()>;
+
+    /// Records revoked task ids for every worker, now and after restarts (kept `keep` long).
+    async fn add_revoked(&self, ids: &[String], keep: Duration) -> Result<()>;
+
+    /// Revoked task ids still kept.
+    async fn revoked(&self) -> Result<Vec<String>>;
+
+    /// Broadcasts a remote-control request (the client side of [`RemoteControl::control_requests`]) and collects the
+    /// reply envelopes sent to reply queue `oid` within `timeout`, or until `limit` replies came (kombu stops
+    /// after one reply per destination); the reply queue is declared first and deleted afterwards, as
+    /// Celery's client does.
+    async fn control_call(
+        &self,
+        envelope: &[u8],
+        oid: &str,
+        timeout: Duration,
+        limit: Option<usize>,
+    ) -> Result<Vec<Vec<u8>>>;
+}
+
+/// A Celery broker as the worker and publishers see it: the core and every capability. The Redis, RabbitMQ
+/// and in-memory transports implement each trait; a component that needs one capability only (a publisher,
+/// an event follower) can take that trait alone.
+pub trait Broker: BrokerCore + Leases + Parking + SharedLimits + EventBus + RemoteControl {}
+
+impl<T> Broker for T where T: BrokerCore + Leases + Parking + SharedLimits + EventBus + RemoteControl
+{}
+
+/// The broker traits, for `use celeriac_broker::prelude::*` where their methods are called.
+pub mod prelude {
+    pub use crate::{Broker, BrokerCore, EventBus, Leases, Parking, RemoteControl, SharedLimits};
 }
 
 /// Per-queue caps for the first fetch pass, and how many passes to run.

@@ -7,7 +7,8 @@
 //! One process only: remote control and events reach the streams of this same broker. Rate limits shared
 //! by every worker answer [`BrokerError::Unsupported`], as RabbitMQ does.
 
-use crate::{Broker, BrokerError, Delivery, Held, QueueOrder, Result, caps};
+use crate::prelude::*;
+use crate::{BrokerError, Delivery, Held, QueueOrder, Result, caps};
 use async_trait::async_trait;
 use celeriac_protocol::TaskMessage;
 use celeriac_protocol::envelope;
@@ -162,7 +163,7 @@ impl MemoryBroker {
 }
 
 #[async_trait]
-impl Broker for MemoryBroker {
+impl BrokerCore for MemoryBroker {
     async fn declare(&self, queues: &[String]) -> Result<()> {
         self.state().declared.extend(queues.iter().cloned());
         Ok(())
@@ -226,6 +227,46 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
+        let tag = uuid::Uuid::new_v4().to_string();
+        let body = envelope::encode_task(message, "", queue, &tag);
+        self.state()
+            .queues
+            .entry(queue.to_string())
+            .or_default()
+            .push_front(body);
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64> {
+        Ok(self.state().queues.get(queue).map_or(0, VecDeque::len) as u64)
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64> {
+        Ok(self
+            .state()
+            .queues
+            .remove(queue)
+            .map_or(0, |q| q.len() as u64))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn interrupt_fetch(&self) -> Result<()> {
+        self.interrupted.notify_waiters();
+        Ok(())
+    }
+
+    fn transport(&self) -> &'static str {
+        "memory"
+    }
+}
+
+#[async_trait]
+impl Leases for MemoryBroker {
     async fn renew(&self, _tags: &[String]) -> Result<()> {
         Ok(()) // one process: nobody else restores what a consumer holds
     }
@@ -233,7 +274,10 @@ impl Broker for MemoryBroker {
     async fn restore_visible(&self) -> Result<usize> {
         Ok(0)
     }
+}
 
+#[async_trait]
+impl Parking for MemoryBroker {
     async fn park(&self, held: &Held, due: chrono::DateTime<chrono::Utc>) -> Result<bool> {
         let mut st = self.state();
         if st.unacked.remove(&held.tag).is_none() {
@@ -278,7 +322,10 @@ impl Broker for MemoryBroker {
     async fn parked(&self, queue: &str) -> Result<u64> {
         Ok(self.state().parked.get(queue).map_or(0, Vec::len) as u64)
     }
+}
 
+#[async_trait]
+impl SharedLimits for MemoryBroker {
     async fn take_shared_token(
         &self,
         _key: &str,
@@ -289,7 +336,10 @@ impl Broker for MemoryBroker {
             "cluster-wide rate limits need a Redis broker; the in-memory broker limits per worker",
         ))
     }
+}
 
+#[async_trait]
+impl EventBus for MemoryBroker {
     async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()> {
         self.state().events.extend(events.iter().cloned());
         for (_, envelope) in events {
@@ -311,7 +361,10 @@ impl Broker for MemoryBroker {
         })
         .boxed())
     }
+}
 
+#[async_trait]
+impl RemoteControl for MemoryBroker {
     async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.state().pidbox.push(tx);
@@ -365,43 +418,6 @@ impl Broker for MemoryBroker {
             }
         }
         Ok(self.state().replies.remove(oid).unwrap_or_default())
-    }
-
-    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
-        let tag = uuid::Uuid::new_v4().to_string();
-        let body = envelope::encode_task(message, "", queue, &tag);
-        self.state()
-            .queues
-            .entry(queue.to_string())
-            .or_default()
-            .push_front(body);
-        self.arrived.notify_waiters();
-        Ok(())
-    }
-
-    async fn queue_length(&self, queue: &str) -> Result<u64> {
-        Ok(self.state().queues.get(queue).map_or(0, VecDeque::len) as u64)
-    }
-
-    async fn purge(&self, queue: &str) -> Result<u64> {
-        Ok(self
-            .state()
-            .queues
-            .remove(queue)
-            .map_or(0, |q| q.len() as u64))
-    }
-
-    async fn ping(&self) -> Result<()> {
-        Ok(())
-    }
-
-    async fn interrupt_fetch(&self) -> Result<()> {
-        self.interrupted.notify_waiters();
-        Ok(())
-    }
-
-    fn transport(&self) -> &'static str {
-        "memory"
     }
 }
 

@@ -2,7 +2,8 @@
 //! `Mailbox` sends, broadcasts it through [`Broker::control_call`] and collects the replies that carry its
 //! ticket, as `{node: reply}`. Used by `celeriac inspect/control` and `celeriac flower`.
 
-use crate::{Broker, Result};
+use crate::Result;
+use crate::prelude::*;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use celeriac_protocol::envelope::Envelope;

@@ -2,8 +2,9 @@
 //! `amqp://guest:guest@127.0.0.1:5672//`). Every test uses its own queue names and deletes them.
 
 use celeriac_broker::amqp::AmqpBroker;
+use celeriac_broker::prelude::*;
 use celeriac_broker::url::{BrokerUrl, parse_amqp};
-use celeriac_broker::{Broker, BrokerError, BrokerOptions};
+use celeriac_broker::{BrokerError, BrokerOptions};
 use celeriac_protocol::TaskMessage;
 use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;

@@ -2,9 +2,10 @@
 //! `redis://127.0.0.1:6379/0`). Every test works under its own `global_keyprefix`, so tests and CI runs never
 //! see each other's keys.
 
+use celeriac_broker::prelude::*;
 use celeriac_broker::redis::RedisBroker;
 use celeriac_broker::url::{BrokerUrl, RedisTarget};
-use celeriac_broker::{Broker, BrokerOptions, QueueOrder};
+use celeriac_broker::{BrokerOptions, QueueOrder};
 use celeriac_protocol::{TaskMessage, Value};
 use redis::AsyncCommands;
 use serde_json::{Map, json};

@@ -13,7 +13,8 @@ mod apply;
 pub mod trace;
 
 use celeriac_backend::{BackendError, ResultBackend};
-use celeriac_broker::{Broker, BrokerError};
+use celeriac_broker::BrokerError;
+use celeriac_broker::prelude::*;
 use celeriac_protocol::{Signature, TaskMessage, Value, time};
 use serde_json::{Map, json};
 use std::collections::HashMap;

@@ -3,8 +3,9 @@
 
 use anyhow::Context;
 use celeriac_backend::{BackendOptions, ResultBackend};
+use celeriac_broker::prelude::*;
 use celeriac_broker::sentinel::SentinelOptions;
-use celeriac_broker::{Broker, BrokerOptions, QueueOrder};
+use celeriac_broker::{BrokerOptions, QueueOrder};
 use celeriac_worker::config::CeleryConfig;
 use clap::Args;
 use std::path::PathBuf;

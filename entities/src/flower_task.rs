@@ -1,10 +1,11 @@
 //! `celeriac_flower_task`: one row per task seen in Celery events, as Flower's `/api/task/info` shows it
-//! (`celeriac flower` keeps its task history here, so a restart keeps it).
+//! (`celeriac flower` keeps its task history here, so a restart keeps it). [`Model`] is the one task record:
+//! flower-compat assembles it from events (as `TaskRecord`), serves it and stores it as it is.
 
 use sea_orm::entity::prelude::*;
 
 /// A task's state as assembled from its events (Celery's `events.state.Task`).
-#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[derive(Clone, Debug, PartialEq, Default, DeriveEntityModel)]
 #[sea_orm(table_name = "celeriac_flower_task")]
 pub struct Model {
     /// Task id.
@@ -64,8 +65,42 @@ pub struct Model {
     pub root_id: Option<String>,
     /// Parent task id.
     pub parent_id: Option<String>,
-    /// Ids of child tasks, as a JSON list.
-    pub children: String,
+    /// Ids of child tasks (a JSON list in the table).
+    pub children: TaskIds,
+}
+
+/// A list of task ids, stored as a JSON list in a text column.
+#[derive(Clone, Debug, PartialEq, Eq, Default, DeriveValueType)]
+#[sea_orm(value_type = "String")]
+pub struct TaskIds(pub Vec<String>);
+
+impl std::fmt::Display for TaskIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json = serde_json::to_string(&self.0).map_err(|_| std::fmt::Error)?;
+        f.write_str(&json)
+    }
+}
+
+impl std::str::FromStr for TaskIds {
+    type Err = serde_json::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_str(s).map(TaskIds)
+    }
+}
+
+impl std::ops::Deref for TaskIds {
+    type Target = Vec<String>;
+
+    fn deref(&self) -> &Vec<String> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TaskIds {
+    fn deref_mut(&mut self) -> &mut Vec<String> {
+        &mut self.0
+    }
 }
 
 /// No relations are navigated from here.

@@ -18,12 +18,12 @@ pub mod state;
 pub mod store;
 
 use celeriac_backend::ResultBackend;
-use celeriac_broker::Broker;
+use celeriac_broker::prelude::*;
 use celeriac_canvas::Canvas;
 use celeriac_protocol::envelope::Envelope;
 use celeriac_protocol::event::EventKind;
 use serde_json::{Map, Value};
-use state::{ClusterState, TaskRecord, events_in};
+use state::{ClusterState, TaskEvents, TaskRecord, events_in};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

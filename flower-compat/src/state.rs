@@ -12,68 +12,9 @@ fn precedence(state: &str) -> usize {
     State::parse(state).precedence()
 }
 
-/// A task as Flower shows it (`/api/task/info`).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct TaskRecord {
-    /// Task id.
-    pub uuid: String,
-    /// Task name.
-    pub name: Option<String>,
-    /// Current state.
-    pub state: String,
-    /// Event timestamps by kind.
-    pub received: Option<f64>,
-    /// `task-sent` time.
-    pub sent: Option<f64>,
-    /// `task-started` time.
-    pub started: Option<f64>,
-    /// `task-rejected` time.
-    pub rejected: Option<f64>,
-    /// `task-succeeded` time.
-    pub succeeded: Option<f64>,
-    /// `task-failed` time.
-    pub failed: Option<f64>,
-    /// `task-retried` time.
-    pub retried: Option<f64>,
-    /// `task-revoked` time.
-    pub revoked: Option<f64>,
-    /// `argsrepr`.
-    pub args: Option<String>,
-    /// `kwargsrepr`.
-    pub kwargs: Option<String>,
-    /// ETA.
-    pub eta: Option<String>,
-    /// Expiry.
-    pub expires: Option<String>,
-    /// Retries.
-    pub retries: Option<i64>,
-    /// Worker node name.
-    pub worker: Option<String>,
-    /// Result repr.
-    pub result: Option<String>,
-    /// Exception repr.
-    pub exception: Option<String>,
-    /// Time of the event that set the state.
-    pub timestamp: Option<f64>,
-    /// Runtime in seconds.
-    pub runtime: Option<f64>,
-    /// Traceback.
-    pub traceback: Option<String>,
-    /// Exchange.
-    pub exchange: Option<String>,
-    /// Routing key.
-    pub routing_key: Option<String>,
-    /// Logical clock.
-    pub clock: i64,
-    /// Client node name.
-    pub client: Option<String>,
-    /// Root id.
-    pub root_id: Option<String>,
-    /// Parent id.
-    pub parent_id: Option<String>,
-    /// Child task ids.
-    pub children: Vec<String>,
-}
+/// A task as Flower shows it (`/api/task/info`): the stored record of `celeriac_flower_task`, one type from
+/// the events to the table.
+pub use celeriac_entities::flower_task::Model as TaskRecord;
 
 fn opt_str(v: Option<&Value>) -> Option<String> {
     match v {
@@ -83,9 +24,20 @@ fn opt_str(v: Option<&Value>) -> Option<String> {
     }
 }
 
-impl TaskRecord {
+/// A task record assembled from Celery events, as Celery's `events.state.Task` is.
+pub trait TaskEvents {
     /// A task first seen now.
-    pub fn new(uuid: &str) -> Self {
+    fn new(uuid: &str) -> Self;
+
+    /// Applies one `task-*` event (Celery's `Task.event`).
+    fn apply(&mut self, event: &Map<String, Value>);
+
+    /// Flower's JSON for one task (`/api/task/info`).
+    fn to_json(&self) -> Value;
+}
+
+impl TaskEvents for TaskRecord {
+    fn new(uuid: &str) -> Self {
         Self {
             uuid: uuid.to_string(),
             state: "PENDING".into(),
@@ -93,10 +45,10 @@ impl TaskRecord {
         }
     }
 
-    /// Applies one `task-*` event (Celery's `Task.event`): sets the timestamp of its kind, then either moves
-    /// the state forward with all the event's fields, or, when the event logically happened before the
-    /// current state, keeps only the fields Celery's merge rules take from it.
-    pub fn apply(&mut self, event: &Map<String, Value>) {
+    /// Sets the timestamp of the event's kind, then either moves the state forward with all the event's
+    /// fields, or, when the event logically happened before the current state, keeps only the fields Celery's
+    /// merge rules take from it.
+    fn apply(&mut self, event: &Map<String, Value>) {
         let kind = event
             .get("type")
             .and_then(Value::as_str)
@@ -175,8 +127,7 @@ impl TaskRecord {
         }
     }
 
-    /// Flower's JSON for one task (`/api/task/info`, without `worker` placement differences).
-    pub fn to_json(&self) -> Value {
+    fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("uuid".into(), json!(self.uuid));
         m.insert("name".into(), json!(self.name));
@@ -208,7 +159,7 @@ impl TaskRecord {
         m.insert("root_id".into(), json!(self.root_id));
         m.insert("parent".into(), json!(self.parent_id));
         m.insert("parent_id".into(), json!(self.parent_id));
-        m.insert("children".into(), json!(self.children));
+        m.insert("children".into(), json!(self.children.0));
         Value::Object(m)
     }
 }

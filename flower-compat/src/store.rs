@@ -4,7 +4,7 @@
 
 use crate::search::Query;
 use crate::state::TaskRecord;
-use celeriac_entities::flower_task::{ActiveModel, Column, Entity, Model};
+use celeriac_entities::flower_task::{ActiveModel, Column, Entity};
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr, OnConflict, SimpleExpr};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, ConnectOptions, Database, DatabaseConnection, DbErr,
@@ -73,41 +73,7 @@ fn to_model(t: &TaskRecord) -> ActiveModel {
         client: Set(t.client.clone()),
         root_id: Set(t.root_id.clone()),
         parent_id: Set(t.parent_id.clone()),
-        children: Set(serde_json::to_string(&t.children).unwrap_or_else(|_| "[]".into())),
-    }
-}
-
-fn from_model(m: Model) -> TaskRecord {
-    TaskRecord {
-        uuid: m.uuid,
-        name: m.name,
-        state: m.state,
-        received: m.received,
-        sent: m.sent,
-        started: m.started,
-        rejected: m.rejected,
-        succeeded: m.succeeded,
-        failed: m.failed,
-        retried: m.retried,
-        revoked: m.revoked,
-        args: m.args,
-        kwargs: m.kwargs,
-        eta: m.eta,
-        expires: m.expires,
-        retries: m.retries,
-        worker: m.worker,
-        result: m.result,
-        exception: m.exception,
-        timestamp: m.timestamp,
-        runtime: m.runtime,
-        traceback: m.traceback,
-        exchange: m.exchange,
-        routing_key: m.routing_key,
-        clock: m.clock,
-        client: m.client,
-        root_id: m.root_id,
-        parent_id: m.parent_id,
-        children: serde_json::from_str(&m.children).unwrap_or_default(),
+        children: Set(t.children.clone()),
     }
 }
 
@@ -168,10 +134,7 @@ impl TaskStore {
 
     /// One task.
     pub async fn get(&self, uuid: &str) -> Result<Option<TaskRecord>, DbErr> {
-        Ok(Entity::find_by_id(uuid.to_string())
-            .one(&self.db)
-            .await?
-            .map(from_model))
+        Entity::find_by_id(uuid.to_string()).one(&self.db).await
     }
 
     /// Writes tasks (insert or replace by uuid), in one statement.
@@ -290,12 +253,7 @@ impl TaskStore {
         find = find
             .offset(q.offset)
             .limit(q.limit.unwrap_or(i64::MAX as u64));
-        Ok(find
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(from_model)
-            .collect())
+        find.all(&self.db).await
     }
 
     /// Task names seen, sorted.
@@ -429,7 +387,7 @@ mod tests {
             timestamp: Some(received + 1.0),
             worker: Some(worker.into()),
             args: Some(format!("({received},)")),
-            children: vec!["c1".into()],
+            children: celeriac_entities::flower_task::TaskIds(vec!["c1".into()]),
             ..TaskRecord::default()
         }
     }

@@ -3,7 +3,7 @@
 //! enabled (`-E`, `worker_send_task_events`), so `celery events`, Flower and celery-exporter see celeriac
 //! workers. Events are queued without blocking the task path and published in pipelined batches.
 
-use celeriac_broker::Broker;
+use celeriac_broker::prelude::*;
 use celeriac_protocol::event::{self, EventHeader, EventKind};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;

@@ -14,14 +14,15 @@
 //! # Layout
 //! This file holds the settings, the shared state (`Shared`, `Slots`, `Job`, what the committer receives)
 //! and `run`, which starts the stages and drains them on shutdown. One module per stage: `fetch`,
-//! `dispatch`, `execute` (with `retry` and `ratelimit`), `commit`, `housekeeping`, plus `canvas_flow`
+//! `dispatch`, `execute` (the `layers` chain, with `retry` and `ratelimit`), `commit`, `housekeeping`, plus `canvas_flow`
 //! (callbacks, chain steps, chords) and `pidbox` (remote control).
 
 use crate::error::WorkerError;
 use crate::metrics::{Health, Metrics, QueueLabels};
 use crate::telemetry::{Revocation, TaskTelemetry};
 use celeriac_backend::ResultBackend;
-use celeriac_broker::{Broker, Delivery, Held};
+use celeriac_broker::prelude::*;
+use celeriac_broker::{Delivery, Held};
 use celeriac_canvas::Canvas;
 use celeriac_protocol::envelope::Envelope;
 use celeriac_protocol::event::EventKind;
@@ -48,6 +49,7 @@ mod dispatch;
 mod execute;
 mod fetch;
 mod housekeeping;
+mod layers;
 mod pidbox;
 mod ratelimit;
 mod retry;
@@ -59,6 +61,7 @@ use dispatch::*;
 use execute::*;
 use fetch::*;
 use housekeeping::*;
+use layers::Layer;
 use ratelimit::*;
 use retry::*;
 

@@ -3,8 +3,8 @@
 
 use celeriac_backend::ResultBackend;
 use celeriac_backend::memory::MemoryBackend;
-use celeriac_broker::Broker;
 use celeriac_broker::memory::MemoryBroker;
+use celeriac_broker::prelude::*;
 use celeriac_protocol::{TaskMessage, Value};
 use celeriac_worker::{Registry, Shutdown, TaskError, TaskOptions, WorkerSettings};
 use serde_json::{Map, json};

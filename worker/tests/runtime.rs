@@ -2,7 +2,8 @@
 //! each test under its own key prefix and queue names.
 
 use celeriac_backend::{BackendOptions, ResultBackend};
-use celeriac_broker::{Broker, BrokerOptions};
+use celeriac_broker::BrokerOptions;
+use celeriac_broker::prelude::*;
 use celeriac_protocol::{TaskMessage, Value};
 use celeriac_worker::{Registry, Shutdown, TaskError, TaskOptions, WorkerSettings};
 use redis::AsyncCommands;

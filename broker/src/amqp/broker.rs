@@ -5,7 +5,8 @@ use super::{
     AmqpBroker, durable_queue, held_properties, is_not_found, parse_tag, short, table, to_delivery,
     topology, transient_consumer,
 };
-use crate::{Broker, BrokerError, Delivery, Held, Result};
+use crate::prelude::*;
+use crate::{BrokerError, Delivery, Held, Result};
 use async_trait::async_trait;
 use celeriac_protocol::TaskMessage;
 use futures::StreamExt;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 #[async_trait]
-impl Broker for AmqpBroker {
+impl BrokerCore for AmqpBroker {
     async fn declare(&self, queues: &[String]) -> Result<()> {
         let link = self.inner.link().await?;
         for q in queues {
@@ -146,6 +147,84 @@ impl Broker for AmqpBroker {
         self.ack(std::slice::from_ref(&held.tag)).await
     }
 
+    fn holds_cost_prefetch(&self) -> bool {
+        true
+    }
+
+    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
+        let first = !self
+            .inner
+            .declared
+            .lock()
+            .expect("declared")
+            .contains(queue);
+        if first {
+            self.declare(&[queue.to_string()]).await?;
+        }
+        let (body, props) = table::encode_task(message);
+        // Celery converts the direct `celery` exchange to the default exchange (spec §3.2).
+        self.inner
+            .publish_confirmed("", queue, &body, props, queue)
+            .await
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64> {
+        let (_link, ch) = self.inner.temp_channel().await?;
+        let res = ch
+            .queue_declare(
+                short(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match res {
+            Ok(q) => {
+                let _ = ch.close(200, short("ok")).await;
+                Ok(u64::from(q.message_count()))
+            }
+            Err(e) if is_not_found(&e) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64> {
+        let (_link, ch) = self.inner.temp_channel().await?;
+        match ch
+            .queue_purge(short(queue), QueuePurgeOptions::default())
+            .await
+        {
+            Ok(n) => {
+                let _ = ch.close(200, short("ok")).await;
+                Ok(u64::from(n))
+            }
+            Err(e) if is_not_found(&e) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn ping(&self) -> Result<()> {
+        match self.inner.current() {
+            Some(_) => Ok(()),
+            None => Err(BrokerError::NotConnected(
+                "no connection to RabbitMQ (reconnecting)".into(),
+            )),
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.inner.current().is_some()
+    }
+
+    fn transport(&self) -> &'static str {
+        "amqp"
+    }
+}
+
+#[async_trait]
+impl Leases for AmqpBroker {
     async fn renew(&self, _tags: &[String]) -> Result<()> {
         Ok(()) // RabbitMQ holds unacked messages until their channel closes: no lease to renew.
     }
@@ -153,11 +232,10 @@ impl Broker for AmqpBroker {
     async fn restore_visible(&self) -> Result<usize> {
         Ok(0) // RabbitMQ requeues a dead consumer's messages itself.
     }
+}
 
-    fn holds_cost_prefetch(&self) -> bool {
-        true
-    }
-
+#[async_trait]
+impl Parking for AmqpBroker {
     async fn park(&self, held: &Held, due: chrono::DateTime<chrono::Utc>) -> Result<bool> {
         let Some((generation, _)) = parse_tag(&held.tag) else {
             return Ok(false);
@@ -194,7 +272,10 @@ impl Broker for AmqpBroker {
     async fn parked(&self, _queue: &str) -> Result<u64> {
         Ok(0)
     }
+}
 
+#[async_trait]
+impl SharedLimits for AmqpBroker {
     async fn take_shared_token(
         &self,
         _key: &str,
@@ -205,7 +286,10 @@ impl Broker for AmqpBroker {
             "cluster-wide rate limits need a Redis broker; with RabbitMQ each worker limits on its own",
         ))
     }
+}
 
+#[async_trait]
+impl EventBus for AmqpBroker {
     async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()> {
         if events.is_empty() {
             return Ok(());
@@ -267,7 +351,10 @@ impl Broker for AmqpBroker {
             .boxed(),
         )
     }
+}
 
+#[async_trait]
+impl RemoteControl for AmqpBroker {
     async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.inner.pidbox.lock().expect("pidbox") = Some(tx);
@@ -402,76 +489,5 @@ impl Broker for AmqpBroker {
         let _ = ch.close(200, short("ok")).await;
         drop(link);
         Ok(replies)
-    }
-
-    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
-        let first = !self
-            .inner
-            .declared
-            .lock()
-            .expect("declared")
-            .contains(queue);
-        if first {
-            self.declare(&[queue.to_string()]).await?;
-        }
-        let (body, props) = table::encode_task(message);
-        // Celery converts the direct `celery` exchange to the default exchange (spec §3.2).
-        self.inner
-            .publish_confirmed("", queue, &body, props, queue)
-            .await
-    }
-
-    async fn queue_length(&self, queue: &str) -> Result<u64> {
-        let (_link, ch) = self.inner.temp_channel().await?;
-        let res = ch
-            .queue_declare(
-                short(queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match res {
-            Ok(q) => {
-                let _ = ch.close(200, short("ok")).await;
-                Ok(u64::from(q.message_count()))
-            }
-            Err(e) if is_not_found(&e) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn purge(&self, queue: &str) -> Result<u64> {
-        let (_link, ch) = self.inner.temp_channel().await?;
-        match ch
-            .queue_purge(short(queue), QueuePurgeOptions::default())
-            .await
-        {
-            Ok(n) => {
-                let _ = ch.close(200, short("ok")).await;
-                Ok(u64::from(n))
-            }
-            Err(e) if is_not_found(&e) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn ping(&self) -> Result<()> {
-        match self.inner.current() {
-            Some(_) => Ok(()),
-            None => Err(BrokerError::NotConnected(
-                "no connection to RabbitMQ (reconnecting)".into(),
-            )),
-        }
-    }
-
-    fn is_connected(&self) -> bool {
-        self.inner.current().is_some()
-    }
-
-    fn transport(&self) -> &'static str {
-        "amqp"
     }
 }

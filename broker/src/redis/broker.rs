@@ -1,7 +1,8 @@
 //! [`Broker`] for [`RedisBroker`]: kombu's Redis transport as the worker sees it.
 
 use super::{RedisBroker, keys, now_secs, scripts};
-use crate::{Broker, BrokerError, Delivery, Held, Result};
+use crate::prelude::*;
+use crate::{BrokerError, Delivery, Held, Result};
 use async_trait::async_trait;
 use celeriac_protocol::envelope;
 use celeriac_protocol::{TaskMessage, json, time};
@@ -10,7 +11,7 @@ use redis::{AsyncCommands, Value};
 use std::time::Duration;
 
 #[async_trait]
-impl Broker for RedisBroker {
+impl BrokerCore for RedisBroker {
     async fn declare(&self, queues: &[String]) -> Result<()> {
         let mut pipe = redis::pipe();
         for q in queues {
@@ -148,6 +149,74 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
+        let tag = uuid::Uuid::new_v4().to_string();
+        let body = envelope::encode_task(message, "", queue, &tag);
+        let key = self
+            .keys
+            .queue_for_priority(queue, message.properties.priority);
+        let first = !self.declared.lock().expect("declared set").contains(queue);
+        if first {
+            self.declare(&[queue.to_string()]).await?;
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.lpush(key, body).await?;
+        Ok(())
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64> {
+        let mut pipe = redis::pipe();
+        for k in self.keys.queue_lists(queue) {
+            pipe.llen(k);
+        }
+        let mut conn = self.conn.clone();
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lens.iter().sum())
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64> {
+        let lists = self.keys.queue_lists(queue);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for k in &lists {
+            pipe.llen(k);
+        }
+        for k in &lists {
+            pipe.del(k).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(lens.iter().sum())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn interrupt_fetch(&self) -> Result<()> {
+        // One token is enough; a stale one (no pop was waiting) only ends the next idle wait early.
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .del(&self.wake)
+            .ignore()
+            .lpush(&self.wake, "1")
+            .ignore()
+            .expire(&self.wake, 60)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    fn transport(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[async_trait]
+impl Leases for RedisBroker {
     async fn renew(&self, tags: &[String]) -> Result<()> {
         if tags.is_empty() {
             return Ok(());
@@ -216,7 +285,10 @@ impl Broker for RedisBroker {
         }
         Ok(restored)
     }
+}
 
+#[async_trait]
+impl Parking for RedisBroker {
     async fn park(&self, held: &Held, due: chrono::DateTime<chrono::Utc>) -> Result<bool> {
         let mut conn = self.conn.clone();
         let parked: i64 = scripts::PARK
@@ -258,7 +330,10 @@ impl Broker for RedisBroker {
         let mut conn = self.conn.clone();
         Ok(conn.zcard(self.keys.eta(queue)).await?)
     }
+}
 
+#[async_trait]
+impl SharedLimits for RedisBroker {
     async fn take_shared_token(
         &self,
         key: &str,
@@ -274,7 +349,10 @@ impl Broker for RedisBroker {
             .await?;
         Ok((wait_ms >= 0).then(|| Duration::from_millis(wait_ms as u64)))
     }
+}
 
+#[async_trait]
+impl EventBus for RedisBroker {
     async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()> {
         if events.is_empty() {
             return Ok(());
@@ -305,7 +383,10 @@ impl Broker for RedisBroker {
             .filter_map(|m| async move { m.get_payload::<Vec<u8>>().ok() })
             .boxed())
     }
+}
 
+#[async_trait]
+impl RemoteControl for RedisBroker {
     async fn control_requests(&self) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
         use futures::StreamExt;
         let mut pubsub = self.client.get_async_pubsub().await?;
@@ -409,70 +490,5 @@ impl Broker for RedisBroker {
         let _: i64 = conn.srem(&binding, &member).await?;
         let _: i64 = conn.del(&lists).await?;
         Ok(replies)
-    }
-
-    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
-        let tag = uuid::Uuid::new_v4().to_string();
-        let body = envelope::encode_task(message, "", queue, &tag);
-        let key = self
-            .keys
-            .queue_for_priority(queue, message.properties.priority);
-        let first = !self.declared.lock().expect("declared set").contains(queue);
-        if first {
-            self.declare(&[queue.to_string()]).await?;
-        }
-        let mut conn = self.conn.clone();
-        let _: i64 = conn.lpush(key, body).await?;
-        Ok(())
-    }
-
-    async fn queue_length(&self, queue: &str) -> Result<u64> {
-        let mut pipe = redis::pipe();
-        for k in self.keys.queue_lists(queue) {
-            pipe.llen(k);
-        }
-        let mut conn = self.conn.clone();
-        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
-        Ok(lens.iter().sum())
-    }
-
-    async fn purge(&self, queue: &str) -> Result<u64> {
-        let lists = self.keys.queue_lists(queue);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for k in &lists {
-            pipe.llen(k);
-        }
-        for k in &lists {
-            pipe.del(k).ignore();
-        }
-        let mut conn = self.conn.clone();
-        let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
-        Ok(lens.iter().sum())
-    }
-
-    async fn ping(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
-        let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
-        Ok(())
-    }
-
-    async fn interrupt_fetch(&self) -> Result<()> {
-        // One token is enough; a stale one (no pop was waiting) only ends the next idle wait early.
-        let mut conn = self.conn.clone();
-        redis::pipe()
-            .del(&self.wake)
-            .ignore()
-            .lpush(&self.wake, "1")
-            .ignore()
-            .expire(&self.wake, 60)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
-    }
-
-    fn transport(&self) -> &'static str {
-        "redis"
     }
 }

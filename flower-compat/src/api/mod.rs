@@ -18,6 +18,7 @@ mod tasks;
 mod ui;
 mod workers;
 
+use crate::state::TaskEvents;
 use crate::{App, now};
 use axum::Router;
 use axum::body::Bytes;

@@ -1,5 +1,5 @@
-//! Running one task: events and metrics, time limits, panics caught, the outcome turned into what Celery
-//! stores (callbacks and chain steps published first), then handed to the committer.
+//! Running one task: the call through the layer chain (`layers`), then its outcome turned into what Celery
+//! stores (callbacks and chain steps published first) and handed to the committer.
 
 use super::*;
 
@@ -20,41 +20,14 @@ pub(super) fn task_span(job: &Job) -> tracing::Span {
     span
 }
 
-/// Runs one job and hands its outcome to the committer; returns the state Celery reports for it.
+/// Runs one job through the [`layers::CHAIN`] and settles its outcome: callbacks and chain steps published,
+/// the final event, the result handed to the committer with the ack, the chord part counted. Returns the
+/// state Celery reports for it.
 pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str {
     let started = Instant::now();
     let name = job.message.task().to_string();
     let queue = job.held.queue.clone();
-    let opts = &job.task.options;
-    shared.metrics.tasks_active.inc();
-    shared
-        .events
-        .active
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let what = TaskTelemetry::Started {
-        id: job.message.id(),
-    };
-    shared.emit(what, &name, &queue);
     let terminate = CancellationToken::new();
-    shared.unwait(job.message.id());
-    shared.running.lock().expect("running").insert(
-        job.message.id().to_string(),
-        pidbox::running_from(&job, &shared.settings.hostname, terminate.clone()),
-    );
-    if opts.track_started.unwrap_or(shared.settings.track_started) {
-        let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
-        let meta = shared.meta(&job, State::Started, info, None);
-        // STARTED follows the early ack too: Celery acks before the task runs.
-        let ack = match Ack::of(&job) {
-            Ack::Late(..) => Ack::None,
-            early => early,
-        };
-        let _ = shared.commit.send(Commit::Done {
-            meta: Some(Box::new(meta)),
-            ack,
-        });
-    }
-    let cancel = CancellationToken::new();
     let started_children: Arc<Mutex<Vec<Value>>> = Default::default();
     let ctx = TaskContext {
         id: job.message.id().to_string(),
@@ -63,7 +36,7 @@ pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str
         hostname: shared.settings.hostname.clone(),
         queue: queue.clone(),
         redelivered: job.held.redelivered,
-        cancel: cancel.clone(),
+        cancel: CancellationToken::new(),
         state: Some(state_sink(shared, &job)),
         root_id: job
             .message
@@ -78,79 +51,21 @@ pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str
         )))),
         children: Arc::clone(&started_children),
     };
-    // Limits: the message's `timelimit` header, then the task's options, then the worker's settings.
-    let (h_hard, h_soft) = job.message.headers.time_limits();
-    let (c_hard, c_soft) = shared
-        .time_limits
-        .read()
-        .expect("time_limits")
-        .get(&name)
-        .copied()
-        .unwrap_or((None, None));
-    let hard = h_hard
-        .or(c_hard)
-        .or(opts.time_limit)
-        .or(shared.settings.time_limit)
-        .filter(|t| *t > 0.0);
-    let soft = h_soft
-        .or(c_soft)
-        .or(opts.soft_time_limit)
-        .or(shared.settings.soft_time_limit)
-        .filter(|t| *t > 0.0);
     // The message stays whole: a retry republishes it as decoded, whatever the transport.
-    let args = job.message.args.clone();
-    let kwargs = job.message.kwargs.clone();
+    let (args, kwargs) = (job.message.args.clone(), job.message.kwargs.clone());
     let extended = shared
         .settings
         .result_extended
         .then(|| (args.clone(), kwargs.clone()));
-    let outcome = match job.task.bind(args, kwargs) {
-        Err(e) => Err(e),
-        Ok(bound) => {
-            let run = async {
-                match &job.task.handler {
-                    Handler::Async(h) => AssertUnwindSafe(h(ctx, bound))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|p| Err(panicked(panic_message(p)))),
-                    Handler::Blocking(h) => {
-                        let h = Arc::clone(h);
-                        let span = tracing::Span::current();
-                        match tokio::task::spawn_blocking(move || span.in_scope(|| h(ctx, bound)))
-                            .await
-                        {
-                            Ok(r) => r,
-                            Err(e) if e.is_panic() => Err(panicked(panic_message(e.into_panic()))),
-                            Err(e) => Err(panicked(e.to_string())),
-                        }
-                    }
-                }
-            };
-            tokio::select! {
-                r = with_time_limits(run, hard, soft, &cancel) => r,
-                _ = terminate.cancelled() => {
-                    cancel.cancel();
-                    Err(TaskError::Ignore)
-                }
-            }
-        }
+    let call = layers::Call {
+        ctx,
+        args,
+        kwargs,
+        limits: time_limits(shared, &job),
+        terminate: terminate.clone(),
     };
+    let outcome = layers::CHAIN.call(shared, &job, call).await;
     let runtime = started.elapsed().as_secs_f64();
-    shared.metrics.tasks_active.dec();
-    shared
-        .events
-        .active
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    shared
-        .running
-        .lock()
-        .expect("running")
-        .remove(job.message.id());
-    shared
-        .events
-        .processed
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    shared.metrics.runtime(&name, &queue, runtime);
     if terminate.is_cancelled() {
         // `revoke(terminate=True)`: REVOKED "terminated", the slot freed, the message acked.
         let what = TaskTelemetry::Revoked {
@@ -172,16 +87,6 @@ pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str
         });
         return "REVOKED";
     }
-    let outcome = autoretry(&job, outcome);
-    let outcome = match outcome {
-        Err(TaskError::Retry {
-            countdown,
-            eta,
-            exc,
-            max_retries,
-        }) => retry(shared, &job, countdown, eta, exc, max_retries).await,
-        other => other,
-    };
     let store = shared.store_results(&job);
     let id = job.message.id().to_string();
     let ack = Ack::of(&job);
@@ -306,6 +211,31 @@ pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str
         canvas_flow::chord_part_return(shared, &job, part, &result).await;
     }
     state
+}
+
+/// The job's `(hard, soft)` limits: the message's `timelimit` header, then those set at runtime
+/// (`time_limit`), then the task's options, then the worker's settings; zero means none.
+fn time_limits(shared: &Shared, job: &Job) -> TimeLimits {
+    let opts = &job.task.options;
+    let (h_hard, h_soft) = job.message.headers.time_limits();
+    let (c_hard, c_soft) = shared
+        .time_limits
+        .read()
+        .expect("time_limits")
+        .get(job.message.task())
+        .copied()
+        .unwrap_or((None, None));
+    let hard = h_hard
+        .or(c_hard)
+        .or(opts.time_limit)
+        .or(shared.settings.time_limit)
+        .filter(|t| *t > 0.0);
+    let soft = h_soft
+        .or(c_soft)
+        .or(opts.soft_time_limit)
+        .or(shared.settings.soft_time_limit)
+        .filter(|t| *t > 0.0);
+    (hard, soft)
 }
 
 /// `update_state` for one job: custom states go through the committer, in order with the final result.

@@ -2,7 +2,8 @@
 //! real broker (a congested link, a broker busy with a GC pause). Everything else goes straight through.
 
 use async_trait::async_trait;
-use celeriac_broker::{Broker, Delivery, Held, Result};
+use celeriac_broker::prelude::*;
+use celeriac_broker::{Delivery, Held, Result};
 use celeriac_protocol::TaskMessage;
 use futures::stream::BoxStream;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ pub struct SlowAcks {
 }
 
 #[async_trait]
-impl Broker for SlowAcks {
+impl BrokerCore for SlowAcks {
     async fn declare(&self, queues: &[String]) -> Result<()> {
         self.inner.declare(queues).await
     }
@@ -49,6 +50,33 @@ impl Broker for SlowAcks {
         self.inner.dead_letter(held, reason).await
     }
 
+    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
+        self.inner.publish(message, queue).await
+    }
+
+    async fn queue_length(&self, queue: &str) -> Result<u64> {
+        self.inner.queue_length(queue).await
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64> {
+        self.inner.purge(queue).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+
+    async fn interrupt_fetch(&self) -> Result<()> {
+        self.inner.interrupt_fetch().await
+    }
+
+    fn transport(&self) -> &'static str {
+        self.inner.transport()
+    }
+}
+
+#[async_trait]
+impl Leases for SlowAcks {
     async fn renew(&self, tags: &[String]) -> Result<()> {
         self.inner.renew(tags).await
     }
@@ -56,7 +84,10 @@ impl Broker for SlowAcks {
     async fn restore_visible(&self) -> Result<usize> {
         self.inner.restore_visible().await
     }
+}
 
+#[async_trait]
+impl Parking for SlowAcks {
     async fn park(&self, held: &Held, due: chrono::DateTime<chrono::Utc>) -> Result<bool> {
         self.inner.park(held, due).await
     }
@@ -72,7 +103,10 @@ impl Broker for SlowAcks {
     async fn parked(&self, queue: &str) -> Result<u64> {
         self.inner.parked(queue).await
     }
+}
 
+#[async_trait]
+impl SharedLimits for SlowAcks {
     async fn take_shared_token(
         &self,
         key: &str,
@@ -81,7 +115,10 @@ impl Broker for SlowAcks {
     ) -> Result<Option<Duration>> {
         self.inner.take_shared_token(key, interval, burst).await
     }
+}
 
+#[async_trait]
+impl EventBus for SlowAcks {
     async fn publish_events(&self, events: &[(String, Vec<u8>)]) -> Result<()> {
         self.inner.publish_events(events).await
     }
@@ -89,7 +126,10 @@ impl Broker for SlowAcks {
     async fn event_stream(&self) -> Result<BoxStream<'static, Vec<u8>>> {
         self.inner.event_stream().await
     }
+}
 
+#[async_trait]
+impl RemoteControl for SlowAcks {
     async fn control_requests(&self) -> Result<BoxStream<'static, Vec<u8>>> {
         self.inner.control_requests().await
     }
@@ -114,29 +154,5 @@ impl Broker for SlowAcks {
         limit: Option<usize>,
     ) -> Result<Vec<Vec<u8>>> {
         self.inner.control_call(envelope, oid, timeout, limit).await
-    }
-
-    async fn publish(&self, message: &TaskMessage, queue: &str) -> Result<()> {
-        self.inner.publish(message, queue).await
-    }
-
-    async fn queue_length(&self, queue: &str) -> Result<u64> {
-        self.inner.queue_length(queue).await
-    }
-
-    async fn purge(&self, queue: &str) -> Result<u64> {
-        self.inner.purge(queue).await
-    }
-
-    async fn ping(&self) -> Result<()> {
-        self.inner.ping().await
-    }
-
-    async fn interrupt_fetch(&self) -> Result<()> {
-        self.inner.interrupt_fetch().await
-    }
-
-    fn transport(&self) -> &'static str {
-        self.inner.transport()
     }
 }
