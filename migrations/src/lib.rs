@@ -26,6 +26,7 @@ mod m20261206_000005_payment;
 mod m20261206_000006_sync;
 mod m20261206_000007_vision;
 mod m20261206_000008_recommend;
+mod m20261207_000009_recommend_events;
 pub mod tenancy;
 
 /// Every migration, oldest first.
@@ -66,6 +67,7 @@ impl MigratorTrait for DomainMigrator {
             Box::new(m20261206_000006_sync::Migration),
             Box::new(m20261206_000007_vision::Migration),
             Box::new(m20261206_000008_recommend::Migration),
+            Box::new(m20261207_000009_recommend_events::Migration),
         ]
     }
 

@@ -2,6 +2,7 @@
 //! integers stay integers, a float anywhere makes a float, strings and lists concatenate, other mixes are
 //! a `TypeError` with Python's wording.
 
+use celeriac_worker::task::python_type_name;
 use celeriac_worker::{Registry, TaskContext, TaskError, TaskOptions};
 use redis::aio::ConnectionManager;
 use serde_json::{Number, Value};
@@ -144,18 +145,6 @@ pub fn register(registry: &mut Registry) {
     );
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "NoneType",
-        Value::Bool(_) => "bool",
-        Value::Number(n) if n.is_f64() => "float",
-        Value::Number(_) => "int",
-        Value::String(_) => "str",
-        Value::Array(_) => "list",
-        Value::Object(_) => "dict",
-    }
-}
-
 /// Python's `x + y` for JSON values.
 pub fn py_add(x: &Value, y: &Value) -> Result<Value, TaskError> {
     match (x, y) {
@@ -177,16 +166,19 @@ pub fn py_add(x: &Value, y: &Value) -> Result<Value, TaskError> {
         _ => {
             let msg = match (x, y) {
                 (Value::String(_), _) => {
-                    format!("can only concatenate str (not \"{}\") to str", type_name(y))
+                    format!(
+                        "can only concatenate str (not \"{}\") to str",
+                        python_type_name(y)
+                    )
                 }
                 (Value::Array(_), _) => format!(
                     "can only concatenate list (not \"{}\") to list",
-                    type_name(y)
+                    python_type_name(y)
                 ),
                 _ => format!(
                     "unsupported operand type(s) for +: '{}' and '{}'",
-                    type_name(x),
-                    type_name(y)
+                    python_type_name(x),
+                    python_type_name(y)
                 ),
             };
             Err(TaskError::type_error(msg))
@@ -216,8 +208,8 @@ pub fn py_mul(x: &Value, y: &Value) -> Result<Value, TaskError> {
         }
         _ => Err(TaskError::type_error(format!(
             "unsupported operand type(s) for *: '{}' and '{}'",
-            type_name(x),
-            type_name(y)
+            python_type_name(x),
+            python_type_name(y)
         ))),
     }
 }

@@ -9,6 +9,7 @@ Prometheus text parser; a progress sampler for failover tests.
 import contextlib
 import json
 import re
+import socket
 import threading
 import time
 
@@ -262,3 +263,21 @@ class Progress:
                 best = (t - last, t)
             last = t
         return best[1] - t0, best[0]
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_metric(worker, name, **labels):
+    """The value of series ``name{labels}`` on a worker's ``/metrics`` (``worker.metrics_addr``); 0 when absent."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://{worker.metrics_addr}/metrics", timeout=5).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} " if want else f"{name} "):
+            return float(line.split()[-1])
+    return 0.0

@@ -12,7 +12,6 @@ restart); the default is a short form that fits ``make test``. Figures go to ``t
 import collections
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ import pytest
 import redis
 from celery import Celery
 
-from interop_helpers import wait_for
+from interop_helpers import free_port, wait_for
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "peers"))
@@ -36,12 +35,6 @@ pytestmark = pytest.mark.celeriac_only(reason="the chaos suite measures celeriac
 FULL = os.environ.get("CHAOS_SCALE") == "full"
 OUTAGE = 10.0 if FULL else 3.0
 RESULTS = HERE.parent.parent / "test-artifacts" / "chaos.jsonl"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HealthWatch:

@@ -19,7 +19,7 @@ import time
 import pytest
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from interop_helpers import wait_for
+from interop_helpers import free_port, wait_for
 
 pytestmark = pytest.mark.celeriac_only(reason="the email task family is celeriac's")
 
@@ -29,13 +29,6 @@ GET = 20
 def email_section(sink, **extra):
     return {"smtp_url": f"smtp://127.0.0.1:{sink.port}", "from": "Shop <shop@example.com>",
             "retry_backoff": 0.2, "retry_backoff_max": 1.0, **extra}
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_worker(workers, domain, sink, *, concurrency=2, queues=None, email=None, **kw):

@@ -10,17 +10,22 @@
         history are ignored and counted
     r5  bad input: a non-list history, an unknown kind, k ≤ 0, an unknown tenant
     r6  the evaluation tool on a slice of MovieLens-100k (from the PyPI wheel recbole)
+    r7  similar blends item similarity with the vision embeddings of both products
+    r8  exactly once: a message delivered twice (same task id) and an `event_id` sent twice or twenty times
+        at once are one row each; 2,000 records and 200 events sent twice, under two acks_late workers with
+        one SIGKILLed in a loop, are exactly 2,200 rows
 """
+import collections
 import os
 import re
 import subprocess
-import zipfile
+import time
 from pathlib import Path
 
 import pytest
 from celery import group
 
-from interop_helpers import wait_for
+from interop_helpers import free_port, wait_for, worker_metric
 
 pytestmark = pytest.mark.celeriac_only(reason="the recommendation task family is celeriac's")
 
@@ -34,11 +39,16 @@ def product(i):
     return str(1001 + (i % ITEMS))
 
 
-def rec_worker(workers, domain, **section):
-    return workers.start(concurrency=32, prefetch=8,
-                         settings=domain.settings(recommend={"learning_rate": 0.01, "dim": 32, "max_len": 12,
-                                                             "dropout": 0.1, "patience": 10, "refresh_ms": 200,
-                                                             **section}))
+def rec_worker(workers, domain, acks_late=False, **section):
+    """A worker with the family on the test's queue; its ``/metrics`` address is ``worker.metrics_addr``."""
+    addr = f"127.0.0.1:{free_port()}"
+    worker = workers.start(concurrency=32, prefetch=8, acks_late=acks_late,
+                           visibility_timeout=3 if acks_late else None, extra_args=["--metrics-addr", addr],
+                           settings=domain.settings(recommend={"learning_rate": 0.01, "dim": 32, "max_len": 12,
+                                                               "dropout": 0.1, "patience": 10, "refresh_ms": 200,
+                                                               **section}))
+    worker.metrics_addr = addr
+    return worker
 
 
 def call(client_app, iso, name, **kwargs):
@@ -246,6 +256,46 @@ def test_r5_bad_input(workers, client_app, iso, domain):
                 at="2026-01-02T03:04:05Z")["at"] == "2026-01-02T03:04:05.000000Z"
     assert domain.sql("SELECT customer_id, product_id, kind, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') "
                       "FROM recommend_interactions") == [["c1", "p", "view", "2026-01-02 03:04:05"]]
+
+
+def test_r8_exactly_once(workers, client_app, iso, domain):
+    domain.add_tenant("shop-a")
+    rec = dict(tenant_id="shop-a", customer_id="c1", product_id="1001", at=1_767_225_600)
+    victim = rec_worker(workers, domain, acks_late=True)
+    # The same message twice, as a broker redelivers it: the second run finds the row and counts a duplicate
+    # (the stored SUCCESS of the first run stays what the client reads, as Celery's backends keep it).
+    first = client_app.send_task("recommend.record", kwargs=rec, queue=iso.queue, task_id="rec-fixed").get(timeout=GET)
+    assert (first["recorded"], first["duplicate"]) == (True, False)
+    client_app.send_task("recommend.record", kwargs=rec, queue=iso.queue, task_id="rec-fixed")
+    wait_for(lambda: worker_metric(victim, "celeriac_recommend_duplicates_total") == 1, 30,
+             message="the second delivery counted as a duplicate")
+    # The storefront's event id, sent under two task ids, then twenty times at once (one INSERT batch).
+    e1 = dict(rec, customer_id="c2", event_id="evt-1")
+    assert call(client_app, iso, "recommend.record", **e1)["duplicate"] is False
+    assert call(client_app, iso, "recommend.record", **e1)["duplicate"] is True
+    burst = group(client_app.signature("recommend.record", kwargs=dict(rec, customer_id="c3", event_id=77),
+                                       queue=iso.queue) for _ in range(20)).apply_async().get(timeout=GET)
+    assert sorted(r["duplicate"] for r in burst) == [False] + [True] * 19
+    assert worker_metric(victim, "celeriac_recommend_duplicates_total") == 1 + 1 + 19
+    assert domain.sql("SELECT customer_id, count(*) FROM recommend_interactions GROUP BY 1 ORDER BY 1") == [
+        ["c1", "1"], ["c2", "1"], ["c3", "1"]]
+    # Under kills: every row commits with its key, so a redelivered record finds it.
+    stable = rec_worker(workers, domain, acks_late=True)
+    pending = [client_app.send_task("recommend.record", kwargs=dict(rec, customer_id=f"k{n}", product_id=product(n)),
+                                    queue=iso.queue) for n in range(2000)]
+    pending += [client_app.send_task("recommend.record", kwargs=dict(rec, customer_id=f"e{n}", event_id=f"e-{n}"),
+                                     queue=iso.queue) for n in range(200) for _ in range(2)]
+    kills = 0
+    while kills < 4:
+        time.sleep(0.3)
+        victim.kill()
+        kills += 1
+        victim = rec_worker(workers, domain, acks_late=True)
+    answers = collections.Counter(r.get(timeout=GET)["recorded"] for r in pending)
+    assert answers == {True: 2400}
+    rows = domain.sql("SELECT count(*), count(DISTINCT customer_id) FROM recommend_interactions "
+                      "WHERE customer_id LIKE 'k%' OR customer_id LIKE 'e%'")
+    assert rows == [["2200", "2200"]], f"{kills} kills; workers {stable.name}, {victim.name}"
 
 
 def movielens():

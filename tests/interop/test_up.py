@@ -23,7 +23,7 @@ from celery import Celery
 import dashboards
 from conftest import celeriac_bin
 from fixtures_platform import POSTGRES_URL
-from interop_helpers import wait_for
+from interop_helpers import free_port, wait_for
 
 pytestmark = pytest.mark.celeriac_only(reason="the native stack runs celeriac's own processes")
 
@@ -35,12 +35,6 @@ WORKERS = {"email": "email_port", "payment": "payment_port", "sync": "sync_port"
 # within the test (each of these families exists only once it has a first value).
 QUIET_PANELS = {"Payment: unknown outcomes", "Sync: lag by stream", "Sync: records per second",
                 "Beat: sends by entry"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port):

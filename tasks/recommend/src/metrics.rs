@@ -32,6 +32,8 @@ pub struct RecommendMetrics {
     pub answers: Family<ModelLabel, Counter>,
     /// Interactions recorded.
     pub recorded: Counter,
+    /// `recommend.record` calls whose event the tenant already had (redeliveries, resent events).
+    pub duplicates: Counter,
     /// Trainings by outcome.
     pub trainings: Family<OutcomeLabel, Counter>,
 }
@@ -47,6 +49,7 @@ impl RecommendMetrics {
             )),
             answers: Family::default(),
             recorded: Counter::default(),
+            duplicates: Counter::default(),
             trainings: Family::default(),
         };
         registry.register(
@@ -58,6 +61,11 @@ impl RecommendMetrics {
             "celeriac_recommend_recorded",
             "Interactions recorded by recommend.record",
             m.recorded.clone(),
+        );
+        registry.register(
+            "celeriac_recommend_duplicates",
+            "recommend.record calls whose event was already recorded (a redelivered task, a resent event_id)",
+            m.duplicates.clone(),
         );
         registry.register(
             "celeriac_recommend_trainings",

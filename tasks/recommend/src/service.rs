@@ -41,7 +41,7 @@ struct Slot {
 struct Pending {
     tenant: Tenant,
     record: Record,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Result<bool, String>>,
 }
 
 #[derive(Default)]
@@ -126,8 +126,9 @@ impl Recommend {
         self.tenants()?.all().await
     }
 
-    /// Records one interaction; returns once it is committed (batched with concurrent calls).
-    pub async fn record(&self, tenant: Tenant, record: Record) -> Result<(), TaskError> {
+    /// Records one interaction; returns once it is committed (batched with concurrent calls): `true` when
+    /// this call wrote it, `false` when the tenant already had its key (a redelivered task, a resent event).
+    pub async fn record(&self, tenant: Tenant, record: Record) -> Result<bool, TaskError> {
         let tenants = Arc::clone(self.tenants()?);
         let (reply, answer) = oneshot::channel();
         {
@@ -147,9 +148,13 @@ impl Recommend {
             }
         }
         match answer.await {
-            Ok(Ok(())) => {
-                self.metrics.recorded.inc();
-                Ok(())
+            Ok(Ok(written)) => {
+                if written {
+                    self.metrics.recorded.inc();
+                } else {
+                    self.metrics.duplicates.inc();
+                }
+                Ok(written)
             }
             Ok(Err(e)) => Err(TaskError::celeriac("DatabaseError", e)),
             Err(_) => Err(TaskError::celeriac(
@@ -368,13 +373,20 @@ async fn flush(queue: Arc<Mutex<Queue>>, tenants: Arc<Tenants>, max: usize) {
             let records: Vec<Record> = pending.iter().map(|p| p.record.clone()).collect();
             let written = async {
                 let tx = TenantTx::begin(tenants.db(), tenant).await?;
-                store::insert(&tx, &records).await?;
-                tx.commit().await
+                let written = store::insert(&tx, &records).await?;
+                tx.commit().await?;
+                Ok::<_, DomainError>(written)
             }
             .await
             .map_err(|e| e.to_string());
+            // One statement writes a key once: the first call carrying it is the one that wrote it.
+            let mut written = written;
             for p in pending {
-                let _ = p.reply.send(written.clone());
+                let answer = match &mut written {
+                    Ok(keys) => Ok(keys.remove(&p.record.key)),
+                    Err(e) => Err(e.clone()),
+                };
+                let _ = p.reply.send(answer);
             }
         }
     }

@@ -6,6 +6,7 @@ use crate::data::Event;
 use celeriac_domain::{DomainError, TenantTx};
 use chrono::{DateTime, Utc};
 use sea_orm::Value as Sql;
+use std::collections::HashSet;
 
 /// Every interaction of the tenant as `(customer, product, microseconds)`: recorded ones and the line items
 /// of synced orders (purchases at the order's time).
@@ -31,29 +32,46 @@ pub struct Record {
     pub kind: &'static str,
     /// When.
     pub at: DateTime<Utc>,
+    /// What makes it once: `event:<the storefront's event id>` or `task:<the Celery task id>`.
+    pub key: String,
 }
 
-/// Inserts `records` in one statement.
-pub async fn insert(tx: &TenantTx, records: &[Record]) -> Result<u64, DomainError> {
+/// Inserts `records` in one statement, skipping any whose key the tenant already has; returns the keys
+/// written.
+pub async fn insert(tx: &TenantTx, records: &[Record]) -> Result<HashSet<String>, DomainError> {
     if records.is_empty() {
-        return Ok(0);
+        return Ok(HashSet::new());
     }
     let mut sql = String::from(
-        "INSERT INTO recommend_interactions (tenant_id, customer_id, product_id, kind, at) VALUES ",
+        "INSERT INTO recommend_interactions (tenant_id, customer_id, product_id, kind, at, event_key) VALUES ",
     );
-    let mut values = Vec::with_capacity(records.len() * 4);
+    let mut values = Vec::with_capacity(records.len() * 5);
     for (n, r) in records.iter().enumerate() {
-        let p = 2 + n * 4;
+        let p = 2 + n * 5;
         if n > 0 {
             sql.push_str(", ");
         }
-        sql.push_str(&format!("($1, ${p}, ${}, ${}, ${})", p + 1, p + 2, p + 3));
+        sql.push_str(&format!(
+            "($1, ${p}, ${}, ${}, ${}, ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4
+        ));
         values.push(Sql::from(r.customer_id.as_str()));
         values.push(Sql::from(r.product_id.as_str()));
         values.push(Sql::from(r.kind));
         values.push(Sql::from(r.at));
+        values.push(Sql::from(r.key.as_str()));
     }
-    tx.execute(&sql, values).await
+    sql.push_str(
+        " ON CONFLICT (tenant_id, event_key) WHERE event_key IS NOT NULL DO NOTHING RETURNING event_key",
+    );
+    tx.all(&sql, values)
+        .await?
+        .into_iter()
+        .map(|r| Ok(r.try_get::<String>("", "event_key")?))
+        .collect()
 }
 
 /// Every interaction of the tenant, oldest first.

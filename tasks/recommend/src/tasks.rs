@@ -4,7 +4,7 @@
 
 use crate::Recommend;
 use crate::store::Record;
-use celeriac_task::{Registry, TaskContext, TaskError, TaskOptions};
+use celeriac_task::{Registry, TaskContext, TaskError, TaskOptions, id_arg};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -23,26 +23,6 @@ pub fn k_of(k: Option<i64>) -> Result<usize, TaskError> {
     Ok(k as usize)
 }
 
-/// One id (customer or product): a string or an integer, 1 to 256 characters.
-pub fn id_of(name: &str, v: &Value) -> Result<String, TaskError> {
-    let s = match v {
-        Value::String(s) => s.trim().to_string(),
-        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
-        other => {
-            return Err(TaskError::value_error(format!(
-                "{name}: expected a string or an integer id, got {}",
-                type_name(other)
-            )));
-        }
-    };
-    if s.is_empty() || s.len() > 256 {
-        return Err(TaskError::value_error(format!(
-            "{name}: expected 1 to 256 characters"
-        )));
-    }
-    Ok(s)
-}
-
 /// A list of ids (`None` is an empty list).
 pub fn ids_of(name: &str, v: Option<&Value>) -> Result<Vec<String>, TaskError> {
     match v {
@@ -54,24 +34,12 @@ pub fn ids_of(name: &str, v: Option<&Value>) -> Result<Vec<String>, TaskError> {
                     items.len()
                 )));
             }
-            items.iter().map(|i| id_of(name, i)).collect()
+            items.iter().map(|i| id_arg(name, i)).collect()
         }
         Some(other) => Err(TaskError::value_error(format!(
             "{name}: expected a list of product ids, got {}",
-            type_name(other)
+            celeriac_task::python_type_name(other)
         ))),
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "None",
-        Value::Bool(_) => "bool",
-        Value::Number(n) if n.is_f64() => "float",
-        Value::Number(_) => "int",
-        Value::String(_) => "str",
-        Value::Array(_) => "list",
-        Value::Object(_) => "dict",
     }
 }
 
@@ -115,30 +83,45 @@ pub fn register(registry: &mut Registry, rec: Arc<Recommend>) {
     let r = Arc::clone(&rec);
     registry.task(
         "recommend.record",
-        &["tenant_id", "customer_id", "product_id", "kind?", "at?"],
+        &[
+            "tenant_id",
+            "customer_id",
+            "product_id",
+            "kind?",
+            "at?",
+            "event_id?",
+        ],
         TaskOptions::default(),
-        move |_ctx: TaskContext,
-              (tenant, customer, product, kind, at): (
+        move |ctx: TaskContext,
+              (tenant, customer, product, kind, at, event): (
             String,
             Value,
             Value,
             Option<String>,
             Option<Value>,
+            Option<Value>,
         )| {
             let r = Arc::clone(&r);
             async move {
+                // Once per event: the storefront's id when it sends one, else this task's id (a message
+                // redelivered after the row was committed carries the same id).
+                let key = match event.as_ref().filter(|v| !v.is_null()) {
+                    Some(e) => format!("event:{}", id_arg("event_id", e)?),
+                    None => format!("task:{}", ctx.id),
+                };
                 let record = Record {
-                    customer_id: id_of("customer_id", &customer)?,
-                    product_id: id_of("product_id", &product)?,
+                    customer_id: id_arg("customer_id", &customer)?,
+                    product_id: id_arg("product_id", &product)?,
                     kind: kind_of(kind)?,
                     at: at_of(at.as_ref())?,
+                    key,
                 };
                 let at = record
                     .at
                     .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
                 let tenant = r.tenant(&tenant).await?;
-                r.record(tenant, record).await?;
-                Ok(json!({"recorded": true, "at": at}))
+                let written = r.record(tenant, record).await?;
+                Ok(json!({"recorded": true, "duplicate": !written, "at": at}))
             }
         },
     );
@@ -219,7 +202,7 @@ fn register_answers(registry: &mut Registry, rec: Arc<Recommend>) {
         move |_ctx: TaskContext, (tenant, customer, k): (String, Value, Option<i64>)| {
             let r = Arc::clone(&r);
             async move {
-                let customer = id_of("customer_id", &customer)?;
+                let customer = id_arg("customer_id", &customer)?;
                 let k = k_of(k)?;
                 let tenant = r.tenant(&tenant).await?;
                 r.for_customer(&tenant, &customer, k).await
@@ -234,7 +217,7 @@ fn register_answers(registry: &mut Registry, rec: Arc<Recommend>) {
         move |_ctx: TaskContext, (tenant, product, k): (String, Value, Option<i64>)| {
             let r = Arc::clone(&r);
             async move {
-                let product = id_of("product_id", &product)?;
+                let product = id_arg("product_id", &product)?;
                 let k = k_of(k)?;
                 let tenant = r.tenant(&tenant).await?;
                 r.similar(&tenant, &product, k).await
