@@ -25,7 +25,7 @@ CELERIAC_BIN_ANY = $(firstword $(wildcard $(CELERIAC_RELEASE) $(CELERIAC_DEBUG))
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up down ps prometheus fashion-mnist movielens eval-recommend train-vision fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-recommend bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up down ps prometheus fashion-mnist movielens eval-recommend train-vision fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-recommend bench-vision bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -144,6 +144,10 @@ bench-sync: redis postgres venv release ## Products per second ingested by one w
 
 bench-recommend: redis postgres venv release ## recommend.record throughput, training time, recommend.next_items p50/p99 at a fixed 200 tasks/s (bench.noop alongside as the yardstick).
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/recbench.py $(BENCH_ARGS)
+
+bench-vision: redis venv fashion-mnist release ## The vision classifier against ONNX Runtime (same weights, batch 1 and 64), vision.classify tasks/s with and without batching, p50/p99 at a fixed 300 tasks/s, worker RSS.
+	$(PYTHON) -m pip install -q -r bench/requirements-vision.txt
+	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/visionbench.py $(BENCH_ARGS)
 
 bench-eta: redis venv release ## ETA soak: 100,000 tasks due in 1 h (RSS), due after the visibility timeout, worker killed.
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/eta_soak.py $(BENCH_ARGS)

@@ -1,6 +1,8 @@
-//! `celeriac eval recommend`: the recommendation evaluation protocol on a RecBole `.inter` file
+//! `celeriac eval`: `recommend` runs the recommendation evaluation protocol on a RecBole `.inter` file
 //! (MovieLens-100k from the PyPI wheel `recbole`, fetched by `make eval-recommend`), the transformer and the
-//! baselines in one run; prints the Markdown table the README shows.
+//! baselines in one run, and prints the Markdown table the README shows; `vision` measures the classifier on
+//! its own (test accuracy, reference probabilities, model-only images/s) and exports its parameters, for
+//! `make bench-vision` to compare with ONNX Runtime.
 
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -15,10 +17,42 @@ pub struct EvalArgs {
 #[derive(Debug, Subcommand)]
 enum Model {
     /// The recommendation transformer against popularity, BPR-MF and EASE.
+    #[cfg(feature = "recommend")]
     Recommend(RecommendArgs),
+    /// The vision classifier alone: accuracy, reference probabilities, model-only speed, its parameters.
+    #[cfg(feature = "vision")]
+    Vision(VisionArgs),
+}
+
+/// `celeriac eval vision`: prints one JSON object.
+#[cfg(feature = "vision")]
+#[derive(Debug, Args)]
+struct VisionArgs {
+    /// A weights directory (default: the weights built into the binary).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Fashion-MNIST's directory (default: $FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Write the network's parameters here as JSON.
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// Softmax probabilities of the first N test images go into the output.
+    #[arg(long, default_value_t = 256)]
+    reference: usize,
+    /// Batch sizes to time (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    batches: Vec<usize>,
+    /// Seconds of forward passes per batch size.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 /// `celeriac eval recommend`.
+#[cfg(feature = "recommend")]
 #[derive(Debug, Args)]
 struct RecommendArgs {
     /// A RecBole atomic `.inter` file (user_id, item_id, timestamp).
@@ -55,8 +89,48 @@ struct RecommendArgs {
 
 /// Runs `celeriac eval ...`.
 pub async fn run(args: EvalArgs) -> anyhow::Result<i32> {
+    match args.model {
+        #[cfg(feature = "recommend")]
+        Model::Recommend(a) => recommend(a).await,
+        #[cfg(feature = "vision")]
+        Model::Vision(a) => tokio::task::spawn_blocking(move || vision(a)).await?,
+    }
+}
+
+#[cfg(feature = "vision")]
+fn vision(a: VisionArgs) -> anyhow::Result<i32> {
+    use celeriac_tasks_vision::{export, idx::FashionMnist, train, weights::Weights};
+    let weights = Weights::resolve(a.weights.as_deref())?;
+    let model = export::load(&weights)?;
+    if let Some(path) = &a.export {
+        let json = serde_json::to_vec(&model.parameters())?;
+        std::fs::write(path, json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    let data = FashionMnist::locate(a.data.as_deref())?;
+    let accuracy = train::accuracy(&model, &data.test, &Default::default());
+    let probs = export::probabilities(&model, &data.test, a.reference);
+    let mut speed = serde_json::Map::new();
+    for &batch in &a.batches {
+        let ips = export::images_per_second(&model, &data.test, batch, a.seconds, a.threads)?;
+        eprintln!("batch {batch}: {ips:.0} images/s");
+        speed.insert(
+            batch.to_string(),
+            serde_json::json!((ips * 10.0).round() / 10.0),
+        );
+    }
+    let out = serde_json::json!({
+        "model": weights.model_id(),
+        "test_accuracy": (accuracy * 1e4).round() / 1e4,
+        "reference": {"images": probs.len() / 10, "probs": probs},
+        "images_per_second": speed,
+    });
+    println!("{out}");
+    Ok(0)
+}
+
+#[cfg(feature = "recommend")]
+async fn recommend(a: RecommendArgs) -> anyhow::Result<i32> {
     use celeriac_tasks_recommend::{data::Dataset, eval, model::SasRecConfig, train::TrainOptions};
-    let Model::Recommend(a) = args.model;
     let text = std::fs::read_to_string(&a.data)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.data.display()))?;
     let mut data =

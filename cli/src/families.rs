@@ -11,7 +11,9 @@ use std::sync::Arc;
 /// A family's registration function.
 type Register = fn(&mut Registry, &mut Platform) -> Result<(), String>;
 
-/// Every family: its config section name and its `register`.
+/// Every family: its config section name and its `register`. A later family's task replaces an earlier
+/// one's of the same name: vision's `vision.embed_product` (embeds the image) replaces sync's (records the
+/// request), so vision stays after sync.
 const FAMILIES: &[(&str, Register)] = &[
     ("email", celeriac_tasks_email::register),
     ("payment", celeriac_tasks_payment::register),

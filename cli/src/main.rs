@@ -6,7 +6,7 @@ mod beat;
 mod call;
 mod control;
 mod domain;
-#[cfg(feature = "recommend")]
+#[cfg(any(feature = "recommend", feature = "vision"))]
 mod eval;
 mod families;
 mod flower;
@@ -71,8 +71,9 @@ enum Command {
     /// Train a model in Rust and write its weights (`celeriac train vision`).
     #[cfg(feature = "vision")]
     Train(train::TrainArgs),
-    /// Evaluate a model against its baselines on a public data set (`celeriac eval recommend`).
-    #[cfg(feature = "recommend")]
+    /// Evaluate a model: `celeriac eval recommend` (against its baselines on MovieLens-100k), `celeriac eval
+    /// vision` (accuracy, model-only speed, its parameters for ONNX Runtime).
+    #[cfg(any(feature = "recommend", feature = "vision"))]
     Eval(eval::EvalArgs),
 }
 
@@ -180,7 +181,7 @@ fn main() {
             Command::Down(args) => up::down(args).await,
             #[cfg(feature = "vision")]
             Command::Train(args) => train::run(args).await,
-            #[cfg(feature = "recommend")]
+            #[cfg(any(feature = "recommend", feature = "vision"))]
             Command::Eval(args) => eval::run(args).await,
         };
         match outcome {

@@ -9,6 +9,9 @@ and Fashion-MNIST's test images (Debian's ``dataset-fashion-mnist``) sent as PNG
     v4  vision.device = cuda on a machine without a driver logs why and runs on the CPU
     v5  vision.index / vision.search per tenant on two workers: a product's own photo finds it first, a
         tenant never sees another's products, re-indexing replaces, unindex removes, bad arguments fail
+    v6  the catalog's vision.embed_product requests: the image fetched from its URL, the product's embedding
+        stored and the request marked done in one transaction, then found by vision.search; an unreachable
+        image fails with ValueError and leaves its request pending
 """
 import base64
 import gzip
@@ -17,7 +20,6 @@ import io
 import math
 import os
 import random
-import socket
 import struct
 import threading
 import zlib
@@ -26,7 +28,7 @@ from pathlib import Path
 import pytest
 from celery import group
 
-from interop_helpers import metric, parse_metrics, wait_for
+from interop_helpers import free_port, metric, parse_metrics, wait_for
 
 pytestmark = pytest.mark.celeriac_only(reason="the vision task family is celeriac's")
 
@@ -74,12 +76,6 @@ def vision_worker(workers, settings=None, **section):
                            extra_args=["--metrics-addr", f"127.0.0.1:{addr_port}"])
     worker.metrics_addr = f"127.0.0.1:{addr_port}"
     return worker
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(worker):
@@ -281,3 +277,38 @@ def test_v5_index_and_search_per_tenant_across_workers(workers, client_app, iso,
     with pytest.raises(Exception) as e:
         search("no-such-shop", first)
     assert type(e.value).__name__ == "UnknownTenant" and "no-such-shop" in str(e.value)
+
+
+def test_v6_catalog_embed_requests_are_answered(workers, client_app, iso, domain):
+    domain.add_tenant("shop-a")
+    tid = domain.tenants["shop-a"]
+    vision_worker(workers, settings=domain.settings())
+    images, labels = fashion_images(60)
+    picks = [next(i for i, label in enumerate(labels) if label == c) for c in (0, 1, 7, 9)]
+    server = ImageServer({f"/img/{i}.png": png(images[i]) for i in picks})
+    try:
+        # The rows the sync family writes when it sees new product images (product i + 1000, image i).
+        domain.sql("INSERT INTO catalog_embed_requests (tenant_id, image_id, product_id, src, content_hash, status) "
+                   "VALUES " + ", ".join(f"('{tid}', {i}, {1000 + i}, '{server.url}/img/{i}.png', 'h{i}', 'pending')"
+                                         for i in picks)
+                   + f", ('{tid}', 99, 1099, '{server.url}/img/missing.png', 'h99', 'pending')")
+        done = group(client_app.signature("vision.embed_product", kwargs=dict(
+            tenant_id=tid, product_id=1000 + i, image_id=i, src=f"{server.url}/img/{i}.png", content_hash=f"h{i}"),
+            queue=iso.queue) for i in picks).apply_async().get(timeout=GET)
+        assert done == [{"image_id": i, "product_id": str(1000 + i), "embedded": True, "replaced": False,
+                         "requested": True} for i in picks]
+        with pytest.raises(ValueError, match="404"):
+            client_app.send_task("vision.embed_product", kwargs=dict(
+                tenant_id=tid, product_id=1099, image_id=99, src=f"{server.url}/img/missing.png", content_hash="h99"),
+                queue=iso.queue).get(timeout=GET)
+    finally:
+        server.close()
+    assert domain.sql("SELECT image_id, status FROM catalog_embed_requests ORDER BY image_id") == \
+        [[str(i), "done"] for i in sorted(picks)] + [["99", "pending"]]
+    assert domain.sql("SELECT product_id FROM vision_embeddings ORDER BY product_id") == \
+        [[str(1000 + i)] for i in sorted(picks)]
+    # The catalog's products are what visual search finds: each photo finds its own product first.
+    for i in picks:
+        hits = client_app.send_task("vision.search", kwargs=dict(tenant_id="shop-a", image=b64(png(images[i])), k=2),
+                                    queue=iso.queue).get(timeout=GET)
+        assert hits[0]["product_id"] == str(1000 + i) and abs(hits[0]["score"] - 1.0) < 1e-4, hits

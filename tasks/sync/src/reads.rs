@@ -1,6 +1,6 @@
 //! The read tasks (platform.md §5): `catalog.products`, `catalog.product`, `sync.orders`, and
-//! `vision.embed_product`, which marks an image embedding request recorded (the vision family answers them
-//! once it runs).
+//! `vision.embed_product`, which marks an image embedding request recorded in a binary without the vision
+//! family (the vision family, registered after this one, replaces it with the task that embeds the image).
 
 use crate::store;
 use crate::tasks::{SyncFamily, limit, required, string};

@@ -1,7 +1,7 @@
 //! The Celery tasks of the family: `catalog.ingest` and `sync.run` (both the incremental engine),
 //! `sync.status`, `sync.dispatch` (the beat entry that keeps every tenant fresh), the read tasks
 //! `catalog.products`, `catalog.product`, `sync.orders`, and `vision.embed_product`, which records image
-//! embedding requests until the vision family answers them.
+//! embedding requests where the vision family is not built in (where it is, its own task answers them).
 
 use crate::config::SyncConfig;
 use crate::engine::{self, FollowUp, Mode, Run, RunError, RunOutcome};

@@ -157,7 +157,7 @@ impl<B: Backend> Runner for Padded<B> {
 }
 
 /// One forward pass: softmax probabilities and embeddings, flattened.
-fn forward<B: Backend>(
+pub(crate) fn forward<B: Backend>(
     model: &Classifier<B>,
     pixels: &[u8],
     device: &B::Device,

@@ -8,13 +8,15 @@
 //!   `vision.search`).
 //! - [`search`]: each tenant's embeddings in PostgreSQL and their in-memory scan.
 //! - [`input`]: the `image` argument (base64, `data:` URL, http(s) URL) to the model's 28×28 input.
-//! - [`executor`]: the batching executor and the device choice.
+//! - [`executor`]: the batching executor and the device choice; [`export`]: the network's parameters, reference
+//!   probabilities and model-only speed, for comparing with other runtimes (`make bench-vision`).
 //! - [`model`]: the network; [`weights`]: its saved form; [`train`]: training and evaluation;
 //!   [`idx`]: the Fashion-MNIST files.
 //! - [`metrics`]: the family's Prometheus series.
 
 pub mod config;
 pub mod executor;
+pub mod export;
 pub mod idx;
 pub mod input;
 pub mod metrics;

@@ -129,3 +129,51 @@ impl<B: Backend> Classifier<B> {
         Output { logits, embedding }
     }
 }
+
+/// A tensor as `{"shape": [...], "data": [...]}` (row-major f32).
+fn tensor_json<B: Backend, const D: usize>(t: Tensor<B, D>) -> serde_json::Value {
+    let shape = t.dims().to_vec();
+    let data = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default();
+    serde_json::json!({"shape": shape, "data": data})
+}
+
+impl<B: Backend> Block<B> {
+    fn parameters(&self) -> serde_json::Value {
+        serde_json::json!({
+            "conv_weight": tensor_json(self.conv.weight.val()),
+            "bn_gamma": tensor_json(self.norm.gamma.val()),
+            "bn_beta": tensor_json(self.norm.beta.val()),
+            "bn_mean": tensor_json(self.norm.running_mean.value()),
+            "bn_var": tensor_json(self.norm.running_var.value()),
+            "bn_epsilon": self.norm.epsilon,
+        })
+    }
+}
+
+impl<B: Backend> Classifier<B> {
+    /// Every parameter, for rebuilding the same network elsewhere (the ONNX Runtime yardstick of
+    /// `make bench-vision`): `blocks` b1..b5 (3×3 convolution weights `[out, in, 3, 3]`, no bias, "same"
+    /// padding; batch-norm scale, shift, running mean and variance, epsilon), 2×2 max pools after b2 and b4,
+    /// global average pooling, `embed` (weight `[in, out]`, bias), L2 normalisation, the embedding times
+    /// `scale`, then `classes` (weight `[in, out]`, bias).
+    pub fn parameters(&self) -> serde_json::Value {
+        let linear = |l: &Linear<B>| {
+            serde_json::json!({
+                "weight": tensor_json(l.weight.val()),
+                "bias": l.bias.as_ref().map(|b| tensor_json(b.val())),
+            })
+        };
+        serde_json::json!({
+            "blocks": [self.b1.parameters(), self.b2.parameters(), self.b3.parameters(),
+                       self.b4.parameters(), self.b5.parameters()],
+            "pool_after": [2, 4],
+            "embed": linear(&self.embed),
+            "classes": linear(&self.classes),
+            "scale": self.scale,
+        })
+    }
+}

@@ -134,6 +134,41 @@ impl SearchIndex {
         embedding: &[f32],
     ) -> Result<bool, DomainError> {
         let tx = self.begin(tenant).await?;
+        let replaced = self.upsert(&tx, product_id, embedding).await?;
+        tx.commit().await?;
+        Ok(replaced)
+    }
+
+    /// Answers one of the catalog's embedding requests (`catalog_embed_requests`, written by the sync
+    /// family): stores `embedding` as `product_id`'s and marks the request for that image and content `done`,
+    /// in one transaction. Returns whether it replaced an embedding and whether a request was waiting.
+    pub async fn put_requested(
+        &self,
+        tenant: &str,
+        product_id: &str,
+        embedding: &[f32],
+        image_id: i64,
+        content_hash: &str,
+    ) -> Result<(bool, bool), DomainError> {
+        let tx = self.begin(tenant).await?;
+        let replaced = self.upsert(&tx, product_id, embedding).await?;
+        let marked = tx
+            .execute(
+                "UPDATE catalog_embed_requests SET status = 'done'
+                  WHERE tenant_id = $1 AND image_id = $2 AND content_hash = $3 AND status <> 'done'",
+                vec![Sql::from(image_id), Sql::from(content_hash)],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok((replaced, marked == 1))
+    }
+
+    async fn upsert(
+        &self,
+        tx: &TenantTx,
+        product_id: &str,
+        embedding: &[f32],
+    ) -> Result<bool, DomainError> {
         let row = tx
             .one(
                 "INSERT INTO vision_embeddings (tenant_id, product_id, embedding, model)
@@ -148,7 +183,6 @@ impl SearchIndex {
                 ],
             )
             .await?;
-        tx.commit().await?;
         Ok(row
             .and_then(|r| r.try_get::<bool>("", "replaced").ok())
             .unwrap_or(false))

@@ -33,7 +33,41 @@ pub fn register(registry: &mut Registry, vision: Arc<Vision>) {
             async move { Ok::<_, TaskError>(v.predict(&image).await?.embedding) }
         },
     );
-    register_search(registry, vision);
+    register_search(registry, Arc::clone(&vision));
+    register_embed_product(registry, vision);
+}
+
+/// `vision.embed_product`, the catalog's requests: the sync family publishes one per new or changed product
+/// image (on its `embed_queue`, bulk by default). The image is fetched from `src` (size cap, timeout), its
+/// embedding stored as the product's (the product's newest embedded image is the one searched) and the
+/// request marked `done`, in one transaction. An image that cannot be fetched or decoded fails the task with
+/// `ValueError` and leaves the request pending. This replaces the sync family's registration, which only
+/// marks requests recorded when the vision family is not built in.
+fn register_embed_product(registry: &mut Registry, vision: Arc<Vision>) {
+    registry.task(
+        "vision.embed_product",
+        &["tenant_id", "product_id", "image_id", "src", "content_hash"],
+        TaskOptions::default(),
+        move |_ctx: TaskContext,
+              (tenant, product, image_id, src, hash): (String, Value, i64, String, String)| {
+            let v = Arc::clone(&vision);
+            async move {
+                let product = celeriac_task::id_arg("product_id", &product)?;
+                if !(src.starts_with("http://") || src.starts_with("https://")) {
+                    return Err(TaskError::value_error(format!(
+                        "src: expected an http(s) URL, got {src:?}"
+                    )));
+                }
+                let embedding = v.predict(&Value::String(src)).await?.embedding;
+                let (replaced, requested) = v
+                    .search
+                    .put_requested(&tenant, &product, &embedding, image_id, &hash)
+                    .await?;
+                Ok(json!({"image_id": image_id, "product_id": product, "embedded": true,
+                          "replaced": replaced, "requested": requested}))
+            }
+        },
+    );
 }
 
 fn product_id(v: &str) -> Result<&str, TaskError> {
