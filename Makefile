@@ -123,9 +123,10 @@ unit: redis postgres rabbitmq fashion-mnist ## Only the Rust tests.
 interop: redis rabbitmq chromium fashion-mnist movielens venv build ## Only the Python interop tests.
 	CELERIAC_BIN=$(CELERIAC_DEBUG) $(PYTHON) -m pytest -q --durations=15 tests/interop
 
-lint: ## cargo fmt --check and clippy with warnings as errors.
+lint: ## cargo fmt --check, clippy with warnings as errors, and the CUDA build checked (no GPU or toolkit needed).
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo check -p celeriac --features cuda
 
 fmt: ## Format the code.
 	cargo fmt --all

@@ -12,10 +12,10 @@
 //!   consumers, polls queue lengths and serves `/metrics` and `/health`.
 //!
 //! # Layout
-//! This file holds the settings, the shared state (`Shared`, `Slots`, `Job`, what the committer receives)
-//! and `run`, which starts the stages and drains them on shutdown. One module per stage: `fetch`,
-//! `dispatch`, `execute` (the `layers` chain, with `retry` and `ratelimit`), `commit`, `housekeeping`, plus `canvas_flow`
-//! (callbacks, chain steps, chords) and `pidbox` (remote control).
+//! `settings` holds [`WorkerSettings`]; this file the shared state (`Shared`, `Slots`, `Job`, what the
+//! committer receives) and `run`, which starts the stages and drains them on shutdown. One module per stage:
+//! `fetch`, `dispatch`, `execute` (the `layers` chain, with `retry` and `ratelimit`), `commit`,
+//! `housekeeping`, plus `canvas_flow` (callbacks, chain steps, chords) and `pidbox` (remote control).
 
 use crate::error::WorkerError;
 use crate::metrics::{Health, Metrics, QueueLabels};
@@ -34,7 +34,6 @@ use celeriac_task::{
 use futures::FutureExt;
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,6 +52,7 @@ mod layers;
 mod pidbox;
 mod ratelimit;
 mod retry;
+mod settings;
 #[cfg(test)]
 mod tests;
 
@@ -64,64 +64,7 @@ use housekeeping::*;
 use layers::Layer;
 use ratelimit::*;
 use retry::*;
-
-/// Everything a worker needs to run, already validated.
-#[derive(Debug, Clone)]
-pub struct WorkerSettings {
-    /// Node name (`celery@host`).
-    pub hostname: String,
-    /// Queues in consume order (earlier ones served first).
-    pub queues: Vec<String>,
-    /// Tasks run at once.
-    pub concurrency: usize,
-    /// Prefetch = concurrency × this.
-    pub prefetch_multiplier: usize,
-    /// `task_acks_late`.
-    pub acks_late: bool,
-    /// `task_reject_on_worker_lost`.
-    pub reject_on_worker_lost: bool,
-    /// `task_ignore_result`.
-    pub ignore_result: bool,
-    /// `result_extended`.
-    pub result_extended: bool,
-    /// The broker's visibility timeout (leases are renewed well within it).
-    pub visibility_timeout: Duration,
-    /// How long a warm shutdown waits for running tasks.
-    pub shutdown_timeout: Duration,
-    /// Where `/metrics` and `/health` listen.
-    pub metrics_addr: Option<SocketAddr>,
-    /// `task_time_limit` (hard, seconds).
-    pub time_limit: Option<f64>,
-    /// `task_soft_time_limit` (seconds).
-    pub soft_time_limit: Option<f64>,
-    /// `task_track_started`.
-    pub track_started: bool,
-    /// `task_acks_on_failure_or_timeout` (on Redis a rejected message is removed like an acked one).
-    pub acks_on_failure_or_timeout: bool,
-    /// ETA tasks due later than this are parked in the broker instead of worker memory.
-    pub eta_horizon: Duration,
-    /// At most this many ETA tasks wait in memory; more are parked.
-    pub eta_max_in_memory: usize,
-    /// `task_default_queue`, for callbacks and chain steps without a queue of their own.
-    pub default_queue: String,
-    /// `task_routes`: task name → queue.
-    pub routes: HashMap<String, String>,
-    /// Send task events (`-E`, `worker_send_task_events`).
-    pub send_task_events: bool,
-    /// Publish `task-sent` events for tasks the worker publishes (retries, callbacks, chain steps).
-    pub send_sent_event: bool,
-    /// Send worker heartbeats and online/offline events.
-    pub heartbeat: bool,
-    /// The outside peers' health, shared with the task families (`/health` names those down).
-    pub peers: Arc<celeriac_task::Peers>,
-}
-
-impl WorkerSettings {
-    /// The prefetch limit.
-    pub fn prefetch(&self) -> usize {
-        self.concurrency * self.prefetch_multiplier
-    }
-}
+pub use settings::WorkerSettings;
 
 /// The two shutdown signals: warm (finish running tasks, give back the rest) and cold (stop now; unacked
 /// messages are restored by the visibility timeout).

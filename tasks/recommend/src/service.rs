@@ -371,7 +371,7 @@ async fn flush(queue: Arc<Mutex<Queue>>, tenants: Arc<Tenants>, max: usize) {
         for (_, pending) in by_tenant {
             let tenant = pending[0].tenant.clone();
             let records: Vec<Record> = pending.iter().map(|p| p.record.clone()).collect();
-            let written = async {
+            let mut written = async {
                 let tx = TenantTx::begin(tenants.db(), tenant).await?;
                 let written = store::insert(&tx, &records).await?;
                 tx.commit().await?;
@@ -380,7 +380,6 @@ async fn flush(queue: Arc<Mutex<Queue>>, tenants: Arc<Tenants>, max: usize) {
             .await
             .map_err(|e| e.to_string());
             // One statement writes a key once: the first call carrying it is the one that wrote it.
-            let mut written = written;
             for p in pending {
                 let answer = match &mut written {
                     Ok(keys) => Ok(keys.remove(&p.record.key)),

@@ -107,6 +107,11 @@ pub fn register(registry: &mut Registry, rec: Arc<Recommend>) {
                 // redelivered after the row was committed carries the same id).
                 let key = match event.as_ref().filter(|v| !v.is_null()) {
                     Some(e) => format!("event:{}", id_arg("event_id", e)?),
+                    None if ctx.id.is_empty() || ctx.id.len() > 256 => {
+                        return Err(TaskError::value_error(
+                            "the task id is not 1 to 256 characters: pass an event_id",
+                        ));
+                    }
                     None => format!("task:{}", ctx.id),
                 };
                 let record = Record {
