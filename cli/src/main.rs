@@ -20,6 +20,11 @@ mod up;
 mod webhooks;
 mod worker;
 
+/// mimalloc: with glibc's allocator, malloc and free were about a third of the worker's CPU per task
+/// (`make bench`: 47-53 against 31-33 µs of worker CPU per task, idle RSS unchanged).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 

@@ -96,7 +96,9 @@ pub(super) async fn dispatcher(
         }
         running.spawn(
             async move {
-                let state = celeriac_canvas::trace::scope(headers, execute(&shared, job)).await;
+                // Boxed: the task future is large, and an unboxed one is copied whole into the spawned task.
+                let state =
+                    celeriac_canvas::trace::scope(headers, Box::pin(execute(&shared, job))).await;
                 crate::trace::finish(&cx, state);
                 drop(permit);
             }
