@@ -97,13 +97,49 @@ impl TaskHeaders {
     }
 
     /// Reads v2 headers from the broker's header table. Only `task` and `id` are required; the rest default
-    /// the way Celery's worker defaults them for older clients.
-    pub fn from_map(mut m: Map<String, Value>) -> Result<Self, ProtocolError> {
-        let task = take_string(&mut m, "task")
-            .ok_or_else(|| ProtocolError::malformed("headers", "no 'task'"))?;
-        let id = take_string(&mut m, "id")
-            .ok_or_else(|| ProtocolError::malformed("headers", "no 'id'"))?;
-        let timelimit = match m.shift_remove("timelimit") {
+    /// the way Celery's worker defaults them for older clients. One pass over the table: the known keys are
+    /// taken out, every other one stays in `extra` in its order.
+    pub fn from_map(m: Map<String, Value>) -> Result<Self, ProtocolError> {
+        let (mut task, mut id, mut timelimit, mut lang, mut shadow, mut eta) =
+            (None, None, None, None, None, None);
+        let (mut expires, mut group, mut group_index, mut retries, mut root_id, mut parent_id) =
+            (None, None, None, None, None, None);
+        let (mut argsrepr, mut kwargsrepr, mut origin, mut ignore_result) =
+            (None, None, None, None);
+        let (mut replaced_task_nesting, mut stamped_headers, mut stamps) = (None, None, None);
+        let mut extra = Map::new();
+        for (k, v) in m {
+            let slot = match k.as_str() {
+                "task" => &mut task,
+                "id" => &mut id,
+                "timelimit" => &mut timelimit,
+                "lang" => &mut lang,
+                "shadow" => &mut shadow,
+                "eta" => &mut eta,
+                "expires" => &mut expires,
+                "group" => &mut group,
+                "group_index" => &mut group_index,
+                "retries" => &mut retries,
+                "root_id" => &mut root_id,
+                "parent_id" => &mut parent_id,
+                "argsrepr" => &mut argsrepr,
+                "kwargsrepr" => &mut kwargsrepr,
+                "origin" => &mut origin,
+                "ignore_result" => &mut ignore_result,
+                "replaced_task_nesting" => &mut replaced_task_nesting,
+                "stamped_headers" => &mut stamped_headers,
+                "stamps" => &mut stamps,
+                _ => {
+                    extra.insert(k, v);
+                    continue;
+                }
+            };
+            *slot = Some(v);
+        }
+        let task =
+            string_of(task).ok_or_else(|| ProtocolError::malformed("headers", "no 'task'"))?;
+        let id = string_of(id).ok_or_else(|| ProtocolError::malformed("headers", "no 'id'"))?;
+        let timelimit = match timelimit {
             Some(Value::Array(a)) if a.len() == 2 => {
                 let mut it = a.into_iter();
                 [
@@ -114,35 +150,29 @@ impl TaskHeaders {
             _ => [Value::Null, Value::Null],
         };
         Ok(Self {
-            lang: take_string(&mut m, "lang").unwrap_or_else(|| "py".into()),
+            lang: string_of(lang).unwrap_or_else(|| "py".into()),
             task,
             id,
-            shadow: take_string(&mut m, "shadow"),
-            eta: take_string(&mut m, "eta"),
-            expires: take_string(&mut m, "expires"),
-            group: take_string(&mut m, "group"),
-            group_index: m.shift_remove("group_index").and_then(|v| v.as_i64()),
-            retries: m
-                .shift_remove("retries")
-                .and_then(|v| v.as_i64())
-                .unwrap_or(0),
+            shadow: string_of(shadow),
+            eta: string_of(eta),
+            expires: string_of(expires),
+            group: string_of(group),
+            group_index: group_index.and_then(|v| v.as_i64()),
+            retries: retries.and_then(|v| v.as_i64()).unwrap_or(0),
             timelimit,
-            root_id: take_string(&mut m, "root_id"),
-            parent_id: take_string(&mut m, "parent_id"),
-            argsrepr: take_string(&mut m, "argsrepr"),
-            kwargsrepr: take_string(&mut m, "kwargsrepr"),
-            origin: take_string(&mut m, "origin"),
-            ignore_result: m.shift_remove("ignore_result").and_then(|v| v.as_bool()),
-            replaced_task_nesting: m
-                .shift_remove("replaced_task_nesting")
-                .and_then(|v| v.as_i64())
-                .unwrap_or(0),
-            stamped_headers: m.shift_remove("stamped_headers").filter(|v| !v.is_null()),
-            stamps: match m.shift_remove("stamps") {
+            root_id: string_of(root_id),
+            parent_id: string_of(parent_id),
+            argsrepr: string_of(argsrepr),
+            kwargsrepr: string_of(kwargsrepr),
+            origin: string_of(origin),
+            ignore_result: ignore_result.and_then(|v| v.as_bool()),
+            replaced_task_nesting: replaced_task_nesting.and_then(|v| v.as_i64()).unwrap_or(0),
+            stamped_headers: stamped_headers.filter(|v| !v.is_null()),
+            stamps: match stamps {
                 Some(Value::Object(s)) => s,
                 _ => Map::new(),
             },
-            extra: m,
+            extra,
         })
     }
 
@@ -157,8 +187,9 @@ impl TaskHeaders {
     }
 }
 
-fn take_string(m: &mut Map<String, Value>, key: &str) -> Option<String> {
-    match m.shift_remove(key) {
+/// A header's value as a string: `None` when absent or null; a non-string value in its JSON form.
+fn string_of(v: Option<Value>) -> Option<String> {
+    match v {
         Some(Value::String(s)) => Some(s),
         Some(Value::Null) | None => None,
         Some(other) => Some(other.to_string()),

@@ -235,7 +235,7 @@ impl Shared {
 
     /// Records a received job as waiting (for a slot, or for `eta`) until it starts or leaves.
     fn wait_for(&self, job: &Job, eta: Option<String>) {
-        let info = pidbox::request_info(job, &self.settings.hostname, None, false, None);
+        let info = pidbox::RequestInfo::of(job, None, false, None);
         self.waiting
             .lock()
             .expect("waiting")

@@ -67,7 +67,7 @@ impl<L: Layer> Layer for Track<L> {
         shared.unwait(job.message.id());
         shared.running.lock().expect("running").insert(
             job.message.id().to_string(),
-            pidbox::running_from(job, &shared.settings.hostname, call.terminate.clone()),
+            pidbox::running_from(job, call.terminate.clone()),
         );
         let opts = &job.task.options;
         if opts.track_started.unwrap_or(shared.settings.track_started) {

@@ -9,32 +9,62 @@ use futures::StreamExt;
 
 /// What `inspect active` shows of a running task.
 pub(super) struct Running {
-    /// Celery's request info (`Request.info()`).
-    pub info: Value,
+    pub info: RequestInfo,
     pub terminate: CancellationToken,
 }
 
 /// A received task not started yet.
 pub(super) struct Waiting {
-    pub info: Value,
+    pub info: RequestInfo,
     /// Set while it waits for its ETA (`inspect scheduled`).
     pub eta: Option<String>,
 }
 
-/// Celery's `Request.info()`: what `inspect active/reserved/scheduled/query_task` show of a task.
-pub(super) fn request_info(
-    job: &Job,
-    hostname: &str,
+/// Celery's `Request.info()`, what `inspect active/reserved/scheduled/query_task` show of a task: kept as
+/// fields for every task received and rendered as JSON only when asked.
+pub(super) struct RequestInfo {
+    id: String,
+    name: String,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    routing_key: String,
+    priority: u8,
+    redelivered: bool,
     time_start: Option<f64>,
     acknowledged: bool,
     pid: Option<u32>,
-) -> Value {
-    let h = &job.message.headers;
-    json!({"id": h.id, "name": h.task, "args": job.message.args, "kwargs": job.message.kwargs,
-        "type": h.task, "hostname": hostname, "time_start": time_start, "acknowledged": acknowledged,
-        "delivery_info": {"exchange": "", "routing_key": job.held.routing_key,
-            "priority": job.message.properties.priority, "redelivered": job.held.redelivered},
-        "worker_pid": pid})
+}
+
+impl RequestInfo {
+    pub(super) fn of(
+        job: &Job,
+        time_start: Option<f64>,
+        acknowledged: bool,
+        pid: Option<u32>,
+    ) -> Self {
+        let h = &job.message.headers;
+        Self {
+            id: h.id.clone(),
+            name: h.task.clone(),
+            args: job.message.args.clone(),
+            kwargs: job.message.kwargs.clone(),
+            routing_key: job.held.routing_key.clone(),
+            priority: job.message.properties.priority,
+            redelivered: job.held.redelivered,
+            time_start,
+            acknowledged,
+            pid,
+        }
+    }
+
+    pub(super) fn to_json(&self, hostname: &str) -> Value {
+        json!({"id": self.id, "name": self.name, "args": self.args, "kwargs": self.kwargs,
+            "type": self.name, "hostname": hostname, "time_start": self.time_start,
+            "acknowledged": self.acknowledged,
+            "delivery_info": {"exchange": "", "routing_key": self.routing_key,
+                "priority": self.priority, "redelivered": self.redelivered},
+            "worker_pid": self.pid})
+    }
 }
 
 fn unix_now() -> f64 {
@@ -44,15 +74,9 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-pub(super) fn running_from(job: &Job, hostname: &str, terminate: CancellationToken) -> Running {
+pub(super) fn running_from(job: &Job, terminate: CancellationToken) -> Running {
     Running {
-        info: request_info(
-            job,
-            hostname,
-            Some(unix_now()),
-            true,
-            Some(std::process::id()),
-        ),
+        info: RequestInfo::of(job, Some(unix_now()), true, Some(std::process::id())),
         terminate,
     }
 }
@@ -100,7 +124,7 @@ fn reply_for(
         ),
         ControlCommand::Active => {
             let running = shared.running.lock().expect("running");
-            Value::Array(running.values().map(|r| r.info.clone()).collect())
+            Value::Array(running.values().map(|r| r.info.to_json(&s.hostname)).collect())
         }
         ControlCommand::Reserved => {
             let waiting = shared.waiting.lock().expect("waiting");
@@ -108,7 +132,7 @@ fn reply_for(
                 waiting
                     .values()
                     .filter(|w| w.eta.is_none())
-                    .map(|w| w.info.clone())
+                    .map(|w| w.info.to_json(&s.hostname))
                     .collect(),
             )
         }
@@ -119,7 +143,9 @@ fn reply_for(
                 waiting
                     .values()
                     .filter_map(|w| {
-                        w.eta.as_ref().map(|eta| json!({"eta": eta, "priority": 6, "request": w.info}))
+                        w.eta.as_ref().map(|eta| {
+                            json!({"eta": eta, "priority": 6, "request": w.info.to_json(&s.hostname)})
+                        })
                     })
                     .collect(),
             )
@@ -165,10 +191,10 @@ fn reply_for(
             let mut out = Map::new();
             for id in ids {
                 if let Some(r) = running.get(id) {
-                    out.insert(id.to_string(), json!(["active", r.info]));
+                    out.insert(id.to_string(), json!(["active", r.info.to_json(&s.hostname)]));
                 } else if let Some(w) = waiting.get(id) {
                     let state = if w.eta.is_some() { "scheduled" } else { "reserved" };
-                    out.insert(id.to_string(), json!([state, w.info]));
+                    out.insert(id.to_string(), json!([state, w.info.to_json(&s.hostname)]));
                 }
             }
             Value::Object(out)
