@@ -66,24 +66,11 @@ impl Env {
             concurrency,
             prefetch_multiplier: multiplier,
             acks_late,
-            reject_on_worker_lost: false,
-            ignore_result: false,
-            result_extended: false,
             visibility_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
-            metrics_addr: None,
-            time_limit: None,
-            soft_time_limit: None,
-            track_started: false,
-            acks_on_failure_or_timeout: true,
-            eta_horizon: Duration::from_secs(60),
-            eta_max_in_memory: 10_000,
             default_queue: "q".into(),
-            routes: Default::default(),
             send_task_events: true,
-            send_sent_event: false,
-            heartbeat: true,
-            peers: Default::default(),
+            ..WorkerSettings::default()
         }
     }
 
