@@ -131,7 +131,7 @@ lint: ## cargo fmt --check, clippy with warnings as errors, and the CUDA build c
 fmt: ## Format the code.
 	cargo fmt --all
 
-bench: redis rabbitmq venv release ## Drain 50,000 bench.noop tasks with celeriac and with Python Celery, same run, over Redis and over RabbitMQ (BENCH_ARGS="--broker redis" for one).
+bench: redis rabbitmq venv release ## Drain 50,000 bench.noop tasks with celeriac and with Python Celery, same run: over Redis with results, over Redis with task_ignore_result, over RabbitMQ; then latency at a fixed 200 tasks/s (BENCH_ARGS="--broker redis" for one).
 	CELERIAC_BIN=$(CELERIAC_RELEASE) $(PYTHON) bench/drain.py $(BENCH_ARGS)
 
 bench-email: redis postgres venv release ## Mails per second through one worker into a local SMTP sink (PostgreSQL outbox, exactly once per key).

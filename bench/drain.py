@@ -23,10 +23,20 @@ in the same dedicated Redis db):
    empty: Redis, the list and the ``unacked`` hash; RabbitMQ, messages ready
    and unacknowledged (rabbitmqctl, else a passive declare) and no dead letters.
 
-It prints one table per broker with the celeriac/python ratios, and appends one
-JSON line per broker (``"broker": "redis"`` / ``"amqp"``) to
-``bench-results/drain.jsonl``. ``make bench`` runs it with defaults (both
-brokers).
+The same drain runs a second time over Redis with ``task_ignore_result`` on
+both workers (``redis-ignore-result``): no result is stored, and the drain ends
+when the queue and ``unacked`` are empty (both workers acknowledge before
+running, Celery's default).
+
+Latency mode (``latency``): each worker in turn is started on an empty Redis
+queue, and the Python client sends ``bench.noop`` at a fixed rate (200/s for
+15 s by default); each task's latency runs from ``send_task`` to its result's
+PUBLISH (bench/fixed_rate.py), the first second not counted.
+
+It prints one table per scenario with the celeriac/python ratios, and appends
+one JSON line per scenario (``"broker": "redis"`` / ``"redis-ignore-result"`` /
+``"amqp"`` / ``"redis-latency"``) to ``bench-results/drain.jsonl``.
+``make bench`` runs it with defaults (every scenario).
 
 Figures:
   drain_rate   N / (worker launch -> last result stored, as observed): includes
@@ -43,8 +53,9 @@ medians of several runs. Redis and RabbitMQ CPU count every client of those
 servers.
 
 Usage:
-  bench/drain.py                         # both brokers, both workers, 50,000 tasks each
-  bench/drain.py --broker redis          # Redis only (what `make bench` did before RabbitMQ)
+  bench/drain.py                         # every scenario, both workers, 50,000 tasks each
+  bench/drain.py --broker redis          # the Redis drain with results only
+  bench/drain.py --broker latency --latency-rate 200   # the latency mode only
   bench/drain.py --broker amqp -n 2000   # RabbitMQ only, 2,000 tasks
   bench/drain.py --only python -n 5000   # just the Python baseline
   CELERIAC_BIN=target/release/celeriac bench/drain.py --only celeriac
@@ -69,12 +80,16 @@ from celery import Celery
 REPO = Path(__file__).resolve().parent.parent
 PYAPP_DIR = REPO / "tests" / "interop"  # pyapp.py: the Python side of the bench.* contract
 sys.path.insert(0, str(PYAPP_DIR))
+sys.path.insert(0, str(REPO / "bench"))
 
 from interop_helpers import fetch_metas, publish_many, queue_depth, unacked_counts  # noqa: E402
 from pyapp import celery_settings  # noqa: E402
+from fixed_rate import fixed_rate, percentile  # noqa: E402
 
 IMPLEMENTATIONS = ("celeriac", "python")
-BROKERS = ("redis", "amqp")
+BROKERS = ("redis", "redis-ignore-result", "amqp")
+#: what ``--broker`` runs: each drain, the latency mode, or groups of them
+SCENARIOS = BROKERS + ("latency", "both", "all")
 #: key shapes a dedicated bench db may hold; anything else means "not ours, do not flush"
 OWN_KEY_PREFIXES = (b"celery-task-meta-", b"_kombu.", b"unacked")
 #: queues celeriac declares with x-max-length (back-pressure): a drain of 50,000 would be refused
@@ -259,8 +274,24 @@ class RedisBroker:
             error = f"queue not empty after the drain: {queue_after} waiting, {unacked_after} unacked"
         return {"queue_after": queue_after, "unacked_after": unacked_after}, error
 
+    def outstanding(self):
+        """Messages not yet acknowledged: waiting in the queue's lists or held in ``unacked``."""
+        return queue_depth(self.client, "", self.queue) + unacked_counts(self.client, "")[0]
+
     def cleanup(self):
         self.client.flushdb()
+
+
+class RedisIgnoreResultBroker(RedisBroker):
+    """The Redis broker with ``task_ignore_result`` on both workers: no result is stored, so the drain ends
+    when the queue and ``unacked`` are empty (both workers acknowledge a task before running it)."""
+
+    name = "redis-ignore-result"
+    ignore_result = True
+
+    def __init__(self, args, backend):
+        super().__init__(args, backend)
+        self.log_prefix = "drain-ignore-result"
 
 
 class AmqpBroker:
@@ -451,18 +482,23 @@ class AmqpBroker:
 
 
 # ------------------------------------------------------------------- one run
-def worker_command(impl, args, broker_url, backend_url, queue, node):
+def worker_command(impl, args, broker_url, backend_url, queue, node, ignore_result=False):
     """argv, env and cwd that start implementation ``impl`` on the bench queue."""
     env = dict(os.environ)
     if impl == "celeriac":
         if not args.celeriac_bin:
             sys.exit("drain.py: set CELERIAC_BIN (or --celeriac-bin), or use --only python; `make bench` does this")
-        argv = [args.celeriac_bin, "worker", "--broker", broker_url, "--result-backend", backend_url,
+        config = []
+        if ignore_result:
+            path = args.out.parent / "drain-ignore-result.toml"
+            path.write_text("task_ignore_result = true\n")
+            config = ["--config", str(path)]
+        argv = [args.celeriac_bin, *config, "worker", "--broker", broker_url, "--result-backend", backend_url,
                 "-Q", queue, "-c", str(args.concurrency), "--prefetch-multiplier", str(args.prefetch_multiplier),
                 "-n", node, "--loglevel", args.celeriac_loglevel, *args.celeriac_args.split()]
         return argv, env, REPO
     env.update(INTEROP_BROKER=broker_url, INTEROP_BACKEND=backend_url, INTEROP_KEYPREFIX="",
-               INTEROP_ACKS_LATE="0", INTEROP_QUEUE=queue)
+               INTEROP_ACKS_LATE="0", INTEROP_QUEUE=queue, INTEROP_IGNORE_RESULT="1" if ignore_result else "0")
     env.pop("INTEROP_VISIBILITY_TIMEOUT", None)
     argv = [sys.executable, "-m", "celery", "-A", "pyapp", "worker", "--pool", "prefork",
             "-c", str(args.concurrency), "--prefetch-multiplier", str(args.prefetch_multiplier),
@@ -496,7 +532,8 @@ def run_one(impl, args, broker, backend):
 
     # 3. drain
     node = f"drain-{impl}@{socket.gethostname()}"
-    argv, env, cwd = worker_command(impl, args, broker.url, backend_url, broker.queue, node)
+    ignore = getattr(broker, "ignore_result", False)
+    argv, env, cwd = worker_command(impl, args, broker.url, backend_url, broker.queue, node, ignore)
     log_path = args.out.parent / f"{broker.log_prefix}-{impl}.log"
     log(f"{tag}: starting {' '.join(redact(a) for a in argv)} (log: {log_path})")
     sample0 = broker.sample()
@@ -507,7 +544,7 @@ def run_one(impl, args, broker, backend):
     last_progress, last_count = launched, 0
     try:
         while True:
-            stored = backend.dbsize()
+            stored = n - broker.outstanding() if ignore else backend.dbsize()
             now = time.perf_counter()
             if stored >= n:
                 break
@@ -528,11 +565,16 @@ def run_one(impl, args, broker, backend):
 
     # 4. figures and checks
     drain_s = drained - launched
-    metas = fetch_metas(backend, "", ids)
-    statuses = {}
-    for meta in metas:
-        status = meta["status"] if meta else "MISSING"
-        statuses[status] = statuses.get(status, 0) + 1
+    if ignore:
+        metas = []
+        stray = backend.dbsize()
+        statuses = {"IGNORED": n - stray, "STORED": stray} if stray else {"IGNORED": n}
+    else:
+        metas = fetch_metas(backend, "", ids)
+        statuses = {}
+        for meta in metas:
+            status = meta["status"] if meta else "MISSING"
+            statuses[status] = statuses.get(status, 0) + 1
     done = sorted(t for t in (parse_date_done(m.get("date_done")) for m in metas if m) if t)
     result = {
         "impl": impl,
@@ -552,7 +594,9 @@ def run_one(impl, args, broker, backend):
     }
     leftovers, leftover_error = broker.checks()
     result.update(leftovers)
-    if statuses.get("SUCCESS") != n:
+    if ignore and statuses.get("IGNORED") != n:
+        error = error or f"results were stored despite task_ignore_result: {statuses}"
+    elif not ignore and statuses.get("SUCCESS") != n:
         error = error or f"not every result is SUCCESS: {statuses}"
     error = error or leftover_error
     if error:
@@ -560,6 +604,75 @@ def run_one(impl, args, broker, backend):
         log(f"{tag}: ERROR {error}")
     log(f"{tag}: drained in {drain_s:.2f}s")
     return result
+
+
+# ------------------------------------------------------------------- latency
+LATENCY_COLUMNS = [
+    ("impl", "worker", "{}"),
+    ("rate", "tasks/s sent", "{:,}"),
+    ("n", "tasks", "{:,}"),
+    ("p50_ms", "p50 ms", "{:.2f}"),
+    ("p90_ms", "p90 ms", "{:.2f}"),
+    ("p99_ms", "p99 ms", "{:.2f}"),
+    ("max_ms", "max ms", "{:.2f}"),
+]
+
+
+def run_latency(impl, args, backend):
+    """Starts ``impl`` on the Redis broker (results on), sends ``bench.noop`` at ``--latency-rate`` for
+    ``--latency-seconds`` through the Python client, and returns the latency figures (send → result PUBLISHed;
+    the first second is warm-up and not counted)."""
+    broker_url = f"{args.redis_url}/{args.broker_db}"
+    backend_url = f"{args.redis_url}/{args.backend_db}"
+    broker = redis.Redis.from_url(broker_url)
+    broker.flushdb()
+    backend.flushdb()
+    node = f"latency-{impl}@{socket.gethostname()}"
+    argv, env, cwd = worker_command(impl, args, broker_url, backend_url, args.queue, node)
+    log_path = args.out.parent / f"latency-{impl}.log"
+    log(f"latency/{impl}: starting {' '.join(redact(a) for a in argv)} (log: {log_path})")
+    app = Celery("latency-client", set_as_current=False)
+    app.conf.update(celery_settings(broker=broker_url, backend=backend_url, default_queue=args.queue))
+    worker = Worker(argv, env, cwd, log_path)
+    result = {"impl": impl, "rate": args.latency_rate, "seconds": args.latency_seconds}
+    try:
+        app.send_task("bench.noop", queue=args.queue).get(timeout=60)  # the worker is up and serving
+        lat = fixed_rate(app, args.queue, backend, "bench.noop", lambda i: {},
+                         args.latency_rate, args.latency_seconds)
+        result.update(n=len(lat), p50_ms=round(percentile(lat, 0.50), 3), p90_ms=round(percentile(lat, 0.90), 3),
+                      p99_ms=round(percentile(lat, 0.99), 3), max_ms=round(max(lat), 3))
+    except Exception as e:  # noqa: BLE001 - reported in the table and the exit status
+        result["error"] = f"{type(e).__name__}: {e}"
+        log(f"latency/{impl}: ERROR {result['error']}")
+    finally:
+        worker.stop()
+        app.close()
+        broker.flushdb()
+        backend.flushdb()
+    return result
+
+
+def run_latency_mode(impls, args, backend, common):
+    """The latency mode for every implementation; appends its JSON line and prints its table."""
+    results = [run_latency(impl, args, backend) for impl in impls]
+    by_impl = {r["impl"]: r for r in results}
+    c, p = by_impl.get("celeriac"), by_impl.get("python")
+    ratios = None
+    if c and p and "error" not in c and "error" not in p:
+        ratios = {k: round(c[k] / p[k], 3) for k in ("p50_ms", "p99_ms")}
+    record = {"bench": "drain", "broker": "redis-latency",
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **common,
+              "concurrency": args.concurrency, "prefetch_multiplier": args.prefetch_multiplier,
+              "results": by_impl, "ratios": ratios}
+    with open(args.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"== latency: bench.noop at a fixed {args.latency_rate}/s for {args.latency_seconds}s over Redis "
+          f"{args.redis_url}/{args.broker_db}, results in db {args.backend_db}; send -> result PUBLISHed, "
+          f"first second not counted; -c {args.concurrency}")
+    print_rows(LATENCY_COLUMNS, results)
+    if ratios:
+        print(f"celeriac / python: p50 x{ratios['p50_ms']:.2f}, p99 x{ratios['p99_ms']:.2f} (lower is better)")
+    return results
 
 
 # ------------------------------------------------------------------- report
@@ -579,8 +692,8 @@ def fmt(value, spec):
     return "-" if value is None else spec.format(value)
 
 
-def print_table(broker, results, ratios):
-    columns = COLUMNS + broker.columns
+def print_rows(columns, results):
+    """One aligned row per result under the columns' titles, then each result's error."""
     rows = [[title for _, title, _ in columns]]
     for r in results:
         rows.append([fmt(r.get(key), spec) for key, _, spec in columns])
@@ -590,6 +703,10 @@ def print_table(broker, results, ratios):
     for r in results:
         if "error" in r:
             print(f"!! {r['impl']}: {r['error']}")
+
+
+def print_table(broker, results, ratios):
+    print_rows(COLUMNS + broker.columns, results)
     if ratios:
         parts = [f"drain rate x{fmt(ratios['drain_rate'], '{:.2f}')}",
                  f"steady rate x{fmt(ratios['steady_rate'], '{:.2f}')}",
@@ -665,7 +782,7 @@ def run_broker(broker, impls, args, backend, common):
     record.update(results=by_impl, ratios=ratios, loadavg_end=os.getloadavg()[0])
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")
-    where = (f"Redis {args.redis_url}/{args.broker_db}, queue {broker.queue!r}" if broker.name == "redis"
+    where = (f"Redis {args.redis_url}/{args.broker_db}, queue {broker.queue!r}" if broker.name.startswith("redis")
              else f"RabbitMQ {redact(broker.url)}, queue {broker.queue!r}")
     print(f"== broker {broker.name}: {where}; results in Redis db {args.backend_db}; "
           f"-c {args.concurrency}, prefetch multiplier {args.prefetch_multiplier}, N={broker.n:,}")
@@ -678,8 +795,11 @@ def run_broker(broker, impls, args, backend, common):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=50_000, help="tasks per worker run (default 50,000)")
-    ap.add_argument("--broker", choices=BROKERS + ("both",), default="both",
-                    help="which broker(s) to drain through: redis, amqp (RabbitMQ) or both (default)")
+    ap.add_argument("--broker", choices=SCENARIOS, default="all",
+                    help="what to run: the drain over redis (results on), redis-ignore-result, amqp (RabbitMQ, "
+                         "results in Redis), the latency mode (latency), both (redis and amqp) or all (default)")
+    ap.add_argument("--latency-rate", type=int, default=200, help="latency mode: tasks sent per second (default 200)")
+    ap.add_argument("--latency-seconds", type=int, default=15, help="latency mode: seconds of sending (default 15)")
     ap.add_argument("--only", choices=IMPLEMENTATIONS, help="run one implementation only")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="Redis server, without db")
     ap.add_argument("--broker-db", type=int, default=12, help="dedicated broker db, FLUSHed (default 12)")
@@ -726,10 +846,13 @@ def main():
     backend = redis.Redis.from_url(f"{args.redis_url}/{args.backend_db}")
     impls = [args.only] if args.only else list(IMPLEMENTATIONS)
     brokers = []
-    if args.broker in ("redis", "both"):
+    if args.broker in ("redis", "both", "all"):
         brokers.append(RedisBroker(args, backend))
-    if args.broker in ("amqp", "both"):
+    if args.broker in ("redis-ignore-result", "all"):
+        brokers.append(RedisIgnoreResultBroker(args, backend))
+    if args.broker in ("amqp", "both", "all"):
         brokers.append(AmqpBroker(args, backend))
+    latency = args.broker in ("latency", "all")
 
     common = {
         "label": args.label,
@@ -740,12 +863,18 @@ def main():
     # The dbs get FLUSHed and the AMQP queue deleted: make sure they are the benchmark's before touching anything.
     for broker in brokers:
         broker.check()
+    if latency and not any(b.name.startswith("redis") for b in brokers):
+        RedisBroker(args, backend).check()
     check_dedicated(backend, args.backend_db, args.queue, args.force)
     results = []
     for i, broker in enumerate(brokers):
         if i:
             print()
         results += run_broker(broker, impls, args, backend, common)
+    if latency:
+        if brokers:
+            print()
+        results += run_latency_mode(impls, args, backend, common)
     print(f"(appended to {args.out})")
     return 1 if any("error" in r for r in results) else 0
 

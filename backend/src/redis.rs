@@ -1,7 +1,7 @@
 //! The Redis result backend, as Celery's `RedisBackend`: key `celery-task-meta-<id>` (after the global key
 //! prefix), value the meta JSON, written with SETEX (or SET without expiry) and PUBLISHed on a channel of the
-//! same name, skipping tasks already stored as SUCCESS. The check-and-write runs as one Lua script per task,
-//! pipelined for a batch, where Celery needs a GET round trip before each MULTI.
+//! same name, skipping tasks already stored as SUCCESS. The check-and-write runs as one Lua script per batch
+//! (one MGET, then SETEX + PUBLISH per result), where Celery needs a GET round trip before each MULTI.
 //!
 //! **Late announcements.** Celery's client subscribes to a result's channel without waiting for Redis to
 //! confirm, then GETs the key on another connection; Redis can run the GET first, so a result stored between
@@ -21,28 +21,49 @@ use serde_json::Value;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-/// GET-before-store dedupe, then SETEX/SET + PUBLISH. KEYS: meta key. ARGV: json, expiry seconds (0 = none).
-/// Returns 0 when skipped (already SUCCESS), else 1 + the number of subscribers the PUBLISH reached.
+/// GET-before-store dedupe, then SETEX/SET + PUBLISH, for a batch of results in one call (one MGET for the
+/// checks instead of a GET per task). KEYS: meta keys. ARGV: expiry seconds (0 = none), then the JSON of
+/// each key in order. Returns, per key, 0 when skipped (already SUCCESS, before the batch or earlier in it),
+/// else 1 + the number of subscribers the PUBLISH reached.
 static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local old = redis.call('GET', KEYS[1])
-if old then
-  if string.sub(old, 1, 21) == '{"status": "SUCCESS",' then return 0 end
-  if string.sub(old, 1, 11) ~= '{"status": ' then
-    local ok, m = pcall(cjson.decode, old)
-    if ok and type(m) == 'table' and m.status == 'SUCCESS' then return 0 end
+local function succeeded(v)
+  if not v then return false end
+  if string.sub(v, 1, 21) == '{"status": "SUCCESS",' then return true end
+  if string.sub(v, 1, 11) ~= '{"status": ' then
+    local ok, m = pcall(cjson.decode, v)
+    return ok and type(m) == 'table' and m.status == 'SUCCESS'
+  end
+  return false
+end
+local ex = tonumber(ARGV[1])
+local olds = redis.call('MGET', unpack(KEYS))
+local now = {}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local old = now[key]
+  if old == nil then old = olds[i] end
+  if succeeded(old) then
+    out[i] = 0
+  else
+    local value = ARGV[i + 1]
+    if ex > 0 then
+      redis.call('SETEX', key, ex, value)
+    else
+      redis.call('SET', key, value)
+    end
+    now[key] = value
+    out[i] = 1 + redis.call('PUBLISH', key, value)
   end
 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-return 1 + redis.call('PUBLISH', KEYS[1], ARGV[1])
+return out
 "#,
     )
 });
+
+/// Results per STORE call: the keys go through Lua's `unpack`, whose stack has a limit.
+const STORE_CHUNK: usize = 256;
 
 /// Celery 5.7's chord join. KEYS: `.j .t .s .d`, the group key, `.c`. ARGV: task id, encoded member,
 /// ordered ("1"), group index (score), expiry, group expiry, claim expiry, claim token.
@@ -211,16 +232,19 @@ impl RedisBackend {
 
     async fn store_batch(&self, metas: &[ResultMeta]) -> redis::RedisResult<Vec<i64>> {
         let mut pipe = redis::pipe();
-        for m in metas {
-            pipe.cmd("EVALSHA")
-                .arg(STORE.get_hash())
-                .arg(1)
-                .arg(self.key_for(&m.task_id))
-                .arg(m.to_json())
-                .arg(self.expires);
+        for chunk in metas.chunks(STORE_CHUNK) {
+            let cmd = pipe.cmd("EVALSHA").arg(STORE.get_hash()).arg(chunk.len());
+            for m in chunk {
+                cmd.arg(self.key_for(&m.task_id));
+            }
+            cmd.arg(self.expires);
+            for m in chunk {
+                cmd.arg(m.to_json());
+            }
         }
         let mut conn = self.conn.clone();
-        let written: Vec<i64> = pipe.query_async(&mut conn).await?;
+        let per_call: Vec<Vec<i64>> = pipe.query_async(&mut conn).await?;
+        let written: Vec<i64> = per_call.into_iter().flatten().collect();
         // A final state of a task another task published, stored while nobody listened: announce it again.
         let due = tokio::time::Instant::now() + REANNOUNCE_AFTER;
         let mut late = Vec::new();

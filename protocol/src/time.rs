@@ -5,14 +5,45 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 
 /// `datetime.isoformat()` of an aware UTC datetime: `2026-11-21T04:17:15.930178+00:00`, or
 /// `2030-01-02T03:04:05+00:00` when the microseconds are zero.
+///
+/// Written digit by digit (every stored result carries one: chrono's `format` parses its pattern each call).
 pub fn isoformat(t: DateTime<Utc>) -> String {
-    let micros = t.timestamp_subsec_micros();
-    let base = t.format("%Y-%m-%dT%H:%M:%S");
-    if micros == 0 {
-        format!("{base}+00:00")
-    } else {
-        format!("{base}.{micros:06}+00:00")
+    use chrono::{Datelike, Timelike};
+    fn digits(out: &mut String, value: u32, width: u32) {
+        for i in (0..width).rev() {
+            out.push(char::from(b'0' + ((value / 10u32.pow(i)) % 10) as u8));
+        }
     }
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        // Outside Python's datetime range; keep chrono's rendering rather than inventing one.
+        let micros = t.timestamp_subsec_micros();
+        let base = t.format("%Y-%m-%dT%H:%M:%S");
+        return if micros == 0 {
+            format!("{base}+00:00")
+        } else {
+            format!("{base}.{micros:06}+00:00")
+        };
+    }
+    let micros = t.timestamp_subsec_micros().min(999_999);
+    let mut out = String::with_capacity(32);
+    digits(&mut out, year as u32, 4);
+    out.push('-');
+    digits(&mut out, t.month(), 2);
+    out.push('-');
+    digits(&mut out, t.day(), 2);
+    out.push('T');
+    digits(&mut out, t.hour(), 2);
+    out.push(':');
+    digits(&mut out, t.minute(), 2);
+    out.push(':');
+    digits(&mut out, t.second().min(59), 2);
+    if micros != 0 {
+        out.push('.');
+        digits(&mut out, micros, 6);
+    }
+    out.push_str("+00:00");
+    out
 }
 
 /// Parses an ISO-8601 timestamp as sent in `eta`/`expires`. A value without an offset is taken as UTC
@@ -55,6 +86,10 @@ mod tests {
         assert_eq!(isoformat(t), "2026-11-21T04:17:15.930178+00:00");
         let t = DateTime::from_timestamp(1795234635, 5_000).unwrap();
         assert_eq!(isoformat(t), "2026-11-21T04:17:15.000005+00:00");
+        let t = Utc.with_ymd_and_hms(999, 12, 31, 23, 59, 58).unwrap();
+        assert_eq!(isoformat(t), "0999-12-31T23:59:58+00:00");
+        let t = DateTime::from_timestamp(1795234635, 999_999_999).unwrap();
+        assert_eq!(isoformat(t), "2026-11-21T04:17:15.999999+00:00");
     }
 
     #[test]

@@ -74,7 +74,7 @@ CELERIAC_ONLY_TASK_OPTIONS = frozenset({"rate_limit_scope"})
 
 
 def celery_settings(broker, backend, keyprefix="", acks_late=False,
-                    visibility_timeout=None, default_queue="celery"):
+                    visibility_timeout=None, default_queue="celery", ignore_result=False):
     """The Celery configuration shared by the test client and this worker.
 
     Kept in one function so the client side of the tests (conftest.py) and the
@@ -99,6 +99,7 @@ def celery_settings(broker, backend, keyprefix="", acks_late=False,
         "accept_content": ["json"],
         "task_default_queue": default_queue,
         "task_acks_late": acks_late,
+        "task_ignore_result": ignore_result,
         "broker_connection_retry_on_startup": True,
         # No events, no remote control: nothing but task traffic, so tests
         # running one after another cannot hear each other's broadcasts.
@@ -118,6 +119,7 @@ def _settings_from_env():
         acks_late=os.environ.get("INTEROP_ACKS_LATE", "0") == "1",
         visibility_timeout=float(vt) if vt else None,
         default_queue=os.environ.get("INTEROP_QUEUE", "celery"),
+        ignore_result=os.environ.get("INTEROP_IGNORE_RESULT", "0") == "1",
     )
 
 

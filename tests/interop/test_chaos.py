@@ -244,12 +244,18 @@ def test_c3_smtp_refusing(workers, iso, client_app, domain, smtp_sink):
     results = load.stop()
     n = len(results)
     outcomes = collections.Counter(r.get(timeout=300)["status"] for r in results)
+    in_flight = proxy.state()["cut_in_flight"]
     proxy.stop()
     ids = sink.message_ids()
     dups = sum(c - 1 for c in ids.values())
     record("c3", "smtp sink", f"refuses connections {OUTAGE:.0f} s", tasks=n, lost=n - len(ids),
-           failed=n - sum(outcomes.values()), duplicates=dups, recovery_s=round(t_first, 2), health_red=red)
-    assert set(outcomes) == {"sent"} and len(ids) == n and dups == 0 and red
+           failed=n - sum(outcomes.values()), duplicates=dups, recovery_s=round(t_first, 2), health_red=red,
+           cut_in_flight=in_flight)
+    # SMTP has no idempotency: a connection cut after the server took a message's final "." and before its
+    # 250 reached the worker leaves the worker unable to know it was sent, and the retry sends it again (at
+    # most once more per such cut; the Message-ID is the same, so receivers can drop it). Every other cut
+    # must cost nothing.
+    assert set(outcomes) == {"sent"} and len(ids) == n and dups <= in_flight and red
 
 
 # ------------------------------------------------------------------ c4: the payment API refusing connections

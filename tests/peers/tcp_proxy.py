@@ -1,6 +1,8 @@
 """A TCP proxy for chaos tests: forwards a loopback port to a peer (the Stripe launcher, the fake shop), and can
 refuse connections for a while (its listening socket closed: clients get ECONNREFUSED) while cutting the
-connections already open, as a peer that restarts or a network that drops does.
+connections already open, as a peer that restarts or a network that drops does. Its state file counts the
+connections cut while a request was in flight (sent, not yet answered): the only cuts after which a retry can
+duplicate what the peer already did.
 
     python tcp_proxy.py --target 127.0.0.1:PORT [--port 0]   # prints READY <port>
     SIGUSR1 toggles refusing; ``TcpProxy`` (importable) runs it as a subprocess with ``.refuse(True/False)``.
@@ -19,11 +21,12 @@ import threading
 import time
 
 
-async def _pipe(reader, writer):
+async def _pipe(reader, writer, on_data):
     try:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
+            on_data()
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:
@@ -39,6 +42,11 @@ class _Proxy:
         self.server = None
         self.conns: set = set()
         self.refusing = False
+        # Per open connection: has the client sent something the peer has not answered yet?
+        self.awaiting: dict = {}
+        # Connections cut while a request was in flight: the peer may have acted on it without the client
+        # hearing back (an SMTP DATA accepted, its 250 lost), so the client's retry can be a duplicate.
+        self.cut_in_flight = 0
 
     async def _handle(self, reader, writer):
         th, tp = self.target.rsplit(":", 1)
@@ -47,7 +55,16 @@ class _Proxy:
         except OSError:
             writer.close()
             return
-        tasks = {asyncio.ensure_future(_pipe(reader, uw)), asyncio.ensure_future(_pipe(ur, writer))}
+        key = object()
+        self.awaiting[key] = False
+
+        def sent():
+            self.awaiting[key] = True
+
+        def answered():
+            self.awaiting[key] = False
+
+        tasks = {asyncio.ensure_future(_pipe(reader, uw, sent)), asyncio.ensure_future(_pipe(ur, writer, answered))}
         self.conns.update(tasks)
         try:
             await asyncio.wait(tasks)
@@ -56,6 +73,7 @@ class _Proxy:
                 t.cancel()
         finally:
             self.conns.difference_update(tasks)
+            self.awaiting.pop(key, None)
 
     async def listen(self):
         self.server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
@@ -66,6 +84,7 @@ class _Proxy:
         if self.refusing:
             self.server.close()
             await self.server.wait_closed()
+            self.cut_in_flight += sum(1 for waiting in self.awaiting.values() if waiting)
             for t in list(self.conns):
                 t.cancel()
         else:
@@ -75,7 +94,8 @@ class _Proxy:
     def _write_state(self):
         tmp = self.state_file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"port": self.port, "refusing": self.refusing, "pid": os.getpid()}, f)
+            json.dump({"port": self.port, "refusing": self.refusing, "pid": os.getpid(),
+                       "cut_in_flight": self.cut_in_flight}, f)
         os.replace(tmp, self.state_file)
 
 

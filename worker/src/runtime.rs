@@ -198,6 +198,9 @@ struct Shared {
     limiters: HashMap<String, Arc<Limiter>>,
     /// Publishes callbacks, chain steps, chord bodies and errbacks.
     canvas: Canvas,
+    /// What every task's context gets as `ctx.apply` and `ctx.limiter` (made once, shared).
+    task_canvas: Arc<dyn celeriac_task::CanvasPublisher>,
+    task_limiter: Arc<dyn celeriac_task::SharedLimiter>,
     /// Celery events.
     events: Arc<crate::events::Events>,
     /// Tasks running now (for `inspect active`).
@@ -432,6 +435,10 @@ pub async fn run_with_metrics(
         commit_rx,
         Arc::clone(&settings.peers),
     ));
+    let task_canvas: Arc<dyn celeriac_task::CanvasPublisher> =
+        Arc::new(canvas_flow::Publisher(canvas.clone()));
+    let task_limiter: Arc<dyn celeriac_task::SharedLimiter> =
+        Arc::new(canvas_flow::BrokerLimiter(Arc::clone(&broker)));
     let shared = Arc::new(Shared {
         slots,
         settings,
@@ -443,6 +450,8 @@ pub async fn run_with_metrics(
         running_late: Mutex::new(HashMap::new()),
         commit: commit_tx,
         limiters,
+        task_canvas,
+        task_limiter,
         canvas,
         events: Arc::clone(&events),
         running: Mutex::new(HashMap::new()),

@@ -26,17 +26,55 @@ local max = tonumber(ARGV[2])
 local nacks = tonumber(ARGV[8])
 local base = 8 + nacks
 local nq = (#ARGV - base) / 2
-for i = 9, base do
-  redis.call('ZREM', KEYS[2], ARGV[i])
-  redis.call('HDEL', KEYS[1], ARGV[i])
+-- Many members per command, in chunks that stay under Lua's stack limit for unpack.
+local CHUNK = 512
+for i = 9, base, CHUNK do
+  local j = math.min(i + CHUNK - 1, base)
+  redis.call('ZREM', KEYS[2], unpack(ARGV, i, j))
+  redis.call('HDEL', KEYS[1], unpack(ARGV, i, j))
+end
+local hset, zadd = {}, {}
+
+-- Plain searches (no pattern matching) for the fields as kombu writes them; nil when the shape differs,
+-- and the patterns below decide as before.
+local TAG_KEY, INFO_KEY, RK_KEY = '"delivery_tag": "', '"delivery_info": {"exchange": "', '", "routing_key": "'
+local function tail_tag(raw, tail)
+  -- What '"delivery_tag": "([^"]+)"}}$' matches: the last key in the tail, its value running to '"}}' at the end.
+  if string.sub(raw, -3) ~= '"}}' then return nil end
+  local at, from = nil, 1
+  while true do
+    local i = string.find(tail, TAG_KEY, from, true)
+    if not i then break end
+    at, from = i, i + 1
+  end
+  if not at then return nil end
+  local value = string.sub(tail, at + #TAG_KEY, -4)
+  if value == '' or string.find(value, '"', 1, true) then return nil end
+  return value
+end
+local function info(s)
+  -- The first '"delivery_info": {"exchange": "..."' when the routing key follows it as kombu writes it.
+  local i = string.find(s, INFO_KEY, 1, true)
+  if not i then return nil end
+  local a = i + #INFO_KEY
+  local b = string.find(s, '"', a, true)
+  if not b or string.sub(s, b, b + #RK_KEY - 1) ~= RK_KEY then return nil end
+  local c = b + #RK_KEY
+  local d = string.find(s, '"', c, true)
+  if not d then return nil end
+  return string.sub(s, a, b - 1), string.sub(s, c, d - 1)
 end
 
 local function record(qi, raw)
   local qname = ARGV[base + 2 * qi - 1]
   -- kombu writes properties last and delivery_tag last among them: look in the tail first.
   local tail = string.sub(raw, -400)
-  local tag = string.match(tail, '"delivery_tag": "([^"]+)"}}$') or string.match(raw, '.*"delivery_tag": "([^"]+)"')
-  local ex, rk = string.match(tail, '"delivery_info": {"exchange": "([^"]*)", "routing_key": "([^"]*)"')
+  local tag = tail_tag(raw, tail) or string.match(tail, '"delivery_tag": "([^"]+)"}}$')
+    or string.match(raw, '.*"delivery_tag": "([^"]+)"')
+  local ex, rk = info(tail)
+  if not ex then
+    ex, rk = string.match(tail, '"delivery_info": {"exchange": "([^"]*)", "routing_key": "([^"]*)"')
+  end
   if not ex then
     ex, rk = string.match(raw, '"delivery_info": {"exchange": "([^"]*)", "routing_key": "([^"]*)"')
   end
@@ -57,8 +95,10 @@ local function record(qi, raw)
   end
   ex = ex or ''
   rk = rk or qname
-  redis.call('HSET', KEYS[1], tag, '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
-  redis.call('ZADD', KEYS[2], ARGV[1], tag)
+  hset[#hset + 1] = tag
+  hset[#hset + 1] = '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']'
+  zadd[#zadd + 1] = ARGV[1]
+  zadd[#zadd + 1] = tag
   n = n + 1
   out[#out + 1] = qname
   out[#out + 1] = tag
@@ -86,6 +126,12 @@ for pass = 1, passes do
       end
     end
   end
+end
+-- Recorded as unacked in a few commands for the whole batch (pairs, so chunks are even).
+for i = 1, #hset, CHUNK do
+  local j = math.min(i + CHUNK - 1, #hset)
+  redis.call('HSET', KEYS[1], unpack(hset, i, j))
+  redis.call('ZADD', KEYS[2], unpack(zadd, i, j))
 end
 return {dead, out}
 "#,

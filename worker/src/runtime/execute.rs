@@ -44,11 +44,9 @@ pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str
             .root_id
             .clone()
             .unwrap_or_else(|| job.message.id().to_string()),
-        canvas: Some(Arc::new(canvas_flow::Publisher(shared.canvas.clone()))),
+        canvas: Some(Arc::clone(&shared.task_canvas)),
         peers: Arc::clone(&shared.settings.peers),
-        limiter: Some(Arc::new(canvas_flow::BrokerLimiter(Arc::clone(
-            &shared.broker,
-        )))),
+        limiter: Some(Arc::clone(&shared.task_limiter)),
         children: Arc::clone(&started_children),
     };
     // The message stays whole: a retry republishes it as decoded, whatever the transport.
@@ -111,6 +109,8 @@ pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str
         },
         other => other,
     };
+    // Only a chord's header task has a part to count (and its value to keep until then).
+    let in_chord = job.message.embed.chord.is_some() && job.message.headers.group.is_some();
     let mut chord_part = None;
     let state = match &outcome {
         Ok(_) => "SUCCESS",
@@ -129,7 +129,9 @@ pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str
             shared.emit(what, &name, &queue);
             let mut children = std::mem::take(&mut *started_children.lock().expect("children"));
             children.append(&mut published);
-            chord_part = Some(("SUCCESS", value.clone()));
+            if in_chord {
+                chord_part = Some(("SUCCESS", value.clone()));
+            }
             store.then(|| {
                 let mut m = shared.meta(&job, State::Success, value, extended);
                 m.children = Some(children);
@@ -143,7 +145,9 @@ pub(super) async fn execute(shared: &Arc<Shared>, job: Box<Job>) -> &'static str
                 runtime,
             };
             shared.emit(what, &name, &queue);
-            chord_part = Some(("FAILURE", json!(exc)));
+            if in_chord {
+                chord_part = Some(("FAILURE", json!(exc)));
+            }
             let m = store.then(|| {
                 let mut m = shared.meta(&job, State::Failure, json!(exc), extended);
                 m.traceback = Some(exc.traceback(&name));
