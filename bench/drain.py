@@ -30,8 +30,15 @@ running, Celery's default).
 
 Latency mode (``latency``): each worker in turn is started on an empty Redis
 queue, and the Python client sends ``bench.noop`` at a fixed rate (200/s for
-15 s by default); each task's latency runs from ``send_task`` to its result's
-PUBLISH (bench/fixed_rate.py), the first second not counted.
+15 s by default; one producer held, no SUBSCRIBE per task, as the shared
+yardstick sends). Three latencies per task (bench/fixed_rate.py), the first
+second not counted: from ``send_task`` to the result's PUBLISH heard by a
+listener; from ``send_task`` to the ``date_done`` the worker wrote (the shared
+yardstick's definition); and from ``send_task``'s return (the message is in
+Redis) to ``date_done``: the worker alone, without the client's ~0.6 ms of
+``send_task``. It also reports start to first result (one task queued before
+the worker is launched; launch to its result read by the client) and the idle
+RSS (every process of the worker's group, one second after that first task).
 
 It prints one table per scenario with the celeriac/python ratios, and appends
 one JSON line per scenario (``"broker": "redis"`` / ``"redis-ignore-result"`` /
@@ -84,7 +91,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from interop_helpers import fetch_metas, publish_many, queue_depth, unacked_counts  # noqa: E402
 from pyapp import celery_settings  # noqa: E402
-from fixed_rate import fixed_rate, percentile  # noqa: E402
+from fixed_rate import fixed_rate_detail, percentile  # noqa: E402
 
 IMPLEMENTATIONS = ("celeriac", "python")
 BROKERS = ("redis", "redis-ignore-result", "amqp")
@@ -108,9 +115,8 @@ def _stat_fields(pid):
     return stat[stat.rfind(")") + 2:].split()
 
 
-def group_cpu_seconds(pgid):
-    """utime+stime of every live process in group ``pgid``, plus their reaped children's."""
-    ticks = 0
+def group_members(pgid):
+    """``(pid, stat fields)`` of every live process in group ``pgid``."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -118,10 +124,27 @@ def group_cpu_seconds(pgid):
             fields = _stat_fields(entry)
         except OSError:
             continue  # exited meanwhile
-        # utime stime cutime cstime are fields 14-17 of the full line.
         if int(fields[2]) == pgid:
-            ticks += sum(int(x) for x in fields[11:15])
+            yield entry, fields
+
+
+def group_cpu_seconds(pgid):
+    """utime+stime of every live process in group ``pgid``, plus their reaped children's."""
+    # utime stime cutime cstime are fields 14-17 of the full line.
+    ticks = sum(sum(int(x) for x in fields[11:15]) for _, fields in group_members(pgid))
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def group_rss_kib(pgid):
+    """Resident memory (VmRSS) of every live process in group ``pgid``, summed, in KiB."""
+    total = 0
+    for pid, _ in group_members(pgid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue  # exited meanwhile, or a zombie
+    return total
 
 
 def process_cpu_seconds(pid):
@@ -615,6 +638,12 @@ LATENCY_COLUMNS = [
     ("p90_ms", "p90 ms", "{:.2f}"),
     ("p99_ms", "p99 ms", "{:.2f}"),
     ("max_ms", "max ms", "{:.2f}"),
+    ("done_p50_ms", "date_done p50", "{:.2f}"),
+    ("done_p99_ms", "date_done p99", "{:.2f}"),
+    ("queued_p50_ms", "queued p50", "{:.2f}"),
+    ("queued_p99_ms", "queued p99", "{:.2f}"),
+    ("first_task_ms", "start->1st result ms", "{:,.0f}"),
+    ("idle_rss_mib", "idle RSS MiB", "{:.1f}"),
 ]
 
 
@@ -633,14 +662,24 @@ def run_latency(impl, args, backend):
     log(f"latency/{impl}: starting {' '.join(redact(a) for a in argv)} (log: {log_path})")
     app = Celery("latency-client", set_as_current=False)
     app.conf.update(celery_settings(broker=broker_url, backend=backend_url, default_queue=args.queue))
+    first = app.send_task("bench.noop", queue=args.queue)  # waiting in the queue before the worker starts
+    launched = time.perf_counter()
     worker = Worker(argv, env, cwd, log_path)
     result = {"impl": impl, "rate": args.latency_rate, "seconds": args.latency_seconds}
     try:
-        app.send_task("bench.noop", queue=args.queue).get(timeout=60)  # the worker is up and serving
-        lat = fixed_rate(app, args.queue, backend, "bench.noop", lambda i: {},
-                         args.latency_rate, args.latency_seconds)
-        result.update(n=len(lat), p50_ms=round(percentile(lat, 0.50), 3), p90_ms=round(percentile(lat, 0.90), 3),
-                      p99_ms=round(percentile(lat, 0.99), 3), max_ms=round(max(lat), 3))
+        first.get(timeout=60)  # the worker is up and serving
+        result["first_task_ms"] = round(1000 * (time.perf_counter() - launched), 1)
+        time.sleep(1.0)
+        result["idle_rss_mib"] = round(group_rss_kib(worker.pgid) / 1024, 1)
+        lat = fixed_rate_detail(app, args.queue, backend, "bench.noop", lambda i: {},
+                                args.latency_rate, args.latency_seconds)
+        pub, done, queued = lat["published"], lat["date_done"], lat["queued"]
+        result.update(n=len(pub), p50_ms=round(percentile(pub, 0.50), 3), p90_ms=round(percentile(pub, 0.90), 3),
+                      p99_ms=round(percentile(pub, 0.99), 3), max_ms=round(max(pub), 3))
+        if done:
+            result.update(done_p50_ms=round(percentile(done, 0.50), 3), done_p99_ms=round(percentile(done, 0.99), 3),
+                          queued_p50_ms=round(percentile(queued, 0.50), 3),
+                          queued_p99_ms=round(percentile(queued, 0.99), 3))
     except Exception as e:  # noqa: BLE001 - reported in the table and the exit status
         result["error"] = f"{type(e).__name__}: {e}"
         log(f"latency/{impl}: ERROR {result['error']}")
@@ -659,7 +698,9 @@ def run_latency_mode(impls, args, backend, common):
     c, p = by_impl.get("celeriac"), by_impl.get("python")
     ratios = None
     if c and p and "error" not in c and "error" not in p:
-        ratios = {k: round(c[k] / p[k], 3) for k in ("p50_ms", "p99_ms")}
+        ratios = {k: round(c[k] / p[k], 3) for k in ("p50_ms", "p99_ms", "done_p50_ms", "done_p99_ms",
+                                                      "queued_p50_ms", "queued_p99_ms")
+                  if (c.get(k) or 0) > 0 and (p.get(k) or 0) > 0}
     record = {"bench": "drain", "broker": "redis-latency",
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **common,
               "concurrency": args.concurrency, "prefetch_multiplier": args.prefetch_multiplier,
@@ -671,7 +712,8 @@ def run_latency_mode(impls, args, backend, common):
           f"first second not counted; -c {args.concurrency}")
     print_rows(LATENCY_COLUMNS, results)
     if ratios:
-        print(f"celeriac / python: p50 x{ratios['p50_ms']:.2f}, p99 x{ratios['p99_ms']:.2f} (lower is better)")
+        print("celeriac / python (lower is better): published " +
+              ", ".join(f"{k.removesuffix('_ms').replace('done_', 'date_done ').replace('queued_', 'queued ')} x{v:.2f}" for k, v in ratios.items()))
     return results
 
 

@@ -113,6 +113,7 @@ pub async fn run(global: &GlobalArgs, args: WorkerArgs) -> anyhow::Result<i32> {
         send_sent_event: cfg.task_send_sent_event,
         heartbeat: !args.without_heartbeat,
         peers: Arc::clone(&peers),
+        release_startup_pages: cfg.worker_release_startup_pages,
     };
     let mut registry = Registry::new();
     if cfg.worker_bench_tasks && !args.without_bench_tasks {

@@ -42,6 +42,8 @@ pub struct CeleryConfig {
     pub worker_shutdown_timeout: f64,
     /// Register the built-in `bench.*` tasks (celeriac).
     pub worker_bench_tasks: bool,
+    /// Once consuming, hand the executable's start-up code pages back to the kernel (Linux; celeriac).
+    pub worker_release_startup_pages: bool,
     /// Hard time limit in seconds for every task.
     pub task_time_limit: Option<f64>,
     /// Soft time limit in seconds for every task.
@@ -117,6 +119,7 @@ impl Default for CeleryConfig {
             result_backend_transport_options: BackendTransportOptions::default(),
             worker_shutdown_timeout: 60.0,
             worker_bench_tasks: true,
+            worker_release_startup_pages: true,
             task_time_limit: None,
             task_soft_time_limit: None,
             task_track_started: false,

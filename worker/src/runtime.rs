@@ -517,6 +517,13 @@ pub async fn run_with_metrics(
         ready_rx,
         shutdown.warm.clone(),
     ));
+    if shared.settings.release_startup_pages {
+        // Start-up ran code of every family the binary holds; what tasks run comes back as they run.
+        background.spawn_blocking(|| match celeriac_os::release_executable_pages() {
+            Ok(bytes) => debug!(bytes, "start-up code pages handed back to the kernel"),
+            Err(e) => debug!(error = %e, "handing start-up code pages back failed"),
+        });
+    }
 
     let graceful = async {
         let _ = fetcher.await;

@@ -54,6 +54,10 @@ pub struct WorkerSettings {
     pub heartbeat: bool,
     /// The outside peers' health, shared with the task families (`/health` names those down).
     pub peers: Arc<celeriac_task::Peers>,
+    /// Once consuming, ask the kernel to reclaim the executable's resident code pages (Linux
+    /// `MADV_PAGEOUT`): start-up touched code of every task family; an idle worker keeps only what it runs.
+    /// For processes that are a worker and nothing else (the CLI sets it; off by default).
+    pub release_startup_pages: bool,
 }
 
 impl Default for WorkerSettings {
@@ -85,6 +89,7 @@ impl Default for WorkerSettings {
             send_sent_event: false,
             heartbeat: true,
             peers: Arc::default(),
+            release_startup_pages: false,
         }
     }
 }
