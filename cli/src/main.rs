@@ -144,12 +144,14 @@ fn main() {
             .unwrap_or_default();
         tracing::error!(%location, "panic: {message}");
     }));
-    // CELERIAC_RUNTIME_THREADS sizes the async runtime (default: one per core; 1 = a single-threaded runtime,
-    // which on 2 cores spent about 30% less worker CPU per task in bench/drain.py); blocking tasks, image
-    // decoding, vector scans and the model executors have their own threads either way.
+    // CELERIAC_RUNTIME_THREADS sizes the async runtime; blocking tasks, image decoding, vector scans and the
+    // model executors have their own threads either way. A worker's runtime only moves bytes (fetch, decode,
+    // dispatch, store, ack), so it defaults to one thread: on 2 cores a second one cost 40% more CPU per task
+    // in cross-thread wake-ups (bench/drain.py, Redis). Every other command: one thread per core.
     let threads = std::env::var("CELERIAC_RUNTIME_THREADS")
         .ok()
-        .and_then(|v| v.parse::<usize>().ok());
+        .and_then(|v| v.parse::<usize>().ok())
+        .or(matches!(cli.command, Command::Worker(_)).then_some(1));
     let mut builder = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
