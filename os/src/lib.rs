@@ -82,38 +82,43 @@ mod tests {
 7fff5daaf000-7fff5dad0000 rw-p 00000000 00:00 0                          [stack]
 ";
 
+    fn expected() -> Vec<Mapping> {
+        vec![
+            Mapping {
+                start: 0x5601bde7c000,
+                len: 0x5601beeaa000 - 0x5601bde7c000,
+            },
+            Mapping {
+                start: 0x5601beeaa000,
+                len: 0x5601c1c30000 - 0x5601beeaa000,
+            },
+            Mapping {
+                start: 0x5601c1c30000,
+                len: 0x5601c1eb8000 - 0x5601c1c30000,
+            },
+        ]
+    }
+
     #[test]
     fn only_the_executables_read_only_mappings() {
-        let got = read_only_mappings_of(MAPS, "/opt/bin/celeriac");
+        assert_eq!(read_only_mappings_of(MAPS, "/opt/bin/celeriac"), expected());
+        // A replaced executable reads "<path> (deleted)" in both places: only that mapping matches.
         assert_eq!(
-            got,
-            vec![
-                Mapping {
-                    start: 0x5601bde7c000,
-                    len: 0x5601beeaa000 - 0x5601bde7c000
-                },
-                Mapping {
-                    start: 0x5601beeaa000,
-                    len: 0x5601c1c30000 - 0x5601beeaa000
-                },
-                Mapping {
-                    start: 0x5601c1c30000,
-                    len: 0x5601c1eb8000 - 0x5601c1c30000
-                },
-            ]
+            read_only_mappings_of(MAPS, "/opt/bin/celeriac (deleted)"),
+            vec![Mapping {
+                start: 0x7fa7fb6d5000,
+                len: 0x7fa7fb82b000 - 0x7fa7fb6d5000,
+            }]
         );
     }
 
     #[test]
-    fn releasing_pages_keeps_the_code_running() {
+    fn released_code_runs_again() {
         let advised = release_executable_pages().expect("madvise");
         if cfg!(target_os = "linux") {
             assert!(advised > 0, "the test binary has read-only mappings");
         }
-        // The code just paged out runs again (faulted back in).
-        assert_eq!(
-            read_only_mappings_of(MAPS, "/opt/bin/celeriac (deleted)").len(),
-            1
-        );
+        // The code just paged out is faulted back in and gives the same answer.
+        assert_eq!(read_only_mappings_of(MAPS, "/opt/bin/celeriac"), expected());
     }
 }
