@@ -213,8 +213,6 @@ COLUMNS = [
 ]
 
 
-
-
 def print_table(broker, results, ratios):
     print_rows(COLUMNS + broker.columns, results)
     if ratios:
