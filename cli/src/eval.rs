@@ -22,6 +22,27 @@ enum Model {
     /// The vision classifier alone: accuracy, reference probabilities, model-only speed, its parameters.
     #[cfg(feature = "vision")]
     Vision(VisionArgs),
+    /// The vision detector and the connected-components baseline on test-composed scenes.
+    #[cfg(feature = "vision")]
+    Detector(DetectorArgs),
+}
+
+/// `celeriac eval detector`: prints one JSON object (AP@0.5, mAP@0.5, the baseline's).
+#[cfg(feature = "vision")]
+#[derive(Debug, Args)]
+struct DetectorArgs {
+    /// A weights directory with `detector.*` and `classifier.*` (default: the weights built into the binary).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Fashion-MNIST's directory (default: $FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Scenes composed from the test images.
+    #[arg(long, default_value_t = 1000)]
+    scenes: usize,
+    /// Seed of the scenes.
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
 }
 
 /// `celeriac eval vision`: prints one JSON object.
@@ -94,7 +115,35 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<i32> {
         Model::Recommend(a) => recommend(a).await,
         #[cfg(feature = "vision")]
         Model::Vision(a) => tokio::task::spawn_blocking(move || vision(a)).await?,
+        #[cfg(feature = "vision")]
+        Model::Detector(a) => tokio::task::spawn_blocking(move || detector(a)).await?,
     }
+}
+
+#[cfg(feature = "vision")]
+fn detector(a: DetectorArgs) -> anyhow::Result<i32> {
+    use burn::backend::Flex;
+    use celeriac_tasks_vision::scene::{SceneRules, compose};
+    use celeriac_tasks_vision::{detect_train, detector::DetectorWeights, idx::FashionMnist};
+    let device = Default::default();
+    let detector = DetectorWeights::resolve(a.weights.as_deref())?.load::<Flex>(&device)?;
+    let classifier = celeriac_tasks_vision::weights::Weights::resolve(
+        a.weights
+            .as_deref()
+            .filter(|d| d.join("classifier.json").exists()),
+    )?;
+    let classifier_id = classifier.model_id();
+    let classifier = classifier.load::<Flex>(&device)?;
+    let data = FashionMnist::locate(a.data.as_deref())?;
+    let mut rng = celeriac_tasks_vision::train::Rng::new(a.seed);
+    let scenes: Vec<_> = (0..a.scenes)
+        .map(|_| compose(&data.test, &SceneRules::default(), &mut rng))
+        .collect();
+    let mut out = detect_train::evaluate(&detector, &classifier, &scenes, &device);
+    out["classifier"] = classifier_id.into();
+    out["eval_seed"] = a.seed.into();
+    println!("{out}");
+    Ok(0)
 }
 
 #[cfg(feature = "vision")]

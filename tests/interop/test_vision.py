@@ -12,6 +12,8 @@ and Fashion-MNIST's test images (Debian's ``dataset-fashion-mnist``) sent as PNG
     v6  the catalog's vision.embed_product requests: the image fetched from its URL, the product's embedding
         stored and the request marked done in one transaction, then found by vision.search; an unreachable
         image fails with ValueError and leaves its request pending
+    v7  vision.detect: each item of a composed scene found with its tight box and class, on a dark or a
+        light canvas and in an image over 448 px; an empty canvas gives []; bad input fails with ValueError
 """
 import base64
 import gzip
@@ -312,3 +314,85 @@ def test_v6_catalog_embed_requests_are_answered(workers, client_app, iso, domain
         hits = client_app.send_task("vision.search", kwargs=dict(tenant_id="shop-a", image=b64(png(images[i])), k=2),
                                     queue=iso.queue).get(timeout=GET)
         assert hits[0]["product_id"] == str(1000 + i) and abs(hits[0]["score"] - 1.0) < 1e-4, hits
+
+
+def scene(tiles, spots, width, height, zoom=1, seed=5):
+    """A dark noisy canvas (noise 0..40) with each 28×28 tile drawn at ``spots`` (its top-left corner),
+    everything ``zoom`` times larger (nearest neighbour), and each item's tight box (pixels of at least 64)."""
+    rng = random.Random(seed)
+    w, h = width * zoom, height * zoom
+    canvas = bytearray(rng.randrange(41) for _ in range(w * h))
+    boxes = []
+    for tile, (sx, sy) in zip(tiles, spots):
+        xs = [x for y in range(28) for x in range(28) if tile[y * 28 + x] >= 64]
+        ys = [y for y in range(28) for x in range(28) if tile[y * 28 + x] >= 64]
+        boxes.append([(sx + min(xs)) * zoom, (sy + min(ys)) * zoom, (sx + max(xs) + 1) * zoom,
+                      (sy + max(ys) + 1) * zoom])
+        for y in range(28 * zoom):
+            row = (sy * zoom + y) * w + sx * zoom
+            for x in range(28 * zoom):
+                v = tile[(y // zoom) * 28 + x // zoom]
+                canvas[row + x] = max(canvas[row + x], v)
+    return bytes(canvas), boxes
+
+
+def box_iou(a, b):
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_v7_detect_finds_each_item_with_its_tight_box_and_class(workers, client_app, iso):
+    """vision.detect from Python: three items the classifier names surely, on a 160×120 noisy canvas; the
+    same scene light (inverted, JPEG); the items on a 448×336 canvas sent twice as large (over 448 px: scaled
+    down before detection, boxes back in the sent image's pixels); an empty canvas; bad input."""
+    worker = vision_worker(workers)
+    images, labels = fashion_images(100)
+    sure = group(client_app.signature("vision.classify", args=(b64(png(p)),), queue=iso.queue)
+                 for p in images).apply_async().get(timeout=GET)
+    picks = [i for i, r in enumerate(sure) if r["score"] > 0.99 and r["class_id"] == labels[i]][:3]
+    spots = [(8, 10), (70, 50), (120, 14)]
+    pixels, truth = scene([images[i] for i in picks], spots, 160, 120)
+
+    def check(found, truth, what, tolerance=0.5):
+        assert len(found) == 3, f"{what}: {found}"
+        for box, i in zip(truth, picks):
+            best = max(found, key=lambda d: box_iou(d["box"], box))
+            assert box_iou(best["box"], box) >= tolerance, f"{what}: {box} vs {found}"
+            assert best["class_id"] == labels[i] and best["label"] == CLASS_NAMES[labels[i]], f"{what}: {found}"
+            assert 0.3 <= best["score"] <= 1.0
+        assert [d["score"] for d in found] == sorted((d["score"] for d in found), reverse=True)
+
+    found = client_app.send_task("vision.detect", args=(b64(png(pixels, 160, 120)),),
+                                 queue=iso.queue).get(timeout=GET)
+    assert all(set(d) == {"box", "label", "class_id", "score"} for d in found)
+    check(found, truth, "dark PNG")
+
+    from PIL import Image, ImageOps
+    light = io.BytesIO()
+    ImageOps.invert(Image.frombytes("L", (160, 120), pixels)).convert("RGB").save(light, format="JPEG", quality=95)
+    check(client_app.send_task("vision.detect", args=(b64(light.getvalue()),), kwargs={"min_score": 0.3},
+                               queue=iso.queue).get(timeout=GET), truth, "light JPEG")
+
+    wide, wide_truth = scene([images[i] for i in picks], [(40, 30), (200, 150), (380, 260)], 448, 336)
+    large = io.BytesIO()
+    Image.frombytes("L", (448, 336), wide).resize((896, 672), Image.NEAREST).save(large, format="PNG")
+    scaled = [[v * 2 for v in b] for b in wide_truth]
+    check(client_app.send_task("vision.detect", args=(b64(large.getvalue()),), queue=iso.queue).get(timeout=GET),
+          scaled, "896×672 PNG")
+
+    empty = bytes(random.Random(9).randrange(41) for _ in range(96 * 64))
+    assert client_app.send_task("vision.detect", args=(b64(png(empty, 96, 64)),),
+                                queue=iso.queue).get(timeout=GET) == []
+
+    with pytest.raises(ValueError) as e:
+        client_app.send_task("vision.detect", args=(b64(b"not a picture at all"),), queue=iso.queue).get(timeout=GET)
+    assert str(e.value).startswith("image: not a PNG, JPEG or WebP image"), e.value
+    with pytest.raises(ValueError) as e:
+        client_app.send_task("vision.detect", args=(b64(png(pixels, 160, 120)), 1.5),
+                             queue=iso.queue).get(timeout=GET)
+    assert str(e.value) == "min_score: 1.5 is not between 0 and 1", e.value
+    samples = scrape(worker)
+    assert metric(samples, "celeriac_vision_detector_batch_size_sum") == 4
+    assert metric(samples, "celeriac_vision_detector_device", device="cpu") == 1

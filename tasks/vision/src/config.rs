@@ -17,7 +17,8 @@ pub struct VisionConfig {
     pub max_wait_ms: f64,
     /// Requests waiting for the executor before tasks wait to enqueue (back-pressure).
     pub queue_capacity: usize,
-    /// A directory with `classifier.mpk` and `classifier.json` (default: the weights built into the binary).
+    /// A directory with `classifier.mpk` and `classifier.json`, and `detector.mpk` and `detector.json` when
+    /// it holds them (default, and for a detector it lacks: the weights built into the binary).
     pub weights: Option<PathBuf>,
     /// Load the model and warm it up when the worker starts (default: only when a `[vision]` section is
     /// present; otherwise on the first vision task).

@@ -209,7 +209,12 @@ pub fn grey_light_on_dark(img: &DynamicImage) -> image::GrayImage {
 
 /// Fashion-MNIST pixels (28×28, light on dark) of any decoded image.
 pub fn to_model_pixels(img: &DynamicImage) -> Vec<u8> {
-    let grey = grey_light_on_dark(img);
+    grey_to_model_pixels(grey_light_on_dark(img))
+}
+
+/// Fashion-MNIST pixels of a grey image already light on dark: cropped to its bright pixels, the longer
+/// side scaled to 28, centred (what `vision.detect` does to each box before naming its item).
+pub fn grey_to_model_pixels(grey: image::GrayImage) -> Vec<u8> {
     let (w, h) = grey.dimensions();
     if w as usize == SIDE && h as usize == SIDE {
         return grey.into_raw();
@@ -217,19 +222,9 @@ pub fn to_model_pixels(img: &DynamicImage) -> Vec<u8> {
     // Crop to the pixels brighter than a fifth of the brightest one.
     let max = grey.pixels().map(|p| p.0[0]).max().unwrap_or(0);
     let threshold = (max as u32 / 5).max(8) as u8;
-    let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
-    for (x, y, p) in grey.enumerate_pixels() {
-        if p.0[0] >= threshold {
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x + 1);
-            y1 = y1.max(y + 1);
-        }
-    }
-    let crop = if x1 > x0 && y1 > y0 {
-        imageops::crop_imm(&grey, x0, y0, x1 - x0, y1 - y0).to_image()
-    } else {
-        grey
+    let crop = match crate::scene::tight_box(&grey, threshold) {
+        Some([x0, y0, x1, y1]) => imageops::crop_imm(&grey, x0, y0, x1 - x0, y1 - y0).to_image(),
+        None => grey,
     };
     let (cw, ch) = crop.dimensions();
     let scale = SIDE as f32 / cw.max(ch) as f32;

@@ -4,8 +4,12 @@
 //!
 //! # Layout
 //! - [`config`]: the `[vision]` section ([`VisionConfig`]).
-//! - [`tasks`]: the Celery tasks (`vision.classify`, `vision.embed`, `vision.index`, `vision.unindex`,
-//!   `vision.search`).
+//! - [`tasks`]: the Celery tasks (`vision.classify`, `vision.embed`, `vision.detect`, `vision.index`,
+//!   `vision.unindex`, `vision.search`).
+//! - [`detect`]: `vision.detect` (the detector's executor, then the classifier on each box);
+//!   [`detector`]: the centre-heatmap network and its weights; [`scene`]: the composed scenes it trains and
+//!   is measured on; [`detect_train`]: its training and evaluation; [`detect_eval`]: AP, mAP and the
+//!   connected-components baseline.
 //! - [`search`]: each tenant's embeddings in PostgreSQL and their in-memory scan.
 //! - [`input`]: the `image` argument (base64, `data:` URL, http(s) URL) to the model's 28×28 input.
 //! - [`executor`]: the batching executor and the device choice; [`export`]: the network's parameters, reference
@@ -15,12 +19,17 @@
 //! - [`metrics`]: the family's Prometheus series.
 
 pub mod config;
+pub mod detect;
+pub mod detect_eval;
+pub mod detect_train;
+pub mod detector;
 pub mod executor;
 pub mod export;
 pub mod idx;
 pub mod input;
 pub mod metrics;
 pub mod model;
+pub mod scene;
 pub mod search;
 pub mod tasks;
 pub mod train;
@@ -73,6 +82,7 @@ pub struct Vision {
     config: VisionConfig,
     metrics: Arc<VisionMetrics>,
     executor: OnceCell<Result<Arc<Executor>, String>>,
+    detector: OnceCell<Result<Arc<detect::DetectExecutor>, String>>,
     http: reqwest::Client,
     /// The tenants' embeddings.
     pub search: search::SearchIndex,
@@ -96,6 +106,7 @@ impl Vision {
             config,
             metrics,
             executor: OnceCell::new(),
+            detector: OnceCell::new(),
             http,
             search: search::SearchIndex::new(tenants, model),
         })
@@ -109,11 +120,15 @@ impl Vision {
         }
     }
 
-    /// Starts the executor now (blocking: loads and warms up the model).
+    /// Starts the executors now (blocking: loads and warms up the classifier and the detector).
     pub fn preload(&self) -> Result<(), VisionError> {
         let e = Executor::start(&self.config, Arc::clone(&self.metrics))?;
         self.executor
             .set(Ok(Arc::new(e)))
+            .map_err(|_| VisionError::Executor("already started".into()))?;
+        let d = detect::DetectExecutor::start(&self.config, Arc::clone(&self.metrics))?;
+        self.detector
+            .set(Ok(Arc::new(d)))
             .map_err(|_| VisionError::Executor("already started".into()))
     }
 

@@ -1,5 +1,5 @@
-//! The family's metrics (on the worker's `/metrics`): the executor's series (`celeriac_vision_batch_size`,
-//! `_queue_wait_seconds`, `_inference_seconds`, `_queued`, `_device`, from `celeriac-inference`) and images
+//! The family's metrics (on the worker's `/metrics`): the classifier executor's series (`celeriac_vision_batch_size`,
+//! `_queue_wait_seconds`, `_inference_seconds`, `_queued`, `_device`, from `celeriac-inference`), the same for the detector (`celeriac_vision_detector_...`) and images
 //! by outcome.
 
 use celeriac_inference::BatchMetrics;
@@ -19,8 +19,10 @@ pub struct OutcomeLabel {
 /// The vision metrics.
 #[derive(Debug, Clone)]
 pub struct VisionMetrics {
-    /// The executor's series.
+    /// The classifier executor's series.
     pub batch: Arc<BatchMetrics>,
+    /// The detector executor's series (`celeriac_vision_detector_batch_size`, ...).
+    pub detect_batch: Arc<BatchMetrics>,
     /// Images by outcome.
     pub images: Family<OutcomeLabel, Counter>,
 }
@@ -30,6 +32,11 @@ impl VisionMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             batch: Arc::new(BatchMetrics::new(registry, "celeriac_vision", "Images")),
+            detect_batch: Arc::new(BatchMetrics::new(
+                registry,
+                "celeriac_vision_detector",
+                "Images",
+            )),
             images: Family::default(),
         };
         for outcome in ["ok", "invalid", "error"] {

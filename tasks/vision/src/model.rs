@@ -30,6 +30,16 @@ pub const CLASS_NAMES: [&str; 10] = [
 /// Number of classes.
 pub const CLASSES: usize = CLASS_NAMES.len();
 
+/// The most probable class of a softmax and its probability (the first one on a tie).
+pub fn best_class(probs: &[f32]) -> (usize, f32) {
+    probs
+        .iter()
+        .copied()
+        .enumerate()
+        .take(CLASSES)
+        .fold((0, f32::MIN), |m, (c, p)| if p > m.1 { (c, p) } else { m })
+}
+
 /// The shape of the network; saved beside the weights.
 #[derive(Config, Debug, PartialEq)]
 pub struct ClassifierConfig {

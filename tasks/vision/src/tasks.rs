@@ -1,9 +1,9 @@
 //! The Celery tasks of the family, registered under their dotted names: `vision.classify`, `vision.embed`,
-//! and per tenant `vision.index`, `vision.unindex` and `vision.search`. Each decodes its image off the async
+//! `vision.detect`, and per tenant `vision.index`, `vision.unindex` and `vision.search`. Each decodes its image off the async
 //! runtime, then waits for the batching executor.
 
 use crate::Vision;
-use crate::model::{CLASS_NAMES, CLASSES};
+use crate::model::{CLASS_NAMES, best_class};
 use celeriac_task::{Registry, TaskContext, TaskError, TaskOptions};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -31,6 +31,25 @@ pub fn register(registry: &mut Registry, vision: Arc<Vision>) {
         move |_ctx: TaskContext, (image,): (Value,)| {
             let v = Arc::clone(&v);
             async move { Ok::<_, TaskError>(v.predict(&image).await?.embedding) }
+        },
+    );
+    let v = Arc::clone(&vision);
+    registry.task(
+        "vision.detect",
+        &["image", "min_score?"],
+        TaskOptions::default(),
+        move |_ctx: TaskContext, (image, min_score): (Value, Option<f64>)| {
+            let v = Arc::clone(&v);
+            async move {
+                let min_score = min_score.unwrap_or(0.3);
+                if !(0.0..=1.0).contains(&min_score) {
+                    return Err(TaskError::value_error(format!(
+                        "min_score: {min_score} is not between 0 and 1"
+                    )));
+                }
+                let found = v.detect(&image, min_score as f32).await?;
+                Ok(Value::Array(found.iter().map(|d| d.to_json()).collect()))
+            }
         },
     );
     register_search(registry, Arc::clone(&vision));
@@ -134,16 +153,7 @@ fn register_search(registry: &mut Registry, vision: Arc<Vision>) {
 
 /// `{"label", "class_id", "score", "probs"}` of a softmax.
 pub fn classification(probs: &[f32]) -> Value {
-    let (class_id, score) =
-        probs
-            .iter()
-            .copied()
-            .enumerate()
-            .take(CLASSES)
-            .fold(
-                (0, f32::MIN),
-                |best, (i, p)| if p > best.1 { (i, p) } else { best },
-            );
+    let (class_id, score) = best_class(probs);
     json!({
         "label": CLASS_NAMES[class_id],
         "class_id": class_id,

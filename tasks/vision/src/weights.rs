@@ -74,10 +74,12 @@ impl Weights {
 
     /// The network on `device`, for inference.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Classifier<B>, VisionError> {
-        let record = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
-            .load(self.record.clone(), device)
-            .map_err(|e| VisionError::Weights(format!("classifier.mpk: {e}")))?;
-        Ok(self.meta.config.init::<B>(device).load_record(record))
+        load_record(
+            self.meta.config.init::<B>(device),
+            &self.record,
+            "classifier",
+            device,
+        )
     }
 
     /// Writes `model` and `meta` to `dir`.
@@ -86,15 +88,38 @@ impl Weights {
         meta: &Meta,
         dir: &Path,
     ) -> Result<(), VisionError> {
-        let io = |e: std::io::Error| VisionError::Weights(format!("{}: {e}", dir.display()));
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let bytes = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
-            .record(model.into_record(), ())
-            .map_err(|e| VisionError::Weights(e.to_string()))?;
-        std::fs::write(dir.join("classifier.mpk"), bytes).map_err(io)?;
-        let json =
-            serde_json::to_string_pretty(meta).map_err(|e| VisionError::Weights(e.to_string()))?;
-        std::fs::write(dir.join("classifier.json"), json + "\n").map_err(io)?;
-        Ok(())
+        save_module(model, meta, dir, "classifier")
     }
+}
+
+/// `module` with the parameters of `record` (Burn's named MessagePack bytes of `{name}.mpk`).
+pub(crate) fn load_record<B: Backend, M: Module<B>>(
+    module: M,
+    record: &[u8],
+    name: &str,
+    device: &B::Device,
+) -> Result<M, VisionError> {
+    let record = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
+        .load(record.to_vec(), device)
+        .map_err(|e| VisionError::Weights(format!("{name}.mpk: {e}")))?;
+    Ok(module.load_record(record))
+}
+
+/// Writes `model` to `{name}.mpk` and `meta` to `{name}.json` in `dir`.
+pub(crate) fn save_module<B: Backend, M: Module<B>, T: Serialize>(
+    model: M,
+    meta: &T,
+    dir: &Path,
+    name: &str,
+) -> Result<(), VisionError> {
+    let io = |e: std::io::Error| VisionError::Weights(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let bytes = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
+        .record(model.into_record(), ())
+        .map_err(|e| VisionError::Weights(e.to_string()))?;
+    std::fs::write(dir.join(format!("{name}.mpk")), bytes).map_err(io)?;
+    let json =
+        serde_json::to_string_pretty(meta).map_err(|e| VisionError::Weights(e.to_string()))?;
+    std::fs::write(dir.join(format!("{name}.json")), json + "\n").map_err(io)?;
+    Ok(())
 }

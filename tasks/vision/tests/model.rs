@@ -52,6 +52,8 @@ fn a_smoke_training_run_learns_and_writes_loadable_weights() {
         validation: 500,
         limit: Some(2000),
         model: ClassifierConfig::new().with_channels(8),
+        init: None,
+        scene_crops: 0.25,
         command: "smoke".into(),
     };
     let device = Default::default();
