@@ -3,9 +3,9 @@
 //! executor, where the crops of all concurrent detections batch together.
 
 use crate::config::VisionConfig;
-use crate::detect_train::crop;
 use crate::detector::{Detector, DetectorWeights, Proposal, detect};
 use crate::executor::Prediction;
+use crate::input::crop;
 use crate::metrics::VisionMetrics;
 use crate::model::{CLASS_NAMES, best_class};
 use crate::{Vision, VisionError};
@@ -22,8 +22,8 @@ pub const MAX_SIDE: u32 = 448;
 /// One image for the detector: grey, light on dark.
 #[derive(Debug)]
 pub struct DetectRequest {
-    /// Row-major grey pixels.
-    pub pixels: Vec<u8>,
+    /// Row-major grey pixels (shared with the caller, which crops its boxes from them).
+    pub pixels: Arc<[u8]>,
     /// Width in pixels.
     pub width: usize,
     /// Height in pixels.
@@ -227,9 +227,9 @@ impl Vision {
             }
         };
         let (width, height) = (grey.width() as usize, grey.height() as usize);
-        let pixels = grey.into_raw();
+        let pixels: Arc<[u8]> = grey.into_raw().into();
         let request = DetectRequest {
-            pixels: pixels.clone(),
+            pixels: Arc::clone(&pixels),
             width,
             height,
             // A detection's score is at most its centre probability.

@@ -13,7 +13,7 @@ use crate::detector::{
     Detector, DetectorConfig, DetectorMeta, DetectorWeights, OUTPUTS, STRIDE, detect, input,
 };
 use crate::idx::{FashionMnist, Split};
-use crate::input::grey_to_model_pixels;
+use crate::input::crop;
 use crate::model::{CLASSES, Classifier, best_class};
 use crate::scene::{Scene, SceneRules, compose};
 use crate::train::to_tensor;
@@ -271,33 +271,6 @@ pub fn agnostic_ap<B: Backend>(model: &Detector<B>, scenes: &[Scene], device: &B
         }
     }
     average_precision(&found, &truths(scenes), 0.5, false)
-}
-
-/// The classifier's input for the pixels of `bbox` in a scene: pixels darker than a fifth of the box's
-/// brightest are set to black (the canvas's noise, which Fashion-MNIST's black backgrounds never have), then
-/// cropped, scaled and centred as for `vision.classify`.
-pub fn crop(scene_pixels: &[u8], width: usize, height: usize, bbox: [f32; 4]) -> Vec<u8> {
-    let x0 = (bbox[0].floor().max(0.0) as usize).min(width - 1);
-    let y0 = (bbox[1].floor().max(0.0) as usize).min(height - 1);
-    let x1 = (bbox[2].ceil() as usize).clamp(x0 + 1, width);
-    let y1 = (bbox[3].ceil() as usize).clamp(y0 + 1, height);
-    let mut grey = image::GrayImage::new((x1 - x0) as u32, (y1 - y0) as u32);
-    for y in y0..y1 {
-        for x in x0..x1 {
-            grey.put_pixel(
-                (x - x0) as u32,
-                (y - y0) as u32,
-                image::Luma([scene_pixels[y * width + x]]),
-            );
-        }
-    }
-    let floor = (grey.pixels().map(|p| p.0[0]).max().unwrap_or(0) / 5).max(8);
-    for p in grey.pixels_mut() {
-        if p.0[0] < floor {
-            p.0[0] = 0;
-        }
-    }
-    grey_to_model_pixels(grey)
 }
 
 fn classify<B: Backend>(classifier: &Classifier<B>, crops: &[u8], device: &B::Device) -> Vec<f32> {

@@ -62,7 +62,7 @@ impl Crops {
                 let (w, h) = (x1 - x0, y1 - y0);
                 let mut j = |v: f32, span: f32| v + (rng.unit() as f32 - 0.5) * 0.2 * span;
                 let b = [j(x0, w), j(y0, h), j(x1, w), j(y1, h)];
-                let px = crate::detect_train::crop(&scene.pixels, scene.width, scene.height, b);
+                let px = crate::input::crop(&scene.pixels, scene.width, scene.height, b);
                 self.pending.push((px, item.class_id as u8));
             }
         }
