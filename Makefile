@@ -25,7 +25,7 @@ CELERIAC_BIN_ANY = $(firstword $(wildcard $(CELERIAC_RELEASE) $(CELERIAC_DEBUG))
 
 FLOWER_PORT ?= 5555
 
-.PHONY: up down ps prometheus fashion-mnist movielens eval-recommend train-vision train-detector fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-recommend bench-vision bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
+.PHONY: up down ps prometheus fashion-mnist movielens eval-recommend train-vision train-namer train-detector fuzz flower test test-repeat lint fmt unit interop peers bench bench-eta bench-recommend bench-vision bench-email bench-payment bench-sync chaos build release redis postgres rabbitmq chromium venv clean help
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -72,12 +72,24 @@ train-vision: fashion-mnist ## Train the vision classifier in Rust (Burn, CPU) a
 	cargo build --release -p celeriac
 	$(CELERIAC_RELEASE) train vision --epochs $(VISION_EPOCHS) --channels 16 --learning-rate 0.003 --seed 42 --out tasks/vision/weights $(VISION_TRAIN_ARGS)
 
-# `make train-detector`: the run that made tasks/vision/weights/detector.* (figures in detector.json: AP and
-# mAP on 1,000 test-composed scenes beside the connected-components baseline). DETECTOR_TRAIN_ARGS adds options.
+# `make train-detector`: the two runs that made tasks/vision/weights/detector.* (figures in detector.json: AP and
+# mAP on 1,000 test-composed scenes beside the connected-components baseline): 10 epochs from fresh weights
+# into $(DETECTOR_STAGE), then 5 more at a quarter of the learning rate on new scenes. DETECTOR_TRAIN_ARGS adds
+# options to both.
 DETECTOR_EPOCHS ?= 10
+DETECTOR_STAGE ?= $(HOME)/.cache/celeriac/detector-stage1
 train-detector: fashion-mnist ## Train the vision detector in Rust (Burn, CPU) on composed scenes and write tasks/vision/weights/detector.*.
 	cargo build --release -p celeriac
-	$(CELERIAC_RELEASE) train detector --epochs $(DETECTOR_EPOCHS) --seed 42 --out tasks/vision/weights $(DETECTOR_TRAIN_ARGS)
+	$(CELERIAC_RELEASE) train detector --epochs $(DETECTOR_EPOCHS) --seed 42 --out $(DETECTOR_STAGE) $(DETECTOR_TRAIN_ARGS)
+	$(CELERIAC_RELEASE) train detector --init $(DETECTOR_STAGE) --epochs 5 --learning-rate 5e-4 --seed 43 --out tasks/vision/weights --threads 1 $(DETECTOR_TRAIN_ARGS)
+
+# `make train-namer`: the run that made tasks/vision/weights/namer.* (the classifier fine-tuned on items cropped
+# from composed training scenes; it names vision.detect's boxes). Run after train-vision: it starts from
+# classifier.*.
+NAMER_EPOCHS ?= 3
+train-namer: fashion-mnist ## Fine-tune the classifier on scene crops into tasks/vision/weights/namer.* (names the detector's boxes).
+	cargo build --release -p celeriac
+	$(CELERIAC_RELEASE) train vision --init tasks/vision/weights --role namer --scene-crops 1 --epochs $(NAMER_EPOCHS) --learning-rate 1e-3 --seed 42 --out tasks/vision/weights --threads 1 $(NAMER_TRAIN_ARGS)
 
 flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and web UI) on http://127.0.0.1:$(FLOWER_PORT) for the `make up` broker.
 	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"

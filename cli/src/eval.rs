@@ -31,7 +31,8 @@ enum Model {
 #[cfg(feature = "vision")]
 #[derive(Debug, Args)]
 struct DetectorArgs {
-    /// A weights directory with `detector.*` and `classifier.*` (default: the weights built into the binary).
+    /// A weights directory with `detector.*` and `namer.*` (else `classifier.*`) to name the boxes; what it
+    /// lacks comes from the weights built into the binary.
     #[arg(long)]
     weights: Option<PathBuf>,
     /// Fashion-MNIST's directory (default: $FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist).
@@ -43,6 +44,9 @@ struct DetectorArgs {
     /// Seed of the scenes.
     #[arg(long, default_value_t = 2026)]
     seed: u64,
+    /// Write these figures into `--weights`' `detector.json` (after the namer that names the boxes changed).
+    #[arg(long, requires = "weights")]
+    record: bool,
 }
 
 /// `celeriac eval vision`: prints one JSON object.
@@ -126,23 +130,29 @@ fn detector(a: DetectorArgs) -> anyhow::Result<i32> {
     use celeriac_tasks_vision::scene::{SceneRules, compose};
     use celeriac_tasks_vision::{detect_train, detector::DetectorWeights, idx::FashionMnist};
     let device = Default::default();
-    let detector = DetectorWeights::resolve(a.weights.as_deref())?.load::<Flex>(&device)?;
-    let classifier = celeriac_tasks_vision::weights::Weights::resolve(
-        a.weights
-            .as_deref()
-            .filter(|d| d.join("classifier.json").exists()),
-    )?;
-    let classifier_id = classifier.model_id();
-    let classifier = classifier.load::<Flex>(&device)?;
+    let weights = DetectorWeights::resolve(a.weights.as_deref())?;
+    let detector = weights.load::<Flex>(&device)?;
+    let namer = celeriac_tasks_vision::weights::Weights::for_naming(a.weights.as_deref())?;
+    let namer_id = namer.model_id();
+    let namer = namer.load::<Flex>(&device)?;
     let data = FashionMnist::locate(a.data.as_deref())?;
     let mut rng = celeriac_tasks_vision::train::Rng::new(a.seed);
     let scenes: Vec<_> = (0..a.scenes)
         .map(|_| compose(&data.test, &SceneRules::default(), &mut rng))
         .collect();
-    let mut out = detect_train::evaluate(&detector, &classifier, &scenes, &device);
-    out["classifier"] = classifier_id.into();
+    let mut out = detect_train::evaluate(&detector, &namer, &scenes, &device);
+    out["namer"] = namer_id.into();
     out["eval_seed"] = a.seed.into();
     println!("{out}");
+    if let (true, Some(dir)) = (a.record, &a.weights) {
+        let mut meta = DetectorWeights::from_dir(dir)?.meta;
+        if let (Some(f), Some(new)) = (meta.figures.as_object_mut(), out.as_object()) {
+            f.extend(new.clone());
+        }
+        let path = dir.join("detector.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&meta)? + "\n")?;
+        eprintln!("figures written to {}", path.display());
+    }
     Ok(0)
 }
 
@@ -157,6 +167,9 @@ fn vision(a: VisionArgs) -> anyhow::Result<i32> {
     }
     let data = FashionMnist::locate(a.data.as_deref())?;
     let accuracy = train::accuracy(&model, &data.test, &Default::default());
+    let (scenes, seed) = train::SCENE_CROP_EVAL;
+    let crops = train::scene_crop_split(&data.test, scenes, seed);
+    let crop_accuracy = train::accuracy(&model, &crops, &Default::default());
     let probs = export::probabilities(&model, &data.test, a.reference);
     let mut speed = serde_json::Map::new();
     for &batch in &a.batches {
@@ -170,6 +183,7 @@ fn vision(a: VisionArgs) -> anyhow::Result<i32> {
     let out = serde_json::json!({
         "model": weights.model_id(),
         "test_accuracy": (accuracy * 1e4).round() / 1e4,
+        "scene_crop_accuracy": (crop_accuracy * 1e4).round() / 1e4,
         "reference": {"images": probs.len() / 10, "probs": probs},
         "images_per_second": speed,
     });

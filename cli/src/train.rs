@@ -1,7 +1,9 @@
 //! `celeriac train vision`: trains the vision classifier on Fashion-MNIST with Burn's autodiff on the CPU
-//! and writes `classifier.mpk` and `classifier.json`; `celeriac train detector` trains the detector on
-//! composed scenes and writes `detector.mpk` and `detector.json` (the weights `tasks/vision/weights/` ships
-//! were made by `make train-vision` and `make train-detector`, which run these with the recorded arguments).
+//! and writes `classifier.mpk` and `classifier.json` (with `--role namer`, `namer.*`: the copy fine-tuned on
+//! scene crops that names the detector's boxes); `celeriac train detector` trains the detector on composed
+//! scenes and writes `detector.mpk` and `detector.json` (the weights `tasks/vision/weights/` ships were made
+//! by `make train-vision`, `make train-namer` and `make train-detector`, which run these with the recorded
+//! arguments).
 
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ pub struct TrainArgs {
 enum Model {
     /// The vision classifier and its embedding.
     Vision(VisionArgs),
-    /// The vision detector (centre heatmaps on composed scenes), measured with the classifier.
+    /// The vision detector (centre heatmaps on composed scenes), measured with the namer.
     Detector(DetectorArgs),
 }
 
@@ -30,9 +32,10 @@ struct DetectorArgs {
     /// Fashion-MNIST's directory (default: $FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// The classifier naming the boxes in the evaluation (default: the weights built into the binary).
+    /// A weights directory whose namer.* (else classifier.*) names the boxes in the evaluation (default:
+    /// the namer built into the binary).
     #[arg(long)]
-    classifier: Option<PathBuf>,
+    namer: Option<PathBuf>,
     /// Epochs.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
@@ -60,9 +63,19 @@ struct DetectorArgs {
     /// Channels of the first block.
     #[arg(long, default_value_t = 12)]
     channels: usize,
+    /// Fine-tune: start from the detector in this directory (its shape wins over --channels).
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+/// `--role`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Classifier,
+    Namer,
 }
 
 /// `celeriac train vision`.
@@ -101,6 +114,10 @@ struct VisionArgs {
     /// Share of each batch taken from items cropped out of composed scenes (what vision.detect classifies).
     #[arg(long, default_value_t = 0.0)]
     scene_crops: f64,
+    /// Which weights to write: `classifier` (classify, embed, search) or `namer` (names vision.detect's
+    /// boxes).
+    #[arg(long, value_enum, default_value_t = RoleArg::Classifier)]
+    role: RoleArg,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -137,6 +154,10 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<i32> {
                 },
                 init: a.init,
                 scene_crops: a.scene_crops,
+                role: match a.role {
+                    RoleArg::Classifier => celeriac_tasks_vision::weights::Role::Classifier,
+                    RoleArg::Namer => celeriac_tasks_vision::weights::Role::Namer,
+                },
                 command,
             }),
         ),
@@ -146,7 +167,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<i32> {
             Job::Detector(celeriac_tasks_vision::detect_train::DetectTrainOptions {
                 data: a.data,
                 out: a.out,
-                classifier: a.classifier,
+                namer: a.namer,
                 epochs: a.epochs,
                 scenes_per_epoch: a.scenes_per_epoch,
                 batch_size: a.batch_size,
@@ -155,8 +176,16 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<i32> {
                 validation: a.validation,
                 eval_scenes: a.eval_scenes,
                 eval_seed: a.eval_seed,
-                model: celeriac_tasks_vision::detector::DetectorConfig::new()
-                    .with_channels(a.channels),
+                model: match &a.init {
+                    Some(dir) => {
+                        celeriac_tasks_vision::detector::DetectorWeights::from_dir(dir)?
+                            .meta
+                            .config
+                    }
+                    None => celeriac_tasks_vision::detector::DetectorConfig::new()
+                        .with_channels(a.channels),
+                },
+                init: a.init,
                 command,
             }),
         ),

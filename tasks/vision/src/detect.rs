@@ -1,14 +1,17 @@
-//! `vision.detect`: the detector behind its own batching executor (images of any size, each run on its
-//! own, the batch spread over the CPU pool), then every proposed box cropped and named by the classifier's
-//! executor, where the crops of all concurrent detections batch together.
+//! `vision.detect`: the detector and the namer (the classifier fine-tuned on items cropped from composed
+//! scenes) behind one batching executor: each image of a batch, on its own thread of the CPU pool, runs
+//! the detector, then every proposed box is cropped and named.
 
 use crate::config::VisionConfig;
 use crate::detector::{Detector, DetectorWeights, Proposal, detect};
-use crate::executor::Prediction;
+use crate::idx::PIXELS;
 use crate::input::crop;
 use crate::metrics::VisionMetrics;
-use crate::model::{CLASS_NAMES, best_class};
+use crate::model::{CLASS_NAMES, CLASSES, Classifier, best_class};
+use crate::train::to_tensor;
+use crate::weights::Weights;
 use crate::{Vision, VisionError};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use celeriac_inference::executor::BoxedRunner;
 use celeriac_inference::{BatchSettings, Device, ExecutorError, Runner};
@@ -22,58 +25,98 @@ pub const MAX_SIDE: u32 = 448;
 /// One image for the detector: grey, light on dark.
 #[derive(Debug)]
 pub struct DetectRequest {
-    /// Row-major grey pixels (shared with the caller, which crops its boxes from them).
-    pub pixels: Arc<[u8]>,
+    /// Row-major grey pixels.
+    pub pixels: Vec<u8>,
     /// Width in pixels.
     pub width: usize,
     /// Height in pixels.
     pub height: usize,
-    /// Lowest centre probability returned.
-    pub min_objectness: f32,
+    /// Lowest score returned (a detection's score is at most its centre probability, so this is also the
+    /// lowest centre probability worth naming).
+    pub min_score: f32,
 }
 
-/// The batching executor of the detector.
+/// The batching executor of the detector and its namer.
 #[derive(Debug)]
 pub struct DetectExecutor {
-    inner: celeriac_inference::Executor<DetectRequest, Vec<Proposal>>,
+    inner: celeriac_inference::Executor<DetectRequest, Vec<Detection>>,
 }
 
 struct DetectRunner<B: Backend> {
     model: Detector<B>,
+    namer: Classifier<B>,
     device: B::Device,
+    /// Crops per forward pass of the namer: one on the CPU (flex's fastest per image), all on CUDA.
+    chunk: usize,
+}
+
+/// The namer's class probabilities for `boxes` of one grey image, `CLASSES` per box: each box cropped,
+/// de-noised and scaled to 28×28, `chunk` crops per forward pass.
+pub fn name_boxes<B: Backend>(
+    namer: &Classifier<B>,
+    image: (&[u8], usize, usize),
+    boxes: &[[f32; 4]],
+    chunk: usize,
+    device: &B::Device,
+) -> Vec<f32> {
+    let (pixels, width, height) = image;
+    let mut probs = Vec::with_capacity(boxes.len() * CLASSES);
+    for group in boxes.chunks(chunk.max(1)) {
+        let mut crops = Vec::with_capacity(group.len() * PIXELS);
+        for b in group {
+            crops.extend(crop(pixels, width, height, *b));
+        }
+        let out = namer.forward(to_tensor::<B>(&crops, device));
+        probs.extend(softmax(out.logits, 1).into_data().iter::<f32>());
+    }
+    probs
+}
+
+/// The detections in one image, unsorted: proposals at `min_score` or above, named, kept when their
+/// combined score still is.
+fn detect_and_name<B: Backend>(
+    model: &Detector<B>,
+    namer: &Classifier<B>,
+    r: &DetectRequest,
+    chunk: usize,
+    device: &B::Device,
+) -> Vec<Detection> {
+    let proposals = detect(model, &r.pixels, r.width, r.height, r.min_score, device);
+    let boxes: Vec<[f32; 4]> = proposals.iter().map(|p| p.bbox).collect();
+    let probs = name_boxes(namer, (&r.pixels, r.width, r.height), &boxes, chunk, device);
+    proposals
+        .iter()
+        .zip(probs.chunks(CLASSES))
+        .map(|(p, probs)| named(p, probs))
+        .filter(|d| d.score >= r.min_score)
+        .collect()
 }
 
 impl<B: Backend> Runner for DetectRunner<B>
 where
     Detector<B>: Sync,
+    Classifier<B>: Sync,
     B::Device: Sync,
 {
     type Input = DetectRequest;
-    type Output = Vec<Proposal>;
+    type Output = Vec<Detection>;
 
-    fn run(&mut self, batch: &[DetectRequest]) -> Result<Vec<Vec<Proposal>>, String> {
+    fn run(&mut self, batch: &[DetectRequest]) -> Result<Vec<Vec<Detection>>, String> {
         use rayon::prelude::*;
-        let (model, device) = (&self.model, &self.device);
+        let (model, namer, device, chunk) = (&self.model, &self.namer, &self.device, self.chunk);
         Ok(batch
             .par_iter()
-            .map(|r| {
-                detect(
-                    model,
-                    &r.pixels,
-                    r.width,
-                    r.height,
-                    r.min_objectness,
-                    device,
-                )
-            })
+            .map(|r| detect_and_name(model, namer, r, chunk, device))
             .collect())
     }
 }
 
 impl DetectExecutor {
-    /// Loads the detector's weights on the chosen device, warms it up and starts its thread.
+    /// Loads the detector's and the namer's weights on the chosen device, warms them up and starts the
+    /// executor's thread.
     pub fn start(config: &VisionConfig, metrics: Arc<VisionMetrics>) -> Result<Self, VisionError> {
         let weights = DetectorWeights::resolve(config.weights.as_deref())?;
+        let namer = Weights::for_naming(config.weights.as_deref())?;
         let device =
             celeriac_inference::device::resolve("vision", config.device, cfg!(feature = "cuda"));
         let settings = BatchSettings {
@@ -90,21 +133,37 @@ impl DetectExecutor {
         };
         fn runner<B: Backend>(
             weights: &DetectorWeights,
-        ) -> Result<BoxedRunner<DetectRequest, Vec<Proposal>>, String>
+            namer: &Weights,
+            chunk: usize,
+        ) -> Result<BoxedRunner<DetectRequest, Vec<Detection>>, String>
         where
             Detector<B>: Sync,
+            Classifier<B>: Sync,
             B::Device: Sync,
         {
             let device: B::Device = Default::default();
             let model = weights.load::<B>(&device).map_err(|e| e.to_string())?;
+            let namer = namer.load::<B>(&device).map_err(|e| e.to_string())?;
             let _ = detect(&model, &[0; 112 * 112], 112, 112, 0.5, &device);
-            tracing::info!("vision detector loaded and warmed up");
-            Ok(Box::new(DetectRunner { model, device }))
+            let _ = name_boxes(
+                &namer,
+                (&[0; 64], 8, 8),
+                &[[0.0, 0.0, 8.0, 8.0]],
+                1,
+                &device,
+            );
+            tracing::info!("vision detector and namer loaded and warmed up");
+            Ok(Box::new(DetectRunner {
+                model,
+                namer,
+                device,
+                chunk,
+            }))
         }
         let load = move || match device {
-            Device::Cpu => runner::<burn::backend::Flex>(&weights),
+            Device::Cpu => runner::<burn::backend::Flex>(&weights, &namer, 1),
             #[cfg(feature = "cuda")]
-            Device::Cuda => runner::<burn::backend::Cuda>(&weights),
+            Device::Cuda => runner::<burn::backend::Cuda>(&weights, &namer, 64),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => Err("no CUDA backend in this build".into()),
         };
@@ -120,8 +179,8 @@ impl DetectExecutor {
         Ok(Self { inner })
     }
 
-    /// The proposals for one image, batched with whatever else is waiting.
-    pub async fn detect(&self, request: DetectRequest) -> Result<Vec<Proposal>, VisionError> {
+    /// The named detections in one image, batched with whatever else is waiting.
+    pub async fn detect(&self, request: DetectRequest) -> Result<Vec<Detection>, VisionError> {
         self.inner.submit(request).await.map_err(|e| match e {
             ExecutorError::Stopped => VisionError::Stopped,
             other => VisionError::Executor(other.to_string()),
@@ -136,7 +195,7 @@ pub struct Detection {
     pub bbox: [f32; 4],
     /// Fashion-MNIST class id.
     pub class_id: usize,
-    /// The detector's centre probability times the classifier's probability of the class.
+    /// The detector's centre probability times the namer's probability of the class.
     pub score: f32,
 }
 
@@ -153,11 +212,12 @@ impl Detection {
     }
 }
 
-/// The classifier's answer for a box: its argmax class and the combined score.
-pub fn named(p: &Proposal, prediction: &Prediction, scale: f32) -> Detection {
-    let (class_id, prob) = best_class(&prediction.probs);
+/// The namer's answer for a box (`probs`: its ten class probabilities): the argmax class and the combined
+/// score.
+pub fn named(p: &Proposal, probs: &[f32]) -> Detection {
+    let (class_id, prob) = best_class(probs);
     Detection {
-        bbox: p.bbox.map(|v| v * scale),
+        bbox: p.bbox,
         class_id,
         score: p.objectness * prob,
     }
@@ -166,19 +226,11 @@ pub fn named(p: &Proposal, prediction: &Prediction, scale: f32) -> Detection {
 impl Vision {
     /// The detector's executor, started on first use.
     pub async fn detector(&self) -> Result<Arc<DetectExecutor>, VisionError> {
-        let r = self
-            .detector
-            .get_or_init(|| async {
-                let config = self.config.clone();
-                let metrics = Arc::clone(&self.metrics);
-                tokio::task::spawn_blocking(move || DetectExecutor::start(&config, metrics))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                    .map(Arc::new)
-            })
-            .await;
-        r.clone().map_err(VisionError::Executor)
+        let (config, metrics) = (self.config.clone(), Arc::clone(&self.metrics));
+        crate::started(&self.detector, move || {
+            DetectExecutor::start(&config, metrics)
+        })
+        .await
     }
 
     /// The items in `image` scoring at least `min_score`, best first.
@@ -226,29 +278,15 @@ impl Vision {
                 return Err(e.into());
             }
         };
-        let (width, height) = (grey.width() as usize, grey.height() as usize);
-        let pixels: Arc<[u8]> = grey.into_raw().into();
         let request = DetectRequest {
-            pixels: Arc::clone(&pixels),
-            width,
-            height,
-            // A detection's score is at most its centre probability.
-            min_objectness: min_score,
+            width: grey.width() as usize,
+            height: grey.height() as usize,
+            pixels: grey.into_raw(),
+            min_score,
         };
-        let proposals = self.detector().await?.detect(request).await?;
-        let classifier = self.executor().await?;
-        let answers = futures::future::join_all(proposals.iter().map(|p| {
-            let px = crop(&pixels, width, height, p.bbox);
-            let c = Arc::clone(&classifier);
-            async move { c.infer(px).await }
-        }))
-        .await;
-        let mut found = Vec::with_capacity(proposals.len());
-        for (p, a) in proposals.iter().zip(answers) {
-            let d = named(p, &a?, scale);
-            if d.score >= min_score {
-                found.push(d);
-            }
+        let mut found = self.detector().await?.detect(request).await?;
+        for d in &mut found {
+            d.bbox = d.bbox.map(|v| v * scale);
         }
         found.sort_by(|a, b| b.score.total_cmp(&a.score));
         self.metrics.image("ok");

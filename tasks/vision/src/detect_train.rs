@@ -1,25 +1,24 @@
 //! Training the detector on scenes composed from the training images (a fresh scene for every step, from
 //! a seeded generator; the last `validation` images of a seeded shuffle are held out and only compose the
 //! validation scenes), and measuring it on scenes composed from the test images against the
-//! connected-components baseline, both named by the classifier.
+//! connected-components baseline, both named by the namer (the classifier fine-tuned on scene crops).
 //!
 //! The loss is CenterNet's: a penalty-reduced focal loss on the centre map (a Gaussian bump at each item's
 //! centre, σ a sixth of its box in cells, at least 0.7), plus L1 on the log width and height and on the
 //! centre's offset inside its cell, both only at the centre cells.
 
 use crate::VisionError;
+use crate::detect::name_boxes;
 use crate::detect_eval::{Scored, average_precision, components, mean_average_precision};
 use crate::detector::{
     Detector, DetectorConfig, DetectorMeta, DetectorWeights, OUTPUTS, STRIDE, detect, input,
 };
 use crate::idx::{FashionMnist, Split};
-use crate::input::crop;
 use crate::model::{CLASSES, Classifier, best_class};
 use crate::scene::{Scene, SceneRules, compose};
-use crate::train::to_tensor;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::activation::{log_sigmoid, sigmoid, softmax};
+use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use celeriac_inference::Rng;
@@ -34,8 +33,9 @@ pub struct DetectTrainOptions {
     pub data: Option<PathBuf>,
     /// Where `detector.mpk` and `detector.json` go.
     pub out: PathBuf,
-    /// The classifier that names the boxes in the evaluation (default: the shipped one).
-    pub classifier: Option<PathBuf>,
+    /// A weights directory whose `namer.*` (else `classifier.*`) names the boxes in the evaluation
+    /// (default: the shipped namer).
+    pub namer: Option<PathBuf>,
     /// Passes of `scenes_per_epoch` training scenes.
     pub epochs: usize,
     /// Training scenes per epoch (each one new).
@@ -54,6 +54,8 @@ pub struct DetectTrainOptions {
     pub eval_seed: u64,
     /// The network's shape.
     pub model: DetectorConfig,
+    /// Start from the detector in this directory (`detector.*`) instead of fresh weights: fine-tuning.
+    pub init: Option<PathBuf>,
     /// The command line, recorded in `detector.json`.
     pub command: String,
 }
@@ -146,7 +148,7 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<serde_json::Value, VisionError> {
     let data = FashionMnist::locate(options.data.as_deref())?;
-    let classifier = crate::weights::Weights::resolve(options.classifier.as_deref())?;
+    let namer = crate::weights::Weights::for_naming(options.namer.as_deref())?;
     let mut rng = Rng::new(options.seed);
     B::seed(device, options.seed);
     let mut order: Vec<usize> = (0..data.train.len()).collect();
@@ -158,7 +160,16 @@ pub fn train<B: AutodiffBackend>(
     let rules = SceneRules::default();
     let val_scenes = scenes(&val, &rules, 200, &mut Rng::new(options.seed ^ 0x5eed));
 
-    let mut model: Detector<B> = options.model.init(device);
+    let (mut model, init): (Detector<B>, _) = match &options.init {
+        Some(dir) => {
+            let w = DetectorWeights::from_dir(dir)?;
+            (
+                w.load(device)?,
+                crate::weights::provenance(&w.meta.command, &w.meta.figures),
+            )
+        }
+        None => (options.model.init(device), serde_json::Value::Null),
+    };
     let mut optim = AdamWConfig::new().with_weight_decay(1e-4).init();
     let steps_per_epoch = options.scenes_per_epoch.div_ceil(options.batch_size).max(1);
     let total_steps = steps_per_epoch * options.epochs;
@@ -195,8 +206,8 @@ pub fn train<B: AutodiffBackend>(
     let train_seconds = started.elapsed().as_secs_f64();
     let trained = model.valid();
     let cpu = Default::default();
-    let classifier_id = classifier.model_id();
-    let named = classifier.load::<B::InnerBackend>(&cpu)?;
+    let namer_id = namer.model_id();
+    let named = namer.load::<B::InnerBackend>(&cpu)?;
     let test_scenes = scenes(
         &data.test,
         &rules,
@@ -212,9 +223,10 @@ pub fn train<B: AutodiffBackend>(
         "learning_rate": options.learning_rate,
         "seed": options.seed,
         "eval_seed": options.eval_seed,
-        "classifier": classifier_id,
+        "namer": namer_id,
         "train_seconds": train_seconds.round(),
         "history": history,
+        "init": init,
     });
     if let (Some(f), serde_json::Value::Object(e)) = (figures.as_object_mut(), eval) {
         f.extend(e);
@@ -273,37 +285,22 @@ pub fn agnostic_ap<B: Backend>(model: &Detector<B>, scenes: &[Scene], device: &B
     average_precision(&found, &truths(scenes), 0.5, false)
 }
 
-fn classify<B: Backend>(classifier: &Classifier<B>, crops: &[u8], device: &B::Device) -> Vec<f32> {
-    if crops.is_empty() {
-        return Vec::new();
-    }
-    let out = classifier.forward(to_tensor::<B>(crops, device));
-    softmax(out.logits, 1)
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap_or_default()
-}
-
-/// Boxes and scores named by the classifier: each box's class is the classifier's argmax, its class-aware
-/// score the box's score times that class's probability.
+/// Boxes and scores named by the namer: each box's class is the namer's argmax, its class-aware score the
+/// box's score times that class's probability. `boxes` come scene by scene.
 fn name<B: Backend>(
-    classifier: &Classifier<B>,
+    namer: &Classifier<B>,
     boxes: Vec<(usize, [f32; 4], f32)>,
     scenes: &[Scene],
     device: &B::Device,
 ) -> (Vec<Scored>, Vec<Scored>) {
     let mut agnostic = Vec::with_capacity(boxes.len());
     let mut aware = Vec::with_capacity(boxes.len());
-    for chunk in boxes.chunks(256) {
-        let mut crops = Vec::with_capacity(chunk.len() * crate::idx::PIXELS);
-        for (i, b, _) in chunk {
-            let s = &scenes[*i];
-            crops.extend(crop(&s.pixels, s.width, s.height, *b));
-        }
-        let probs = classify(classifier, &crops, device);
-        for (k, (i, b, score)) in chunk.iter().enumerate() {
-            let (class_id, prob) = best_class(&probs[k * CLASSES..(k + 1) * CLASSES]);
+    for group in boxes.chunk_by(|a, b| a.0 == b.0) {
+        let s = &scenes[group[0].0];
+        let bboxes: Vec<[f32; 4]> = group.iter().map(|(_, b, _)| *b).collect();
+        let probs = name_boxes(namer, (&s.pixels, s.width, s.height), &bboxes, 1, device);
+        for ((i, b, score), probs) in group.iter().zip(probs.chunks(CLASSES)) {
+            let (class_id, prob) = best_class(probs);
             agnostic.push(Scored {
                 scene: *i,
                 bbox: *b,
@@ -321,11 +318,11 @@ fn name<B: Backend>(
     (agnostic, aware)
 }
 
-/// The detector and the connected-components baseline on the same `scenes`, each named by `classifier`:
+/// The detector and the connected-components baseline on the same `scenes`, each named by `namer`:
 /// class-agnostic AP@0.5 and class-aware mAP@0.5 of both.
 pub fn evaluate<B: Backend>(
     detector: &Detector<B>,
-    classifier: &Classifier<B>,
+    namer: &Classifier<B>,
     scenes: &[Scene],
     device: &B::Device,
 ) -> serde_json::Value {
@@ -347,8 +344,8 @@ pub fn evaluate<B: Backend>(
             baseline.push((i, b, fill));
         }
     }
-    let (d_agnostic, d_aware) = name(classifier, found, scenes, device);
-    let (b_agnostic, b_aware) = name(classifier, baseline, scenes, device);
+    let (d_agnostic, d_aware) = name(namer, found, scenes, device);
+    let (b_agnostic, b_aware) = name(namer, baseline, scenes, device);
     json!({
         "test_scenes": scenes.len(),
         "test_items": truth.len(),

@@ -257,9 +257,14 @@ impl DetectorWeights {
 
     /// `detector.mpk` and `detector.json` from `dir`, when `dir` holds them; else the shipped ones.
     pub fn resolve(dir: Option<&Path>) -> Result<Self, VisionError> {
-        let Some(dir) = dir.filter(|d| d.join("detector.json").exists()) else {
-            return Self::shipped();
-        };
+        match dir.filter(|d| d.join("detector.json").exists()) {
+            Some(dir) => Self::from_dir(dir),
+            None => Self::shipped(),
+        }
+    }
+
+    /// `detector.mpk` and `detector.json` from `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self, VisionError> {
         let read = |name: &str| {
             std::fs::read(dir.join(name))
                 .map_err(|e| VisionError::Weights(format!("{}: {e}", dir.join(name).display())))

@@ -6,7 +6,8 @@
 //! - [`config`]: the `[vision]` section ([`VisionConfig`]).
 //! - [`tasks`]: the Celery tasks (`vision.classify`, `vision.embed`, `vision.detect`, `vision.index`,
 //!   `vision.unindex`, `vision.search`).
-//! - [`detect`]: `vision.detect` (the detector's executor, then the classifier on each box);
+//! - [`detect`]: `vision.detect` (the detector and the namer, the classifier fine-tuned on scene crops,
+//!   behind one executor);
 //!   [`detector`]: the centre-heatmap network and its weights; [`scene`]: the composed scenes it trains and
 //!   is measured on; [`detect_train`]: its training and evaluation; [`detect_eval`]: AP, mAP and the
 //!   connected-components baseline.
@@ -120,7 +121,7 @@ impl Vision {
         }
     }
 
-    /// Starts the executors now (blocking: loads and warms up the classifier and the detector).
+    /// Starts the executors now (blocking: loads and warms up the classifier, the detector and the namer).
     pub fn preload(&self) -> Result<(), VisionError> {
         let e = Executor::start(&self.config, Arc::clone(&self.metrics))?;
         self.executor
@@ -132,21 +133,10 @@ impl Vision {
             .map_err(|_| VisionError::Executor("already started".into()))
     }
 
-    /// The executor, started on first use.
+    /// The classifier's executor, started on first use.
     pub async fn executor(&self) -> Result<Arc<Executor>, VisionError> {
-        let r = self
-            .executor
-            .get_or_init(|| async {
-                let config = self.config.clone();
-                let metrics = Arc::clone(&self.metrics);
-                tokio::task::spawn_blocking(move || Executor::start(&config, metrics))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                    .map(Arc::new)
-            })
-            .await;
-        r.clone().map_err(VisionError::Executor)
+        let (config, metrics) = (self.config.clone(), Arc::clone(&self.metrics));
+        started(&self.executor, move || Executor::start(&config, metrics)).await
     }
 
     /// The model's answer for the `image` argument.
@@ -173,6 +163,24 @@ impl Vision {
         .await
         .unwrap_or_else(|e| Err(InputError::Corrupt("image".into(), e.to_string())))
     }
+}
+
+/// The executor in `cell`, started by `start` on a blocking thread the first time it is asked for (a
+/// failure is kept: every later call gets the same error).
+async fn started<T: Send + Sync + 'static>(
+    cell: &OnceCell<Result<Arc<T>, String>>,
+    start: impl FnOnce() -> Result<T, VisionError> + Send + 'static,
+) -> Result<Arc<T>, VisionError> {
+    let r = cell
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(start)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map(Arc::new)
+        })
+        .await;
+    r.clone().map_err(VisionError::Executor)
 }
 
 /// Registers the family's tasks. With `vision.preload` (on when a `[vision]` section is present) the model

@@ -1,13 +1,15 @@
 //! Training the classifier on Fashion-MNIST with Burn's autodiff: a seeded shuffle, a validation split taken
 //! from the end of the shuffled training set, augmentation (horizontal flips, shifts of up to two pixels;
 //! optionally a share of each batch as items cropped from composed scenes, what `vision.detect` feeds it),
-//! AdamW with a cosine learning-rate decay, then the figures on the 10,000 test images: accuracy and visual
-//! search Recall@1 (the nearest training image, by embedding, has the query's class).
+//! AdamW with a cosine learning-rate decay, then the figures on the 10,000 test images: accuracy, visual
+//! search Recall@1 (the nearest training image, by embedding, has the query's class) and the accuracy on
+//! the items of scenes composed from them, cropped by their true boxes (what naming the detector's boxes
+//! asks of it).
 
 use crate::VisionError;
 use crate::idx::{FashionMnist, PIXELS, SIDE, Split};
 use crate::model::{Classifier, ClassifierConfig};
-use crate::weights::{Meta, Weights};
+use crate::weights::{Meta, Role, Weights};
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -44,6 +46,8 @@ pub struct TrainOptions {
     /// training image drawn on a noisy canvas at 20 to 42 px among others, cropped by its box (jittered by
     /// up to 10 %) as `vision.detect` crops what its detector finds. 0: plain images only.
     pub scene_crops: f64,
+    /// Which weights these are (`classifier.*` or `namer.*` in `out`).
+    pub role: Role,
     /// The command line, recorded in `classifier.json`.
     pub command: String,
 }
@@ -71,6 +75,32 @@ impl Crops {
 }
 
 pub use celeriac_inference::Rng;
+
+/// Scenes composed by a seed from `split`, cut into their items by their true boxes:
+/// what the scene-crop accuracy is measured on.
+pub fn scene_crop_split(split: &Split, scenes: usize, seed: u64) -> Split {
+    let mut rng = Rng::new(seed);
+    let mut out = Split {
+        images: Vec::new(),
+        labels: Vec::new(),
+    };
+    for _ in 0..scenes {
+        let scene = crate::scene::compose(split, &crate::scene::SceneRules::default(), &mut rng);
+        for item in &scene.items {
+            out.images.extend(crate::input::crop(
+                &scene.pixels,
+                scene.width,
+                scene.height,
+                item.bbox,
+            ));
+            out.labels.push(item.class_id as u8);
+        }
+    }
+    out
+}
+
+/// Test scenes (and their seed) of the scene-crop accuracy: the detector's evaluation scenes.
+pub const SCENE_CROP_EVAL: (usize, u64) = (1000, 2026);
 
 /// Pixels to a `[n, 1, 28, 28]` tensor in 0..1.
 pub fn to_tensor<B: Backend>(images: &[u8], device: &B::Device) -> Tensor<B, 4> {
@@ -124,9 +154,13 @@ pub fn train<B: AutodiffBackend>(
         None => data.test.clone(),
     };
 
-    let mut model: Classifier<B> = match &options.init {
-        Some(dir) => Weights::from_dir(dir)?.load(device)?,
-        None => options.model.init(device),
+    let (mut model, init): (Classifier<B>, _) = match &options.init {
+        Some(dir) => {
+            let w = Weights::from_dir(dir)?;
+            let from = crate::weights::provenance(&w.meta.command, &w.meta.figures);
+            (w.load(device)?, from)
+        }
+        None => (options.model.init(device), serde_json::Value::Null),
     };
     let mut crops = Crops {
         pending: Vec::new(),
@@ -192,10 +226,21 @@ pub fn train<B: AutodiffBackend>(
         &data.train
     };
     let recall_at_1 = recall_at_1(&trained, gallery, &test, device);
+    let (crop_scenes, crop_seed) = SCENE_CROP_EVAL;
+    let crop_scenes = options
+        .limit
+        .map_or(crop_scenes, |l| (l / 20).clamp(1, crop_scenes));
+    let scene_crop_accuracy = accuracy(
+        &trained,
+        &scene_crop_split(&test, crop_scenes, crop_seed),
+        device,
+    );
     let figures = json!({
         "test_accuracy": round4(test_accuracy),
         "validation_accuracy": round4(val_accuracy),
         "search_recall_at_1": round4(recall_at_1),
+        "scene_crop_accuracy": round4(scene_crop_accuracy),
+        "scene_crop_test_scenes": crop_scenes,
         "test_images": test.len(),
         "training_images": fit.len(),
         "validation_images": val.len(),
@@ -206,13 +251,14 @@ pub fn train<B: AutodiffBackend>(
         "scene_crops": options.scene_crops,
         "train_seconds": train_seconds.round(),
         "history": history,
+        "init": init,
     });
     let meta = Meta {
         config: options.model.clone(),
         command: options.command.clone(),
         figures: figures.clone(),
     };
-    Weights::save(trained, &meta, &options.out)?;
+    Weights::save(trained, &meta, &options.out, options.role)?;
     Ok(figures)
 }
 

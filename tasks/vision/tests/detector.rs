@@ -1,6 +1,6 @@
 //! The shipped detector against the figures `detector.json` records (class-agnostic AP@0.5 and mAP@0.5 on
-//! scenes composed from the test images, and the connected-components baseline on the same scenes), and a
-//! smoke training run. Needs Debian's `dataset-fashion-mnist` (`make unit` installs it).
+//! scenes composed from the test images, boxes named by the shipped namer, and the connected-components
+//! baseline on the same scenes), and a smoke training run, fine-tuned once more from its own weights. Needs Debian's `dataset-fashion-mnist` (`make unit` installs it).
 
 use burn::backend::{Autodiff, Flex};
 use celeriac_inference::Rng;
@@ -8,7 +8,7 @@ use celeriac_tasks_vision::detect_train::{self, DetectTrainOptions};
 use celeriac_tasks_vision::detector::{DetectorConfig, DetectorWeights, detect};
 use celeriac_tasks_vision::idx::FashionMnist;
 use celeriac_tasks_vision::scene::{SceneRules, compose};
-use celeriac_tasks_vision::weights::Weights;
+use celeriac_tasks_vision::weights::{Role, Weights};
 
 /// The shipped weights give their recorded figures on the same 1,000 test scenes, above the baseline.
 #[test]
@@ -18,7 +18,9 @@ fn the_shipped_detector_gives_its_recorded_figures_above_the_baseline() {
     let recorded = &weights.meta.figures;
     let device = Default::default();
     let detector = weights.load::<Flex>(&device).unwrap();
-    let classifier = Weights::shipped().unwrap().load::<Flex>(&device).unwrap();
+    let namer = Weights::for_naming(None).unwrap();
+    assert_eq!(namer.role, Role::Namer);
+    let namer = namer.load::<Flex>(&device).unwrap();
     let n = recorded["test_scenes"].as_u64().unwrap() as usize;
     let seed = recorded["eval_seed"].as_u64().unwrap();
     let rules = SceneRules::default();
@@ -26,7 +28,7 @@ fn the_shipped_detector_gives_its_recorded_figures_above_the_baseline() {
     let scenes: Vec<_> = (0..n)
         .map(|_| compose(&data.test, &rules, &mut rng))
         .collect();
-    let got = detect_train::evaluate(&detector, &classifier, &scenes, &device);
+    let got = detect_train::evaluate(&detector, &namer, &scenes, &device);
     for key in [
         "test_items",
         "agnostic_ap50",
@@ -49,7 +51,7 @@ fn a_smoke_training_run_writes_loadable_weights() {
     let options = DetectTrainOptions {
         data: None,
         out: out.clone(),
-        classifier: None,
+        namer: None,
         epochs: 1,
         scenes_per_epoch: 16,
         batch_size: 8,
@@ -59,6 +61,7 @@ fn a_smoke_training_run_writes_loadable_weights() {
         eval_scenes: 10,
         eval_seed: 1,
         model: DetectorConfig::new().with_channels(4),
+        init: None,
         command: "smoke".into(),
     };
     let figures = detect_train::train::<Autodiff<Flex>>(&options, &Default::default()).unwrap();
@@ -74,5 +77,24 @@ fn a_smoke_training_run_writes_loadable_weights() {
             assert!(p.bbox[0] >= 0.0 && p.bbox[2] <= w as f32 && p.bbox[3] <= h as f32);
         }
     }
+    // Fine-tuning starts from the given weights: after no epochs they come out unchanged and measure the
+    // same on the same scenes.
+    let again = out.join("again");
+    let tuned = DetectTrainOptions {
+        out: again.clone(),
+        init: Some(out.clone()),
+        epochs: 0,
+        model: DetectorConfig::new().with_channels(4),
+        ..options
+    };
+    let figures2 = detect_train::train::<Autodiff<Flex>>(&tuned, &Default::default()).unwrap();
+    for key in ["agnostic_ap50", "map50", "validation_agnostic_ap50"] {
+        assert_eq!(figures2[key], figures[key], "{key}");
+    }
+    assert_eq!(figures2["init"]["command"], "smoke");
+    assert_eq!(figures2["init"]["training_scenes"], 16);
+    let tuned = DetectorWeights::from_dir(&again).unwrap();
+    assert_eq!(tuned.meta.config.channels, 4);
+    assert!(DetectorWeights::from_dir(&again.join("missing")).is_err());
     std::fs::remove_dir_all(out).unwrap();
 }

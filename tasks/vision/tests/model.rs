@@ -9,7 +9,7 @@ use celeriac_tasks_vision::idx::{FashionMnist, PIXELS};
 use celeriac_tasks_vision::metrics::VisionMetrics;
 use celeriac_tasks_vision::model::ClassifierConfig;
 use celeriac_tasks_vision::train::{self, TrainOptions};
-use celeriac_tasks_vision::weights::Weights;
+use celeriac_tasks_vision::weights::{Role, Weights};
 use std::sync::Arc;
 
 /// The shipped weights give the figures `classifier.json` records for them, on the whole test set. (The issue's
@@ -39,6 +39,30 @@ fn the_shipped_weights_give_their_recorded_figures() {
     );
 }
 
+/// The shipped namer (the classifier fine-tuned on scene crops, which names `vision.detect`'s boxes) gives the
+/// scene-crop accuracy `namer.json` records, on the items of the same 1,000 test-composed scenes, and names
+/// them better than the classifier it started from.
+#[test]
+fn the_shipped_namer_gives_its_recorded_scene_crop_accuracy() {
+    let data = FashionMnist::locate(None).expect("Fashion-MNIST");
+    let namer = Weights::shipped_as(Role::Namer).unwrap();
+    let recorded = &namer.meta.figures;
+    let device = Default::default();
+    let scenes = recorded["scene_crop_test_scenes"].as_u64().unwrap() as usize;
+    let (eval_scenes, seed) = train::SCENE_CROP_EVAL;
+    assert_eq!(scenes, eval_scenes);
+    let crops = train::scene_crop_split(&data.test, scenes, seed);
+    let got = train::accuracy(&namer.load::<Flex>(&device).unwrap(), &crops, &device);
+    let want = recorded["scene_crop_accuracy"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() < 0.002,
+        "measured {got}, recorded {want}"
+    );
+    let classifier = Weights::shipped().unwrap().load::<Flex>(&device).unwrap();
+    let before = train::accuracy(&classifier, &crops, &device);
+    assert!(got > before + 0.02, "namer {got}, classifier {before}");
+}
+
 #[test]
 fn a_smoke_training_run_learns_and_writes_loadable_weights() {
     let out = std::env::temp_dir().join(format!("celeriac-vision-smoke-{}", std::process::id()));
@@ -54,6 +78,7 @@ fn a_smoke_training_run_learns_and_writes_loadable_weights() {
         model: ClassifierConfig::new().with_channels(8),
         init: None,
         scene_crops: 0.25,
+        role: Role::Namer,
         command: "smoke".into(),
     };
     let device = Default::default();
@@ -65,12 +90,21 @@ fn a_smoke_training_run_learns_and_writes_loadable_weights() {
         accuracy > 0.6,
         "two epochs on 2,000 images: accuracy {accuracy}"
     );
-    let reloaded = Weights::from_dir(&out).unwrap();
+    // Written as a namer: the directory names boxes with it and has no classifier.
+    assert!(Weights::from_dir(&out).is_err());
+    let reloaded = Weights::for_naming(Some(&out)).unwrap();
+    assert_eq!(reloaded.role, Role::Namer);
     assert_eq!(reloaded.meta.config.channels, 8);
     let model = reloaded.load::<Flex>(&device).unwrap();
     let data = FashionMnist::locate(None).unwrap();
     let first = data.test.select(&(0..2000).collect::<Vec<_>>());
     assert!((train::accuracy(&model, &first, &device) - accuracy).abs() < 1e-9);
+    // The scene-crop accuracy: 100 scenes (a twentieth of the limit) composed from those test images.
+    assert_eq!(figures["scene_crop_test_scenes"], 100);
+    let crops = train::scene_crop_split(&first, 100, train::SCENE_CROP_EVAL.1);
+    assert!(crops.len() >= 100 && crops.len() <= 600, "{}", crops.len());
+    let crop_accuracy = train::accuracy(&model, &crops, &device);
+    assert!((crop_accuracy - figures["scene_crop_accuracy"].as_f64().unwrap()).abs() < 1e-4);
     std::fs::remove_dir_all(out).unwrap();
 }
 
