@@ -83,13 +83,14 @@ train-detector: fashion-mnist ## Train the vision detector in Rust (Burn, CPU) o
 	$(CELERIAC_RELEASE) train detector --epochs $(DETECTOR_EPOCHS) --seed 42 --out $(DETECTOR_STAGE) $(DETECTOR_TRAIN_ARGS)
 	$(CELERIAC_RELEASE) train detector --init $(DETECTOR_STAGE) --epochs 5 --learning-rate 5e-4 --seed 43 --out tasks/vision/weights --threads 1 $(DETECTOR_TRAIN_ARGS)
 
-# `make train-namer`: the run that made tasks/vision/weights/namer.* (the classifier fine-tuned on items cropped
-# from composed training scenes; it names vision.detect's boxes). Run after train-vision: it starts from
-# classifier.*.
-NAMER_EPOCHS ?= 3
+# `make train-namer`: the two runs that made tasks/vision/weights/namer.* (the classifier fine-tuned on items
+# cropped from composed training scenes; it names vision.detect's boxes): 3 epochs from classifier.* into
+# $(NAMER_STAGE), then 3 more at half the learning rate. Run after train-vision: it starts from classifier.*.
+NAMER_STAGE ?= $(HOME)/.cache/celeriac/namer-stage1
 train-namer: fashion-mnist ## Fine-tune the classifier on scene crops into tasks/vision/weights/namer.* (names the detector's boxes).
 	cargo build --release -p celeriac
-	$(CELERIAC_RELEASE) train vision --init tasks/vision/weights --role namer --scene-crops 1 --epochs $(NAMER_EPOCHS) --learning-rate 1e-3 --seed 42 --out tasks/vision/weights --threads 1 $(NAMER_TRAIN_ARGS)
+	$(CELERIAC_RELEASE) train vision --init tasks/vision/weights --scene-crops 1 --epochs 3 --learning-rate 1e-3 --seed 42 --out $(NAMER_STAGE) --threads 1 $(NAMER_TRAIN_ARGS)
+	$(CELERIAC_RELEASE) train vision --init $(NAMER_STAGE) --role namer --scene-crops 1 --epochs 3 --learning-rate 5e-4 --seed 43 --out tasks/vision/weights --threads 1 $(NAMER_TRAIN_ARGS)
 
 flower: $(UP_SERVICES) release ## Serve flower-compat (Flower's API, metrics and web UI) on http://127.0.0.1:$(FLOWER_PORT) for the `make up` broker.
 	@echo "flower-compat on http://127.0.0.1:$(FLOWER_PORT)/ (API enabled without auth: FLOWER_UNAUTHENTICATED_API=1); history in $(CACHE)/flower.db"
