@@ -16,6 +16,7 @@ use crate::detector::{
 use crate::idx::{FashionMnist, Split};
 use crate::model::{CLASSES, Classifier, best_class};
 use crate::scene::{Scene, SceneRules, compose};
+use crate::train::{cosine_lr, round4};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{log_sigmoid, sigmoid};
@@ -184,9 +185,7 @@ pub fn train<B: AutodiffBackend>(
             let l = loss(&model, &batch, device);
             loss_sum += l.clone().into_scalar().elem::<f64>();
             let grads = GradientsParams::from_grads(l.backward(), &model);
-            let progress = step as f64 / total_steps.max(1) as f64;
-            let lr = options.learning_rate
-                * (0.01 + 0.99 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
+            let lr = cosine_lr(options.learning_rate, step, total_steps);
             model = optim.step(lr, model, grads);
             step += 1;
         }
@@ -238,10 +237,6 @@ pub fn train<B: AutodiffBackend>(
     };
     DetectorWeights::save(trained, &meta, &options.out)?;
     Ok(figures)
-}
-
-fn round4(x: f64) -> f64 {
-    (x * 1e4).round() / 1e4
 }
 
 /// Lowest centre probability kept when measuring (AP integrates over every score above it).

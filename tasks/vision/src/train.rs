@@ -196,9 +196,7 @@ pub fn train<B: AutodiffBackend>(
             let loss = loss_fn.forward(model.forward(x).logits, y);
             loss_sum += loss.clone().into_scalar().elem::<f64>() * chunk.len() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let progress = step as f64 / total_steps as f64;
-            let lr = options.learning_rate
-                * (0.01 + 0.99 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
+            let lr = cosine_lr(options.learning_rate, step, total_steps);
             model = optim.step(lr, model, grads);
             step += 1;
         }
@@ -262,8 +260,15 @@ pub fn train<B: AutodiffBackend>(
     Ok(figures)
 }
 
-fn round4(x: f64) -> f64 {
+/// A figure to four decimals, as the weights' json records it.
+pub(crate) fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
+}
+
+/// The learning rate at `step` of `total`: a cosine decay from `peak` to 1 % of it.
+pub(crate) fn cosine_lr(peak: f64, step: usize, total: usize) -> f64 {
+    let progress = step as f64 / total.max(1) as f64;
+    peak * (0.01 + 0.99 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
 }
 
 /// Embeddings and predicted classes of `split`, in batches of 500.
