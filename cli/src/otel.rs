@@ -34,6 +34,7 @@ pub fn init() -> anyhow::Result<Otel> {
         .with_resource(resource.build())
         .build();
     opentelemetry::global::set_tracer_provider(provider.clone());
+    celeriac_worker::trace::record_spans();
     Ok(Otel(Some(provider)))
 }
 

@@ -14,12 +14,28 @@ use serde_json::Value;
 
 /// A kombu envelope as it arrives in a Redis list, and the task message inside.
 pub fn envelope(data: &[u8]) {
-    if let Ok(env) = Envelope::parse(data) {
-        let _ = env.route();
+    let by_maps = Envelope::parse(data).map(|env| {
+        let (ex, rk) = env.route();
+        let (ex, rk) = (ex.to_string(), rk.to_string());
         let _ = env.priority();
-        let _ = env.redelivered();
-        let _ = env.into_task();
-    }
+        let redelivered = env.redelivered();
+        (ex, rk, redelivered, format!("{:?}", env.into_task()))
+    });
+    // The consumer's one-pass decoding gives the same outcome, errors included.
+    let typed = celeriac_protocol::receive::receive(data).map(|r| {
+        (
+            r.exchange,
+            r.routing_key,
+            r.redelivered,
+            format!("{:?}", r.message),
+        )
+    });
+    assert_eq!(
+        format!("{typed:?}"),
+        format!("{by_maps:?}"),
+        "{}",
+        String::from_utf8_lossy(data)
+    );
     let _ = celeriac_protocol::envelope::mark_redelivered(data);
 }
 

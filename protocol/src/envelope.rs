@@ -44,61 +44,31 @@ impl Envelope {
 
     /// `delivery_info.exchange` and `delivery_info.routing_key`.
     pub fn route(&self) -> (&str, &str) {
-        let info = self.properties.get("delivery_info");
-        let get = |k| {
-            info.and_then(|i| i.get(k))
-                .and_then(Value::as_str)
-                .unwrap_or("")
-        };
-        (get("exchange"), get("routing_key"))
+        route_of(self.properties.get("delivery_info"))
     }
 
     /// True when kombu or celeriac restored or requeued this message.
     pub fn redelivered(&self) -> bool {
-        let info = self.properties.get("delivery_info");
-        info.and_then(|i| i.get("redelivered"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-            || self
-                .headers
-                .get("redelivered")
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
+        redelivered_of(
+            self.properties.get("delivery_info"),
+            self.headers.get("redelivered"),
+        )
     }
 
     /// The message priority (0 when absent).
     pub fn priority(&self) -> u8 {
-        priority_of(&self.properties)
+        priority_of(self.properties.get("priority"))
     }
 
     /// The body bytes, base64-decoded when the envelope says so.
     pub fn body_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
-        let text = match &self.body {
-            Value::String(s) => s.as_str(),
-            _ => return Err(ProtocolError::malformed("envelope", "body is not a string")),
-        };
-        match self.properties.get("body_encoding").and_then(Value::as_str) {
-            Some("base64") => Ok(STANDARD.decode(text)?),
-            _ => Ok(text.as_bytes().to_vec()),
-        }
+        body_of(&self.body, self.properties.get("body_encoding"))
     }
 
     /// Decodes the task message inside.
     pub fn into_task(self) -> Result<TaskMessage, ProtocolError> {
         let body = self.body_bytes()?;
-        let p = &self.properties;
-        let str_prop = |k| p.get(k).and_then(Value::as_str).map(str::to_string);
-        let properties = TaskProperties {
-            correlation_id: str_prop("correlation_id").unwrap_or_default(),
-            reply_to: str_prop("reply_to"),
-            delivery_mode: p.get("delivery_mode").and_then(Value::as_u64).unwrap_or(2) as u8,
-            priority: priority_of(p),
-            expiration: p.get("expiration").map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.to_string())
-            }),
-        };
+        let properties = properties_of(|k| self.properties.get(k));
         TaskMessage::decode(
             self.headers,
             properties,
@@ -109,9 +79,54 @@ impl Envelope {
     }
 }
 
-fn priority_of(p: &Map<String, Value>) -> u8 {
-    p.get("priority")
-        .and_then(Value::as_u64)
+/// `exchange` and `routing_key` of a `delivery_info` property ("" when absent or not strings).
+pub(crate) fn route_of(info: Option<&Value>) -> (&str, &str) {
+    let get = |k| {
+        info.and_then(|i| i.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    };
+    (get("exchange"), get("routing_key"))
+}
+
+/// `delivery_info.redelivered` or the `redelivered` header, as kombu's restore sets them.
+pub(crate) fn redelivered_of(info: Option<&Value>, header: Option<&Value>) -> bool {
+    info.and_then(|i| i.get("redelivered"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        || header.and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// A body in its transport encoding, decoded: base64 when `body_encoding` says so.
+pub(crate) fn body_of(body: &Value, encoding: Option<&Value>) -> Result<Vec<u8>, ProtocolError> {
+    let text = match body {
+        Value::String(s) => s.as_str(),
+        _ => return Err(ProtocolError::malformed("envelope", "body is not a string")),
+    };
+    match encoding.and_then(Value::as_str) {
+        Some("base64") => Ok(STANDARD.decode(text)?),
+        _ => Ok(text.as_bytes().to_vec()),
+    }
+}
+
+/// The task's properties from the envelope's, read by name.
+pub(crate) fn properties_of<'a>(p: impl Fn(&str) -> Option<&'a Value>) -> TaskProperties {
+    let str_prop = |k| p(k).and_then(Value::as_str).map(str::to_string);
+    TaskProperties {
+        correlation_id: str_prop("correlation_id").unwrap_or_default(),
+        reply_to: str_prop("reply_to"),
+        delivery_mode: p("delivery_mode").and_then(Value::as_u64).unwrap_or(2) as u8,
+        priority: priority_of(p("priority")),
+        expiration: p("expiration").map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+        }),
+    }
+}
+
+fn priority_of(p: Option<&Value>) -> u8 {
+    p.and_then(Value::as_u64)
         .map(|n| n.min(255) as u8)
         .unwrap_or(0)
 }

@@ -9,6 +9,8 @@
 //! - [`signature`]: canvas signatures as Celery serializes them.
 //! - [`message`]: task messages, protocol v2 (encode and decode) and v1 (decode).
 //! - [`envelope`]: kombu's Redis envelope around a message (base64 body, delivery info).
+//! - [`headers`]: a v2 header table sorted into the headers we model and the rest.
+//! - [`receive`]: a consumer's one-pass decoding of an envelope (same outcome as [`envelope`]'s maps).
 //! - [`event`]: Celery events (body, routing key, envelope).
 //! - [`result`]: task states, exceptions and the result meta stored by result backends.
 //! - [`error`]: the decode error type.
@@ -17,9 +19,11 @@ pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod event;
+pub mod headers;
 pub mod json;
 pub mod message;
 pub mod pidbox;
+pub mod receive;
 pub mod repr;
 pub mod result;
 pub mod signature;

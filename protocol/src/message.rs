@@ -4,6 +4,7 @@
 
 use crate::codec;
 use crate::error::ProtocolError;
+use crate::headers::HeaderSlots;
 use crate::repr;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -96,86 +97,6 @@ impl TaskHeaders {
         }
     }
 
-    /// Reads v2 headers from the broker's header table. Only `task` and `id` are required; the rest default
-    /// the way Celery's worker defaults them for older clients. One pass over the table: the known keys are
-    /// taken out, every other one stays in `extra` in its order.
-    pub fn from_map(m: Map<String, Value>) -> Result<Self, ProtocolError> {
-        let (mut task, mut id, mut timelimit, mut lang, mut shadow, mut eta) =
-            (None, None, None, None, None, None);
-        let (mut expires, mut group, mut group_index, mut retries, mut root_id, mut parent_id) =
-            (None, None, None, None, None, None);
-        let (mut argsrepr, mut kwargsrepr, mut origin, mut ignore_result) =
-            (None, None, None, None);
-        let (mut replaced_task_nesting, mut stamped_headers, mut stamps) = (None, None, None);
-        let mut extra = Map::new();
-        for (k, v) in m {
-            let slot = match k.as_str() {
-                "task" => &mut task,
-                "id" => &mut id,
-                "timelimit" => &mut timelimit,
-                "lang" => &mut lang,
-                "shadow" => &mut shadow,
-                "eta" => &mut eta,
-                "expires" => &mut expires,
-                "group" => &mut group,
-                "group_index" => &mut group_index,
-                "retries" => &mut retries,
-                "root_id" => &mut root_id,
-                "parent_id" => &mut parent_id,
-                "argsrepr" => &mut argsrepr,
-                "kwargsrepr" => &mut kwargsrepr,
-                "origin" => &mut origin,
-                "ignore_result" => &mut ignore_result,
-                "replaced_task_nesting" => &mut replaced_task_nesting,
-                "stamped_headers" => &mut stamped_headers,
-                "stamps" => &mut stamps,
-                _ => {
-                    extra.insert(k, v);
-                    continue;
-                }
-            };
-            *slot = Some(v);
-        }
-        let task =
-            string_of(task).ok_or_else(|| ProtocolError::malformed("headers", "no 'task'"))?;
-        let id = string_of(id).ok_or_else(|| ProtocolError::malformed("headers", "no 'id'"))?;
-        let timelimit = match timelimit {
-            Some(Value::Array(a)) if a.len() == 2 => {
-                let mut it = a.into_iter();
-                [
-                    it.next().unwrap_or(Value::Null),
-                    it.next().unwrap_or(Value::Null),
-                ]
-            }
-            _ => [Value::Null, Value::Null],
-        };
-        Ok(Self {
-            lang: string_of(lang).unwrap_or_else(|| "py".into()),
-            task,
-            id,
-            shadow: string_of(shadow),
-            eta: string_of(eta),
-            expires: string_of(expires),
-            group: string_of(group),
-            group_index: group_index.and_then(|v| v.as_i64()),
-            retries: retries.and_then(|v| v.as_i64()).unwrap_or(0),
-            timelimit,
-            root_id: string_of(root_id),
-            parent_id: string_of(parent_id),
-            argsrepr: string_of(argsrepr),
-            kwargsrepr: string_of(kwargsrepr),
-            origin: string_of(origin),
-            ignore_result: ignore_result.and_then(|v| v.as_bool()),
-            replaced_task_nesting: replaced_task_nesting.and_then(|v| v.as_i64()).unwrap_or(0),
-            stamped_headers: stamped_headers.filter(|v| !v.is_null()),
-            stamps: match stamps {
-                Some(Value::Object(s)) => s,
-                _ => Map::new(),
-            },
-            extra,
-        })
-    }
-
     /// The headers as an ordered JSON object.
     pub fn to_value(&self) -> Value {
         serde_json::to_value(self).expect("headers serialize")
@@ -184,15 +105,6 @@ impl TaskHeaders {
     /// `timelimit` as `(hard, soft)` seconds.
     pub fn time_limits(&self) -> (Option<f64>, Option<f64>) {
         (self.timelimit[0].as_f64(), self.timelimit[1].as_f64())
-    }
-}
-
-/// A header's value as a string: `None` when absent or null; a non-string value in its JSON form.
-fn string_of(v: Option<Value>) -> Option<String> {
-    match v {
-        Some(Value::String(s)) => Some(s),
-        Some(Value::Null) | None => None,
-        Some(other) => Some(other.to_string()),
     }
 }
 
@@ -287,10 +199,22 @@ impl TaskMessage {
         content_encoding: &str,
         body: &[u8],
     ) -> Result<Self, ProtocolError> {
+        let headers = HeaderSlots::from_map(headers);
+        Self::decode_slots(headers, properties, content_type, content_encoding, body)
+    }
+
+    /// [`TaskMessage::decode`] with the header table already sorted into [`HeaderSlots`].
+    pub fn decode_slots(
+        headers: HeaderSlots,
+        properties: TaskProperties,
+        content_type: &str,
+        content_encoding: &str,
+        body: &[u8],
+    ) -> Result<Self, ProtocolError> {
         let compression = headers.get("compression").and_then(Value::as_str);
         let payload = codec::decode_body(content_type, content_encoding, compression, body)?;
-        if headers.contains_key("task") {
-            let headers = TaskHeaders::from_map(headers)?;
+        if headers.get("task").is_some() {
+            let headers = TaskHeaders::from_slots(headers)?;
             match payload {
                 Value::Object(map) if map.contains_key("args") => {
                     Self::from_hybrid(headers, properties, map)

@@ -129,3 +129,35 @@ fn result_meta_bytes_match_worker_capture() {
     m.date_done = v["date_done"].as_str().map(str::to_string);
     assert_eq!(String::from_utf8(m.to_json()).unwrap(), stored);
 }
+
+#[test]
+fn the_consumers_one_pass_decoding_matches_the_maps_on_every_capture() {
+    let mut checked = 0;
+    for capture in [
+        "wire-redis-client-send-variants.txt",
+        "wire-redis-client-5.5.3-send.txt",
+        "wire-redis-worker-plain-task.txt",
+        "wire-redis-protocol-v1.txt",
+    ] {
+        for raw in envelopes(capture) {
+            let env = Envelope::parse(&raw).unwrap();
+            let (ex, rk) = env.route();
+            let (ex, rk, redelivered) = (ex.to_string(), rk.to_string(), env.redelivered());
+            let by_maps = env.into_task();
+            let typed = celeriac_protocol::receive::receive(&raw).unwrap();
+            assert_eq!(
+                (typed.exchange, typed.routing_key, typed.redelivered),
+                (ex, rk, redelivered),
+                "{capture}"
+            );
+            match (typed.message, by_maps) {
+                (Ok(typed), Ok(by_maps)) => {
+                    assert_eq!(typed, by_maps, "{capture}");
+                    checked += 1;
+                }
+                (typed, by_maps) => assert_eq!(format!("{typed:?}"), format!("{by_maps:?}")),
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+}

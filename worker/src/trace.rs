@@ -3,7 +3,8 @@
 //! `run/<task>` child of it with Celery's attributes, and everything the task publishes (callbacks, chain
 //! steps, chord bodies, retries) carries that span's context, so one trace runs Python client → celeriac
 //! → Python worker. Spans go to the global tracer provider: the binary installs an OTLP exporter when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set; without one the context still passes through unchanged.
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set and says so with [`record_spans`]; without one no span is built and the
+//! context passes through unchanged.
 
 use celeriac_canvas::trace::TraceHeaders;
 use celeriac_protocol::TaskMessage;
@@ -13,6 +14,7 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue, global};
 use serde_json::Value;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The remote parent named by `traceparent` (and `tracestate`), if it is valid.
 pub fn parent(headers: &serde_json::Map<String, Value>) -> Option<SpanContext> {
@@ -61,12 +63,25 @@ pub fn headers(cx: &Context) -> Option<TraceHeaders> {
     })
 }
 
+/// Whether a tracer provider that records spans is installed ([`record_spans`]).
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+/// Says that the global tracer provider records spans: from then on each task gets its `run/<task>` span.
+/// Until then (no exporter configured) a task runs in its message's trace context as received, which is what
+/// the no-op provider's spans would carry anyway, without building their attributes.
+pub fn record_spans() {
+    RECORDING.store(true, Ordering::Relaxed);
+}
+
 /// Starts the `run/<task>` span of a received task, child of the message's trace context.
 pub fn start(message: &TaskMessage, hostname: &str, queue: &str) -> Context {
     let parent = match parent(&message.headers.extra) {
         Some(sc) => Context::new().with_remote_span_context(sc),
         None => Context::new(),
     };
+    if !RECORDING.load(Ordering::Relaxed) {
+        return parent;
+    }
     let tracer = global::tracer("celeriac");
     let mut attributes = vec![
         KeyValue::new("celery.action", "run"),

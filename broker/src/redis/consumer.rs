@@ -5,6 +5,7 @@
 use super::{RedisBroker, now_secs, scripts};
 use crate::{Delivery, Held, Result, caps};
 use celeriac_protocol::envelope::{self, Envelope};
+use celeriac_protocol::receive::receive;
 use celeriac_protocol::time;
 
 impl RedisBroker {
@@ -84,19 +85,14 @@ impl RedisBroker {
 
 /// A delivery from a kombu envelope taken from `queue` under `tag` (an undecodable one keeps its error).
 pub(crate) fn decode_delivery(queue: String, tag: String, raw: Vec<u8>) -> Delivery {
-    let (exchange, routing_key, redelivered, message) = match Envelope::parse(&raw) {
-        Ok(env) => {
-            let (ex, rk) = env.route();
-            let (ex, rk) = (
-                ex.to_string(),
-                if rk.is_empty() {
-                    queue.clone()
-                } else {
-                    rk.to_string()
-                },
-            );
-            let redelivered = env.redelivered();
-            (ex, rk, redelivered, env.into_task())
+    let (exchange, routing_key, redelivered, message) = match receive(&raw) {
+        Ok(r) => {
+            let rk = if r.routing_key.is_empty() {
+                queue.clone()
+            } else {
+                r.routing_key
+            };
+            (r.exchange, rk, r.redelivered, r.message)
         }
         Err(e) => (String::new(), queue.clone(), false, Err(e)),
     };
