@@ -10,33 +10,39 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 
-/// The headers [`TaskHeaders`] has a field for, in the order of [`HeaderSlots::known`].
-const KNOWN: [&str; 19] = [
-    "task",
-    "id",
-    "timelimit",
-    "lang",
-    "shadow",
-    "eta",
-    "expires",
-    "group",
-    "group_index",
-    "retries",
-    "root_id",
-    "parent_id",
-    "argsrepr",
-    "kwargsrepr",
-    "origin",
-    "ignore_result",
-    "replaced_task_nesting",
-    "stamped_headers",
-    "stamps",
-];
+/// How many headers [`TaskHeaders`] has a field for.
+const KNOWN: usize = 19;
+
+/// The slot of a header [`TaskHeaders`] has a field for (a `match`: the compiler dispatches on length first).
+fn slot_of(name: &str) -> Option<usize> {
+    Some(match name {
+        "task" => 0,
+        "id" => 1,
+        "timelimit" => 2,
+        "lang" => 3,
+        "shadow" => 4,
+        "eta" => 5,
+        "expires" => 6,
+        "group" => 7,
+        "group_index" => 8,
+        "retries" => 9,
+        "root_id" => 10,
+        "parent_id" => 11,
+        "argsrepr" => 12,
+        "kwargsrepr" => 13,
+        "origin" => 14,
+        "ignore_result" => 15,
+        "replaced_task_nesting" => 16,
+        "stamped_headers" => 17,
+        "stamps" => 18,
+        _ => return None,
+    })
+}
 
 /// A header table, sorted: the modelled headers by name, the rest in arrival order.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct HeaderSlots {
-    known: [Option<Value>; KNOWN.len()],
+    known: [Option<Value>; KNOWN],
     extra: Map<String, Value>,
 }
 
@@ -45,7 +51,7 @@ impl HeaderSlots {
     pub fn from_map(m: Map<String, Value>) -> Self {
         let mut slots = Self::default();
         for (k, v) in m {
-            match KNOWN.iter().position(|n| *n == k) {
+            match slot_of(&k) {
                 Some(i) => slots.known[i] = Some(v),
                 None => {
                     slots.extra.insert(k, v);
@@ -57,7 +63,7 @@ impl HeaderSlots {
 
     /// Adds one header as read (a repeated one replaces the earlier value).
     fn insert(&mut self, k: Cow<'_, str>, v: Value) {
-        match KNOWN.iter().position(|n| *n == k) {
+        match slot_of(&k) {
             Some(i) => self.known[i] = Some(v),
             None => {
                 self.extra.insert(k.into_owned(), v);
@@ -67,17 +73,14 @@ impl HeaderSlots {
 
     /// A header's value, modelled or not.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        match KNOWN.iter().position(|n| *n == name) {
+        match slot_of(name) {
             Some(i) => self.known[i].as_ref(),
             None => self.extra.get(name),
         }
     }
 
     fn take(&mut self, name: &str) -> Option<Value> {
-        let i = KNOWN
-            .iter()
-            .position(|n| *n == name)
-            .expect("a known header");
+        let i = slot_of(name).expect("a known header");
         self.known[i].take()
     }
 }

@@ -74,24 +74,26 @@ struct Wire {
     properties: Props,
 }
 
-/// The properties a consumer reads, in the order of [`Props::NAMES`]; the others are read and dropped.
+/// The properties a consumer reads, by [`Props::slot_of`]; the others are read and dropped.
 #[derive(Default)]
 struct Props([Option<Value>; 7]);
 
 impl Props {
-    const NAMES: [&str; 7] = [
-        "correlation_id",
-        "reply_to",
-        "delivery_mode",
-        "priority",
-        "expiration",
-        "body_encoding",
-        "delivery_info",
-    ];
+    fn slot_of(name: &str) -> Option<usize> {
+        Some(match name {
+            "correlation_id" => 0,
+            "reply_to" => 1,
+            "delivery_mode" => 2,
+            "priority" => 3,
+            "expiration" => 4,
+            "body_encoding" => 5,
+            "delivery_info" => 6,
+            _ => return None,
+        })
+    }
 
     fn get(&self, name: &str) -> Option<&Value> {
-        let i = Self::NAMES.iter().position(|n| *n == name)?;
-        self.0[i].as_ref()
+        self.0[Self::slot_of(name)?].as_ref()
     }
 }
 
@@ -108,7 +110,7 @@ impl<'de> Deserialize<'de> for Props {
                 while let Some(Key(k)) = map.next_key()? {
                     // Every value is read as a JSON value, kept or not, so what fails here fails there too.
                     let v: Value = map.next_value()?;
-                    if let Some(i) = Props::NAMES.iter().position(|n| *n == k) {
+                    if let Some(i) = Props::slot_of(&k) {
                         p.0[i] = Some(v);
                     }
                 }
