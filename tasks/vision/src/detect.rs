@@ -3,11 +3,11 @@
 //! the detector, then every proposed box is cropped and named.
 
 use crate::config::VisionConfig;
-use crate::detector::{Detector, DetectorWeights, Proposal, detect};
+use crate::detector::{DetectorWeights, FoldedDetector, Proposal, detect};
 use crate::idx::PIXELS;
 use crate::input::crop;
 use crate::metrics::VisionMetrics;
-use crate::model::{CLASS_NAMES, CLASSES, Classifier, best_class};
+use crate::model::{CLASS_NAMES, CLASSES, FoldedClassifier, best_class};
 use crate::train::to_tensor;
 use crate::weights::Weights;
 use crate::{Vision, VisionError};
@@ -43,17 +43,18 @@ pub struct DetectExecutor {
 }
 
 struct DetectRunner<B: Backend> {
-    model: Detector<B>,
-    namer: Classifier<B>,
+    model: FoldedDetector<B>,
+    namer: FoldedClassifier<B>,
     device: B::Device,
-    /// Crops per forward pass of the namer: one on the CPU (flex's fastest per image), all on CUDA.
+    /// Crops per forward pass of the namer: one on the CPU (each image of a batch has a thread, and flex runs
+    /// one crop about as fast per image as several), up to 64 on CUDA.
     chunk: usize,
 }
 
 /// The namer's class probabilities for `boxes` of one grey image, `CLASSES` per box: each box cropped,
 /// de-noised and scaled to 28×28, `chunk` crops per forward pass.
 pub fn name_boxes<B: Backend>(
-    namer: &Classifier<B>,
+    namer: &FoldedClassifier<B>,
     image: (&[u8], usize, usize),
     boxes: &[[f32; 4]],
     chunk: usize,
@@ -75,8 +76,8 @@ pub fn name_boxes<B: Backend>(
 /// The detections in one image, unsorted: proposals at `min_score` or above, named, kept when their
 /// combined score still is.
 fn detect_and_name<B: Backend>(
-    model: &Detector<B>,
-    namer: &Classifier<B>,
+    model: &FoldedDetector<B>,
+    namer: &FoldedClassifier<B>,
     r: &DetectRequest,
     chunk: usize,
     device: &B::Device,
@@ -94,8 +95,8 @@ fn detect_and_name<B: Backend>(
 
 impl<B: Backend> Runner for DetectRunner<B>
 where
-    Detector<B>: Sync,
-    Classifier<B>: Sync,
+    FoldedDetector<B>: Sync,
+    FoldedClassifier<B>: Sync,
     B::Device: Sync,
 {
     type Input = DetectRequest;
@@ -137,13 +138,19 @@ impl DetectExecutor {
             chunk: usize,
         ) -> Result<BoxedRunner<DetectRequest, Vec<Detection>>, String>
         where
-            Detector<B>: Sync,
-            Classifier<B>: Sync,
+            FoldedDetector<B>: Sync,
+            FoldedClassifier<B>: Sync,
             B::Device: Sync,
         {
             let device: B::Device = Default::default();
-            let model = weights.load::<B>(&device).map_err(|e| e.to_string())?;
-            let namer = namer.load::<B>(&device).map_err(|e| e.to_string())?;
+            let model = weights
+                .load::<B>(&device)
+                .map_err(|e| e.to_string())?
+                .folded();
+            let namer = namer
+                .load::<B>(&device)
+                .map_err(|e| e.to_string())?
+                .folded();
             let _ = detect(&model, &[0; 112 * 112], 112, 112, 0.5, &device);
             let _ = name_boxes(
                 &namer,

@@ -14,7 +14,7 @@ use crate::detector::{
     Detector, DetectorConfig, DetectorMeta, DetectorWeights, OUTPUTS, STRIDE, detect, input,
 };
 use crate::idx::{FashionMnist, Split};
-use crate::model::{CLASSES, Classifier, best_class};
+use crate::model::{CLASSES, Classifier, FoldedClassifier, best_class};
 use crate::scene::{Scene, SceneRules, compose};
 use crate::train::{cosine_lr, round4};
 use burn::module::AutodiffModule;
@@ -259,6 +259,7 @@ fn truths(scenes: &[Scene]) -> Vec<Scored> {
 
 /// Class-agnostic AP@0.5 of the detector alone on `scenes`.
 pub fn agnostic_ap<B: Backend>(model: &Detector<B>, scenes: &[Scene], device: &B::Device) -> f64 {
+    let model = &model.folded();
     let mut found = Vec::new();
     for (i, s) in scenes.iter().enumerate() {
         for p in detect(
@@ -283,7 +284,7 @@ pub fn agnostic_ap<B: Backend>(model: &Detector<B>, scenes: &[Scene], device: &B
 /// Boxes and scores named by the namer: each box's class is the namer's argmax, its class-aware score the
 /// box's score times that class's probability. `boxes` come scene by scene.
 fn name<B: Backend>(
-    namer: &Classifier<B>,
+    namer: &FoldedClassifier<B>,
     boxes: Vec<(usize, [f32; 4], f32)>,
     scenes: &[Scene],
     device: &B::Device,
@@ -321,6 +322,7 @@ pub fn evaluate<B: Backend>(
     scenes: &[Scene],
     device: &B::Device,
 ) -> serde_json::Value {
+    let (detector, namer) = (&detector.folded(), &namer.folded());
     let truth = truths(scenes);
     let mut found = Vec::new();
     let mut baseline = Vec::new();

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::VisionError;
+use crate::fold::ConvRelu;
 use crate::weights::{load_record, save_module};
 
 /// Pixels per cell of the output maps.
@@ -55,6 +56,11 @@ impl<B: Backend> Block<B> {
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         Relu::new().forward(self.norm.forward(self.conv.forward(x)))
+    }
+
+    /// The block for inference: its batch norm folded into its convolution.
+    fn folded(&self) -> ConvRelu<B> {
+        ConvRelu::fold(&self.conv, &self.norm)
     }
 }
 
@@ -110,6 +116,38 @@ impl<B: Backend> Detector<B> {
             .b5
             .forward(self.b4.forward(self.b3.forward(self.b2.forward(x))));
         self.out.forward(self.head.forward(x))
+    }
+
+    /// The network for inference, each batch norm folded into its convolution (the same maps up to
+    /// rounding; what serving and evaluation run).
+    pub fn folded(&self) -> FoldedDetector<B> {
+        FoldedDetector {
+            halve: self.halve.clone(),
+            pool: self.pool.clone(),
+            blocks: [&self.b1, &self.b2, &self.b3, &self.b4, &self.b5, &self.head]
+                .map(Block::folded),
+            out: self.out.clone(),
+        }
+    }
+}
+
+/// The detector for inference ([`Detector::folded`]): six convolutions with their batch norms folded in,
+/// the same pools and output layer.
+#[derive(Debug, Clone)]
+pub struct FoldedDetector<B: Backend> {
+    halve: AvgPool2d,
+    pool: MaxPool2d,
+    blocks: [ConvRelu<B>; 6],
+    out: Conv2d<B>,
+}
+
+impl<B: Backend> FoldedDetector<B> {
+    /// What [`Detector::forward`] computes in inference.
+    pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b1, b2, b3, b4, b5, head] = &self.blocks;
+        let x = self.pool.forward(b1.forward(self.halve.forward(images)));
+        let x = b5.forward(b4.forward(b3.forward(b2.forward(x))));
+        self.out.forward(head.forward(x))
     }
 }
 
@@ -197,7 +235,7 @@ pub fn input(pixels: &[u8], width: usize, height: usize) -> (Vec<f32>, usize, us
 
 /// Proposals for one grey image on `device`.
 pub fn detect<B: Backend>(
-    model: &Detector<B>,
+    model: &FoldedDetector<B>,
     pixels: &[u8],
     width: usize,
     height: usize,

@@ -6,7 +6,7 @@ use crate::VisionError;
 use crate::config::VisionConfig;
 use crate::idx::PIXELS;
 use crate::metrics::VisionMetrics;
-use crate::model::{CLASSES, Classifier};
+use crate::model::{CLASSES, FoldedClassifier};
 use crate::train::to_tensor;
 use crate::weights::Weights;
 use burn::tensor::activation::softmax;
@@ -103,13 +103,14 @@ impl Executor {
     }
 }
 
-/// The classifier on one device, padding batches to the warmed-up sizes. At start it times a forward pass
-/// of each size and keeps the fastest per image as its `chunk`: a batch larger than that runs as chunks of
-/// that size, spread over the CPU pool's threads (Burn 0.21's flex backend runs one image about four times
-/// faster per image than any larger batch, so on the CPU the gathered batch runs as single images, one per
-/// core; on CUDA the largest batch is the fastest and runs whole).
+/// The classifier (its batch norms folded into the convolutions) on one device, padding batches to the
+/// warmed-up sizes. At start it times a forward pass of each size and keeps the fastest per image as its
+/// `chunk`: a batch larger than that runs as chunks of that size, spread over the CPU pool's threads. On
+/// the CPU the sizes run within a few per cent of each other per image once the batch norms are folded
+/// (before, Burn 0.21's flex backend ran a batch's batch-norm arithmetic element by element and one image
+/// was four times faster per image than 64); on CUDA the largest batch is the fastest and runs whole.
 struct Padded<B: Backend> {
-    model: Classifier<B>,
+    model: FoldedClassifier<B>,
     device: B::Device,
     sizes: Vec<usize>,
     chunk: usize,
@@ -118,11 +119,14 @@ struct Padded<B: Backend> {
 
 impl<B: Backend> Padded<B>
 where
-    Classifier<B>: Sync,
+    FoldedClassifier<B>: Sync,
     B::Device: Sync,
 {
     fn load(weights: &Weights, device: B::Device, sizes: Vec<usize>) -> Result<Self, String> {
-        let model: Classifier<B> = weights.load(&device).map_err(|e| e.to_string())?;
+        let model = weights
+            .load::<B>(&device)
+            .map_err(|e| e.to_string())?
+            .folded();
         let started = Instant::now();
         let mut speeds = Vec::with_capacity(sizes.len());
         for &size in &sizes {
@@ -180,7 +184,7 @@ where
 
 impl<B: Backend> Runner for Padded<B>
 where
-    Classifier<B>: Sync,
+    FoldedClassifier<B>: Sync,
     B::Device: Sync,
 {
     type Input = Vec<u8>;
@@ -208,7 +212,7 @@ where
 
 /// One forward pass: softmax probabilities and embeddings, flattened.
 pub(crate) fn forward<B: Backend>(
-    model: &Classifier<B>,
+    model: &FoldedClassifier<B>,
     pixels: &[u8],
     device: &B::Device,
 ) -> (Vec<f32>, Vec<f32>) {

@@ -18,6 +18,7 @@ pub fn load(weights: &Weights) -> Result<Classifier<Flex>, VisionError> {
 
 /// Softmax probabilities of the first `n` images of `split`, ten per image.
 pub fn probabilities(model: &Classifier<Flex>, split: &Split, n: usize) -> Vec<f32> {
+    let model = &model.folded();
     let n = n.min(split.len());
     let mut probs = Vec::with_capacity(n * 10);
     for start in (0..n).step_by(256) {
@@ -46,6 +47,7 @@ pub fn images_per_second(
     if images.len() != batch * PIXELS {
         return Err(VisionError::Data("no images to time".into()));
     }
+    let model = &model.folded();
     Ok(pool.install(|| {
         let _ = forward(model, &images, &Default::default());
         let budget = Duration::from_secs_f64(seconds.max(0.1));

@@ -15,7 +15,7 @@
 //! - [`input`]: the `image` argument (base64, `data:` URL, http(s) URL) to the model's 28×28 input.
 //! - [`executor`]: the batching executor and the device choice; [`export`]: the network's parameters, reference
 //!   probabilities and model-only speed, for comparing with other runtimes (`make bench-vision`).
-//! - [`model`]: the network; [`weights`]: its saved form; [`train`]: training and evaluation;
+//! - [`model`]: the network; [`fold`]: its blocks for inference (batch norm folded in); [`weights`]: its saved form; [`train`]: training and evaluation;
 //!   [`idx`]: the Fashion-MNIST files.
 //! - [`metrics`]: the family's Prometheus series.
 
@@ -26,6 +26,7 @@ pub mod detect_train;
 pub mod detector;
 pub mod executor;
 pub mod export;
+pub mod fold;
 pub mod idx;
 pub mod input;
 pub mod metrics;

@@ -13,6 +13,8 @@ use burn::nn::{
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
+use crate::fold::ConvRelu;
+
 /// Fashion-MNIST's class names, by class id.
 pub const CLASS_NAMES: [&str; 10] = [
     "T-shirt/top",
@@ -78,6 +80,11 @@ impl<B: Backend> Block<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         Relu::new().forward(self.norm.forward(self.conv.forward(x)))
     }
+
+    /// The block for inference: its batch norm folded into its convolution.
+    fn folded(&self) -> ConvRelu<B> {
+        ConvRelu::fold(&self.conv, &self.norm)
+    }
 }
 
 /// The network.
@@ -128,15 +135,63 @@ impl<B: Backend> Classifier<B> {
         let x = self.pool.forward(self.b2.forward(self.b1.forward(images)));
         let x = self.pool.forward(self.b4.forward(self.b3.forward(x)));
         let x = self.b5.forward(x);
-        let [n, channels, _, _] = x.dims();
-        let x = x.mean_dim(3).mean_dim(2).reshape([n, channels]);
-        let e = self.embed.forward(self.dropout.forward(x));
-        let norm = e.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-6);
-        let embedding = e / norm;
-        let logits = self
-            .classes
-            .forward(embedding.clone().mul_scalar(self.scale));
-        Output { logits, embedding }
+        head(
+            x,
+            |x| self.dropout.forward(x),
+            &self.embed,
+            &self.classes,
+            self.scale,
+        )
+    }
+
+    /// The network for inference, each batch norm folded into its convolution (the same outputs up to
+    /// rounding; what serving and evaluation run).
+    pub fn folded(&self) -> FoldedClassifier<B> {
+        FoldedClassifier {
+            blocks: [&self.b1, &self.b2, &self.b3, &self.b4, &self.b5].map(Block::folded),
+            pool: self.pool.clone(),
+            embed: self.embed.clone(),
+            classes: self.classes.clone(),
+            scale: self.scale,
+        }
+    }
+}
+
+/// Global average pooling, the embedding layer, L2 normalisation and the class layer.
+fn head<B: Backend>(
+    x: Tensor<B, 4>,
+    dropout: impl Fn(Tensor<B, 2>) -> Tensor<B, 2>,
+    embed: &Linear<B>,
+    classes: &Linear<B>,
+    scale: f64,
+) -> Output<B> {
+    let [n, channels, _, _] = x.dims();
+    let x = x.mean_dim(3).mean_dim(2).reshape([n, channels]);
+    let e = embed.forward(dropout(x));
+    let norm = e.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-6);
+    let embedding = e / norm;
+    let logits = classes.forward(embedding.clone().mul_scalar(scale));
+    Output { logits, embedding }
+}
+
+/// The classifier for inference ([`Classifier::folded`]): five convolutions with their batch norms folded
+/// in, the same pools and head.
+#[derive(Debug, Clone)]
+pub struct FoldedClassifier<B: Backend> {
+    blocks: [ConvRelu<B>; 5],
+    pool: MaxPool2d,
+    embed: Linear<B>,
+    classes: Linear<B>,
+    scale: f64,
+}
+
+impl<B: Backend> FoldedClassifier<B> {
+    /// What [`Classifier::forward`] computes in inference.
+    pub fn forward(&self, images: Tensor<B, 4>) -> Output<B> {
+        let [b1, b2, b3, b4, b5] = &self.blocks;
+        let x = self.pool.forward(b2.forward(b1.forward(images)));
+        let x = self.pool.forward(b4.forward(b3.forward(x)));
+        head(b5.forward(x), |x| x, &self.embed, &self.classes, self.scale)
     }
 }
 

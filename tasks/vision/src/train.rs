@@ -277,6 +277,7 @@ pub fn infer<B: Backend>(
     split: &Split,
     device: &B::Device,
 ) -> (Vec<f32>, Vec<usize>) {
+    let model = model.folded();
     let mut embeddings = Vec::new();
     let mut predicted = Vec::new();
     for start in (0..split.len()).step_by(500) {

@@ -73,7 +73,14 @@ fn a_smoke_training_run_writes_loadable_weights() {
     let model = weights.load::<Flex>(&Default::default()).unwrap();
     // Any size from 64 to 448 (and odd ones) runs; boxes stay inside the image.
     for (w, h) in [(64, 64), (113, 97), (448, 300)] {
-        for p in detect(&model, &vec![200u8; w * h], w, h, 0.0, &Default::default()) {
+        for p in detect(
+            &model.folded(),
+            &vec![200u8; w * h],
+            w,
+            h,
+            0.0,
+            &Default::default(),
+        ) {
             assert!(p.bbox[0] >= 0.0 && p.bbox[2] <= w as f32 && p.bbox[3] <= h as f32);
         }
     }
