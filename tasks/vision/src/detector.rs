@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::VisionError;
-use crate::fold::ConvRelu;
+use crate::fold::{ConvRelu, max_pool_2x2};
 use crate::weights::{load_record, save_module};
 
 /// Pixels per cell of the output maps.
@@ -145,7 +145,7 @@ impl<B: Backend> FoldedDetector<B> {
     /// What [`Detector::forward`] computes in inference.
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b1, b2, b3, b4, b5, head] = &self.blocks;
-        let x = self.pool.forward(b1.forward(self.halve.forward(images)));
+        let x = max_pool_2x2(b1.forward(self.halve.forward(images)), &self.pool);
         let x = b5.forward(b4.forward(b3.forward(b2.forward(x))));
         self.out.forward(head.forward(x))
     }

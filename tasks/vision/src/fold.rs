@@ -3,11 +3,13 @@
 //! `(y − μ) · γ / √(σ² + ε) + β`, so `conv(x, W)` followed by it is `conv(x, W · s) + (β − μ · s)` with
 //! `s = γ / √(σ² + ε)`: one convolution with a bias, then ReLU. Besides four passes over every activation,
 //! this drops the broadcast arithmetic Burn 0.21's flex backend runs element by element on a batch of more
-//! than one image (two thirds of a 64-image forward pass before the fold).
+//! than one image (two thirds of a 64-image forward pass before the fold). The 2×2 max pools run as two
+//! pairwise reductions ([`max_pool_2x2`]).
 
 use burn::module::Param;
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
 use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
@@ -45,11 +47,26 @@ impl<B: Backend> ConvRelu<B> {
     }
 }
 
+/// A 2×2 max pool with stride 2, as two reductions over pairs of neighbours (a row's, then a column's): the
+/// same values as [`MaxPool2d`], about twice as fast on flex, whose pool also computes every maximum's index.
+/// Odd sizes go to `fallback` (which drops the last row or column, as this would not).
+pub fn max_pool_2x2<B: Backend>(x: Tensor<B, 4>, fallback: &MaxPool2d) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    if h % 2 == 1 || w % 2 == 1 {
+        return fallback.forward(x);
+    }
+    let rows = x.reshape([n * c * h, w / 2, 2]).max_dim(2);
+    rows.reshape([n * c * h / 2, 2, w / 2])
+        .max_dim(1)
+        .reshape([n, c, h / 2, w / 2])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::nn::conv::Conv2dConfig;
+    use burn::nn::pool::MaxPool2dConfig;
     use burn::nn::{BatchNormConfig, PaddingConfig2d, Relu};
     use burn::tensor::{Distribution, TensorData};
 
@@ -92,6 +109,24 @@ mod tests {
             assert!(
                 want.iter().any(|v| *v > 0.1),
                 "the ReLU let something through"
+            );
+        }
+    }
+
+    /// The pairwise pool gives exactly the module's values; odd sizes go to the module.
+    #[test]
+    fn the_pairwise_pool_is_the_max_pool() {
+        let device = Default::default();
+        let pool = MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init();
+        for shape in [[3, 4, 8, 6], [1, 2, 2, 2], [2, 3, 7, 6], [2, 3, 6, 5]] {
+            let x = Tensor::<Flex, 4>::random(shape, Distribution::Default, &device);
+            let want = pool.forward(x.clone());
+            let got = max_pool_2x2(x, &pool);
+            assert_eq!(got.dims(), want.dims(), "{shape:?}");
+            assert_eq!(
+                got.into_data().to_vec::<f32>().unwrap(),
+                want.into_data().to_vec::<f32>().unwrap(),
+                "{shape:?}"
             );
         }
     }

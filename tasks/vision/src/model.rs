@@ -13,7 +13,7 @@ use burn::nn::{
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::fold::ConvRelu;
+use crate::fold::{ConvRelu, max_pool_2x2};
 
 /// Fashion-MNIST's class names, by class id.
 pub const CLASS_NAMES: [&str; 10] = [
@@ -189,8 +189,8 @@ impl<B: Backend> FoldedClassifier<B> {
     /// What [`Classifier::forward`] computes in inference.
     pub fn forward(&self, images: Tensor<B, 4>) -> Output<B> {
         let [b1, b2, b3, b4, b5] = &self.blocks;
-        let x = self.pool.forward(b2.forward(b1.forward(images)));
-        let x = self.pool.forward(b4.forward(b3.forward(x)));
+        let x = max_pool_2x2(b2.forward(b1.forward(images)), &self.pool);
+        let x = max_pool_2x2(b4.forward(b3.forward(x)), &self.pool);
         head(b5.forward(x), |x| x, &self.embed, &self.classes, self.scale)
     }
 }
