@@ -101,7 +101,9 @@ async fn publish_fetch_ack_in_kombu_layout() {
         json!({"exchange": "", "routing_key": "q"})
     );
 
+    let before = unix_now().floor();
     let got = f.broker.fetch(&q, 10, &[], WAIT).await.unwrap();
+    let after = unix_now().ceil();
     assert_eq!(got.len(), 1);
     let d = &got[0];
     assert_eq!(d.message.as_ref().unwrap().id(), m.id());
@@ -122,7 +124,13 @@ async fn publish_fetch_ack_in_kombu_layout() {
         .zscore(f.key("unacked_index"), &d.held.tag)
         .await
         .unwrap();
-    assert!(score.is_some());
+    // An hour's visibility timeout: the lease is scored in whole seconds, rounded up.
+    let score = score.expect("leased");
+    assert_eq!(score.fract(), 0.0);
+    assert!(
+        (before..=after).contains(&score),
+        "{before} <= {score} <= {after}"
+    );
 
     f.broker
         .ack(std::slice::from_ref(&d.held.tag))
@@ -384,4 +392,11 @@ async fn garbage_is_dead_lettered_not_dropped() {
     let n: u64 = f.conn.hlen(f.key("unacked")).await.unwrap();
     assert_eq!(n, 0);
     f.cleanup().await;
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }

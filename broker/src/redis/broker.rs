@@ -221,11 +221,11 @@ impl Leases for RedisBroker {
         if tags.is_empty() {
             return Ok(());
         }
-        let now = now_secs();
+        let now = self.lease_now();
         let mut cmd = redis::cmd("ZADD");
         cmd.arg(self.keys.unacked_index()).arg("XX");
         for t in tags {
-            cmd.arg(now).arg(t);
+            cmd.arg(&now).arg(t);
         }
         let mut conn = self.conn.clone();
         cmd.query_async::<()>(&mut conn).await?;

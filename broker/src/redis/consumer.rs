@@ -2,7 +2,7 @@
 //! configured order and records each message in `unacked`; restoring a message to its priority list marked
 //! redelivered; decoding an envelope into a delivery.
 
-use super::{RedisBroker, now_secs, scripts};
+use super::{RedisBroker, scripts};
 use crate::{Delivery, Held, Result, caps};
 use celeriac_protocol::envelope::{self, Envelope};
 use celeriac_protocol::receive::receive;
@@ -29,7 +29,7 @@ impl RedisBroker {
             Some((i, raw)) => (raw, i + 1),
             None => (Vec::new(), 0),
         };
-        inv.arg(format!("{:.6}", now_secs()))
+        inv.arg(self.lease_now())
             .arg(max)
             .arg(self.keys.deadletter_prefix())
             .arg(time::rfc3339_micros(chrono::Utc::now()))

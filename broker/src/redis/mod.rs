@@ -72,7 +72,29 @@ fn now_secs() -> f64 {
         .as_secs_f64()
 }
 
+/// Visibility timeouts from this long up get whole-second lease scores.
+const WHOLE_SECOND_LEASES: Duration = Duration::from_secs(60);
+
+/// The `unacked_index` score of a lease taken or renewed at `now` (unix seconds), as kombu compares it
+/// (`now - visibility_timeout`). With a visibility timeout of a minute or more it is `now` rounded up to a
+/// whole second: a lease then looks at most a second younger (restored at most a second later, never
+/// earlier), and Redis stores and compares an integral score as an integer, where a fractional one is
+/// written out in 17 digits and parsed back with `strtod` for every entry an insert walks past (ZADD into
+/// the index was a tenth of Redis's time per task). Shorter timeouts keep microseconds.
+fn lease_score(now: f64, visibility_timeout: Duration) -> String {
+    if visibility_timeout >= WHOLE_SECOND_LEASES {
+        format!("{}", now.ceil() as u64)
+    } else {
+        format!("{now:.6}")
+    }
+}
+
 impl RedisBroker {
+    /// The score of a lease taken or renewed now.
+    fn lease_now(&self) -> String {
+        lease_score(now_secs(), self.options.visibility_timeout)
+    }
+
     /// Connects (two connections: one for pipelined commands, one for blocking pops).
     pub async fn connect(target: RedisTarget, options: BrokerOptions) -> Result<Self> {
         let conn = connection(&target, Some(Duration::from_secs(30))).await?;
@@ -103,7 +125,25 @@ impl RedisBroker {
 
 #[cfg(test)]
 mod tests {
+    use super::lease_score;
     use crate::{QueueOrder, caps};
+    use std::time::Duration;
+
+    #[test]
+    fn leases_score_whole_seconds_rounded_up_from_a_minute_of_visibility() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(lease_score(1_796_681_220.000_001, hour), "1796681221");
+        assert_eq!(lease_score(1_796_681_220.0, hour), "1796681220");
+        assert_eq!(
+            lease_score(1_796_681_220.25, Duration::from_secs(60)),
+            "1796681221"
+        );
+        // Short timeouts keep microseconds: a second would be a large share of them.
+        assert_eq!(
+            lease_score(1_796_681_220.25, Duration::from_millis(600)),
+            "1796681220.250000"
+        );
+    }
 
     #[test]
     fn weighted_caps_split_the_batch() {

@@ -13,8 +13,9 @@ use std::sync::LazyLock;
 /// popped, so the worker never holds more than its prefetch even for an instant.
 ///
 /// KEYS: `unacked`, `unacked_index`, then 4 priority lists per queue.
-/// ARGV: now, max, dead-letter prefix, timestamp, pre-popped raw (or ""), its queue index (or 0),
-/// two-pass flag, number of acks N, N delivery tags, then per queue: name, cap.
+/// ARGV: lease score (now, see `lease_score`), max, dead-letter prefix, timestamp (also salts generated
+/// tags), pre-popped raw (or ""), its queue index (or 0), two-pass flag, number of acks N, N delivery tags,
+/// then per queue: name, cap.
 /// Returns `{dead_lettered, {queue, tag, raw, ...}}`.
 pub static FETCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -105,7 +106,7 @@ local function record(qi, raw)
     end
     local props = type(env.properties) == 'table' and env.properties or {}
     tag = props.delivery_tag
-    if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(raw .. ARGV[1] .. n) end
+    if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(raw .. ARGV[4] .. n) end
     local di = type(props.delivery_info) == 'table' and props.delivery_info or {}
     ex = type(di.exchange) == 'string' and di.exchange or ''
     rk = type(di.routing_key) == 'string' and di.routing_key or qname
