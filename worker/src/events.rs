@@ -114,7 +114,7 @@ impl Events {
         let header = EventHeader {
             hostname: &self.hostname,
             utcoffset: 0.0,
-            pid: std::process::id(),
+            pid: crate::pid(),
             clock: self.clock.fetch_add(1, Ordering::Relaxed) + 1,
             timestamp: now(),
         };

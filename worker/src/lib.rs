@@ -26,3 +26,10 @@ pub use celeriac_task as task;
 pub use celeriac_task::{Registry, TaskContext, TaskError, TaskOptions};
 pub use error::WorkerError;
 pub use runtime::{Shutdown, WorkerSettings, run, run_with_metrics};
+
+/// This process's id, read once: `std::process::id()` is a system call each time (glibc stopped caching
+/// it), and the worker names its pid for every task it starts and in every event it sends.
+pub(crate) fn pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}

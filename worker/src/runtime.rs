@@ -360,7 +360,7 @@ pub async fn run_with_metrics(
     let (commit_tx, commit_rx) = mpsc::unbounded_channel();
     let origin = format!(
         "gen{}@{}",
-        std::process::id(),
+        crate::pid(),
         settings
             .hostname
             .split('@')

@@ -71,7 +71,7 @@ impl<L: Layer> Layer for Track<L> {
         );
         let opts = &job.task.options;
         if opts.track_started.unwrap_or(shared.settings.track_started) {
-            let info = json!({"pid": std::process::id(), "hostname": shared.settings.hostname});
+            let info = json!({"pid": crate::pid(), "hostname": shared.settings.hostname});
             let meta = shared.meta(job, State::Started, info, None);
             // STARTED follows the early ack too: Celery acks before the task runs.
             let ack = match Ack::of(job) {

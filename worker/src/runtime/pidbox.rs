@@ -76,7 +76,7 @@ fn unix_now() -> f64 {
 
 pub(super) fn running_from(job: &Job, terminate: CancellationToken) -> Running {
     Running {
-        info: RequestInfo::of(job, Some(unix_now()), true, Some(std::process::id())),
+        info: RequestInfo::of(job, Some(unix_now()), true, Some(crate::pid())),
         terminate,
     }
 }
@@ -201,12 +201,12 @@ fn reply_for(
         }
         ControlCommand::Stats => json!({
             "total": shared.metrics.totals(),
-            "pid": std::process::id(),
+            "pid": crate::pid(),
             "clock": clock.to_string(),
             "uptime": started.elapsed().as_secs(),
             "pool": {"implementation": "celeriac:tokio",
                 "max-concurrency": shared.concurrency_now.load(std::sync::atomic::Ordering::Relaxed),
-                "processes": [std::process::id()], "max-tasks-per-child": "N/A",
+                "processes": [crate::pid()], "max-tasks-per-child": "N/A",
                 "put-guarded-by-semaphore": false, "timeouts": [0, 0], "writes": {}},
             "broker": {"transport": shared.broker.transport()},
             "prefetch_count": s.prefetch(),
