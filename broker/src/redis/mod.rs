@@ -80,7 +80,7 @@ const WHOLE_SECOND_LEASES: Duration = Duration::from_secs(60);
 /// whole second: a lease then looks at most a second younger (restored at most a second later, never
 /// earlier), and Redis stores and compares an integral score as an integer, where a fractional one is
 /// written out in 17 digits and parsed back with `strtod` for every entry an insert walks past (ZADD into
-/// the index was a tenth of Redis's time per task). Shorter timeouts keep microseconds.
+/// the index was 7 % of Redis's time per task). Shorter timeouts keep microseconds.
 fn lease_score(now: f64, visibility_timeout: Duration) -> String {
     if visibility_timeout >= WHOLE_SECOND_LEASES {
         format!("{}", now.ceil() as u64)
